@@ -1,0 +1,139 @@
+"""Apply decoded events to Redis: one ``apply_events.lua`` call per shard per batch."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from msgspec import UNSET
+
+from services.collector.decode import Decoded
+from shared import events as ev
+from shared import scripts
+from shared.keys import RUNTIME_BUCKETS, Keys
+from shared.settings import Settings
+
+_json = msgspec.json.encode
+_pack = msgspec.msgpack.encode
+
+#: celery's merge rule keeps only these fields of a task-received (Task.merge_rules).
+RECEIVED_FIELDS = ("name", "args", "kwargs", "parent_id", "root_id", "retries", "eta", "expires")
+_BUCKET_LABELS = [repr(b) for b in RUNTIME_BUCKETS]
+
+
+@dataclass(slots=True)
+class Applied:
+    applied: int = 0
+    duplicates: int = 0
+    evicted: int = 0
+
+
+def _text(value: Any) -> str:
+    return _json(value).decode()
+
+
+def task_args(event: ev.TaskEvent, open_json: bytes) -> dict[str, Any]:
+    """The Lua-side description of a task event (see the header of apply_events.lua)."""
+    kind = ev.event_type(event)
+    subject = kind[5:]
+    names = RECEIVED_FIELDS if subject == "received" else ev.TASK_EVENT_FIELDS
+    fields = {}
+    for name in names:
+        value = getattr(event, name)
+        if value is not UNSET:
+            fields[name] = _text(value)
+    args: dict[str, Any] = {
+        "k": "t",
+        "u": event.uuid,
+        "uj": _text(event.uuid),
+        "s": subject,
+        "tj": _text(event.timestamp),
+        "cj": str(event.clock),
+        "h": event.hostname,
+        "hj": _text(event.hostname),
+        "f": fields,
+        "e": open_json.decode(),
+    }
+    if "name" in fields and isinstance(event.name, str):
+        args["n"] = event.name
+    if "parent_id" in fields and isinstance(event.parent_id, str):
+        args["p"] = event.parent_id
+    if subject == "succeeded" and isinstance(event.runtime, float | int):
+        runtime = float(event.runtime)
+        i = bisect.bisect_left(RUNTIME_BUCKETS, runtime)
+        args["rb"] = _BUCKET_LABELS[i] if i < len(RUNTIME_BUCKETS) else "+Inf"
+        args["rj"] = _text(runtime)
+    return args
+
+
+def worker_args(event: ev.WorkerEvent, open_json: bytes, local_received: float) -> dict[str, Any]:
+    fields = {}
+    for name in ev.WORKER_EVENT_FIELDS:
+        value = getattr(event, name)
+        if value is not UNSET:
+            fields[name] = _text(value)
+    return {
+        "k": "w",
+        "h": event.hostname,
+        "s": ev.event_type(event)[7:],
+        "tj": _text(event.timestamp),
+        "cj": str(event.clock),
+        "lj": _text(local_received),
+        "f": fields,
+        "e": open_json.decode(),
+    }
+
+
+class Writer:
+    def __init__(self, client: Any, settings: Settings) -> None:
+        self.client = client
+        self.keys = Keys(settings.namespace, settings.shards)
+        self.settings = settings
+        self.script = scripts.register(client, "apply_events")
+        self.per_shard_max = -(-settings.max_tasks // settings.shards)
+
+    def config(self, now: float, age_check: bool) -> bytes:
+        s = self.settings
+        return _pack({
+            "now": now,
+            "max_tasks": self.per_shard_max,
+            "task_ttl": s.task_ttl,
+            "failed_ttl": s.failed_task_ttl,
+            "stream_maxlen": s.stream_maxlen,
+            "channel": self.keys.events_channel,
+            "minute_ttl": s.chart_retention_days * 86400,
+            "evict_batch": max(2 * s.batch_size, 100),
+            "age_check": age_check,
+        })
+
+    def apply(self, batch: list[Decoded], now: float, age_check: bool = False) -> Applied:
+        """Apply ``batch`` (all shards) atomically per shard; raise on Redis errors."""
+        per_shard: dict[int, list[dict[str, Any]]] = {}
+        for item in batch:
+            event = item.event
+            if isinstance(event, ev.TaskEvent):
+                identity = event.uuid
+                args = task_args(event, item.open_json)
+            else:
+                identity = event.hostname
+                args = worker_args(event, item.open_json, item.local_received)
+            shard = self.keys.shard_for(identity).index
+            per_shard.setdefault(shard, []).append(args)
+        if age_check:
+            for shard in self.keys.all_shards:
+                per_shard.setdefault(shard.index, [])
+        config = self.config(now, age_check)
+        total = Applied()
+        if not per_shard:
+            return total
+        pipe = self.client.pipeline(transaction=False)
+        for index, items in per_shard.items():
+            shard = self.keys.all_shards[index]
+            self.script(keys=[shard.stream], args=[shard.prefix, config, _pack(items)], client=pipe)
+        for applied, duplicates, evicted in pipe.execute():
+            total.applied += applied
+            total.duplicates += duplicates
+            total.evicted += evicted
+        return total

@@ -1,0 +1,201 @@
+"""Celery events as typed msgspec Structs: the schema, the validator and the codec at once.
+
+A field that an event does not carry stays ``UNSET`` (distinct from an explicit null): celery's
+merge writes every field an event carries, nulls included, and nothing else.
+
+Also here: ``StreamEvent``, the shape of the normalized events the collector appends to the
+Redis stream and publishes, as read by the API.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+Opt = UnsetType
+
+#: Subjects of task events celery maps to states (``celery.events.state.TASK_EVENT_TO_STATE``).
+TASK_EVENT_TO_STATE: dict[str, str] = {
+    "sent": "PENDING",
+    "received": "RECEIVED",
+    "started": "STARTED",
+    "failed": "FAILURE",
+    "retried": "RETRY",
+    "succeeded": "SUCCESS",
+    "revoked": "REVOKED",
+    "rejected": "REJECTED",
+}
+
+#: Task fields an event may write (celery's ``Task._fields`` minus those celery computes:
+#: uuid, state, timestamp, clock, worker, client, children, root/parent and the per-type times).
+TASK_EVENT_FIELDS: tuple[str, ...] = (
+    "name", "args", "kwargs", "eta", "expires", "retries", "result", "exception",
+    "runtime", "traceback", "exchange", "routing_key", "root_id", "parent_id",
+)
+
+#: Fields of a task as Flower returns it (``Task.as_dict()`` with ``worker`` as hostname).
+TASK_FIELDS: tuple[str, ...] = (
+    "uuid", "name", "state", "received", "sent", "started", "rejected", "succeeded",
+    "failed", "retried", "revoked", "args", "kwargs", "eta", "expires", "retries",
+    "worker", "result", "exception", "timestamp", "runtime", "traceback", "exchange",
+    "routing_key", "clock", "client", "root", "root_id", "parent", "parent_id", "children",
+)
+
+#: Worker fields set from worker events (celery's ``Worker._fields`` minus heartbeats).
+WORKER_EVENT_FIELDS: tuple[str, ...] = (
+    "hostname", "pid", "freq", "clock", "active", "processed", "loadavg",
+    "sw_ident", "sw_ver", "sw_sys",
+)
+
+SUBJECT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class Envelope(msgspec.Struct, kw_only=True):
+    """What every Celery event carries besides its ``type``."""
+
+    hostname: Text
+    timestamp: float
+    clock: int = 0
+    pid: int | None | Opt = UNSET
+    utcoffset: int | float | None | Opt = UNSET
+
+
+class _TaskFields(Envelope, kw_only=True):
+    uuid: Text
+    # Every field a task event may write, UNSET unless the event carries it. Standard events
+    # carry a fixed subset; custom ``task-*`` events may carry any of them.
+    name: str | None | Opt = UNSET
+    args: Any | Opt = UNSET
+    kwargs: Any | Opt = UNSET
+    eta: Any | Opt = UNSET
+    expires: Any | Opt = UNSET
+    retries: int | None | Opt = UNSET
+    result: Any | Opt = UNSET
+    exception: Any | Opt = UNSET
+    runtime: float | None | Opt = UNSET
+    traceback: Any | Opt = UNSET
+    exchange: str | None | Opt = UNSET
+    routing_key: str | None | Opt = UNSET
+    root_id: str | None | Opt = UNSET
+    parent_id: str | None | Opt = UNSET
+
+
+def _task(tag: str) -> dict[str, Any]:
+    return {"tag_field": "type", "tag": tag}
+
+
+class TaskSent(_TaskFields, **_task("task-sent")):
+    queue: str | None | Opt = UNSET
+
+
+class TaskReceived(_TaskFields, **_task("task-received")):
+    pass
+
+
+class TaskStarted(_TaskFields, **_task("task-started")):
+    pass
+
+
+class TaskSucceeded(_TaskFields, **_task("task-succeeded")):
+    pass
+
+
+class TaskFailed(_TaskFields, **_task("task-failed")):
+    pass
+
+
+class TaskRetried(_TaskFields, **_task("task-retried")):
+    pass
+
+
+class TaskRejected(_TaskFields, **_task("task-rejected")):
+    requeue: bool | None | Opt = UNSET
+
+
+class TaskRevoked(_TaskFields, **_task("task-revoked")):
+    terminated: bool | None | Opt = UNSET
+    signum: Any | Opt = UNSET
+    expired: bool | None | Opt = UNSET
+
+
+class TaskCustom(_TaskFields, kw_only=True):
+    """Any other ``task-<subject>`` event (``task-progress``...); celery's state is SUBJECT."""
+
+    type: str
+
+
+class _WorkerFields(Envelope, kw_only=True):
+    freq: float | Opt = UNSET
+    active: int | None | Opt = UNSET
+    processed: int | None | Opt = UNSET
+    loadavg: list[float] | None | Opt = UNSET
+    sw_ident: str | None | Opt = UNSET
+    sw_ver: str | None | Opt = UNSET
+    sw_sys: str | None | Opt = UNSET
+
+
+class WorkerOnline(_WorkerFields, **_task("worker-online")):
+    pass
+
+
+class WorkerHeartbeat(_WorkerFields, **_task("worker-heartbeat")):
+    pass
+
+
+class WorkerOffline(_WorkerFields, **_task("worker-offline")):
+    pass
+
+
+class WorkerCustom(_WorkerFields, kw_only=True):
+    """Any other ``worker-<subject>``: celery's State treats it as a heartbeat."""
+
+    type: str
+
+
+TaskEvent = (
+    TaskSent | TaskReceived | TaskStarted | TaskSucceeded | TaskFailed | TaskRetried
+    | TaskRejected | TaskRevoked | TaskCustom
+)
+WorkerEvent = WorkerOnline | WorkerHeartbeat | WorkerOffline | WorkerCustom
+#: The tagged union a JSON event is decoded into first; other types fall back to the customs.
+KnownEvent = (
+    TaskSent | TaskReceived | TaskStarted | TaskSucceeded | TaskFailed | TaskRetried
+    | TaskRejected | TaskRevoked | WorkerOnline | WorkerHeartbeat | WorkerOffline
+)
+
+
+def event_type(event: TaskEvent | WorkerEvent) -> str:
+    """The event's ``type`` (``task-succeeded``, ``task-progress``, ``worker-heartbeat``...)."""
+    if isinstance(event, TaskCustom | WorkerCustom):
+        return event.type
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+class TypeOnly(msgspec.Struct):
+    """Just the ``type`` of an event, to route custom types."""
+
+    type: str
+
+
+class StreamEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What readers need of a normalized event (stream entry / pub/sub message).
+
+    The collector writes the event as the sender sent it, plus ``local_received`` (the
+    collector's receive time), and for task events ``task_name`` and ``task_state`` (the task's
+    name and state after the event was merged). Published messages also carry ``stream_id``.
+    """
+
+    type: str
+    hostname: str = ""
+    timestamp: float = 0.0
+    local_received: float = 0.0
+    uuid: str | None = None
+    task_name: str | None = None
+    task_state: str | None = None
+    stream_id: str | None = None

@@ -1,0 +1,236 @@
+"""The Redis key layout: every key Pollen reads or writes is named here and nowhere else.
+
+Keys start with the namespace (``POLLEN_NAMESPACE``). Task state is spread over N shards
+(``POLLEN_SHARDS``); each shard's keys share one Redis Cluster hash tag, so the collector's
+atomic update of a task, its indexes, counters and the event stream runs in one slot. Readers
+merge the shards. Keys without a hash tag are single-key and live wherever the cluster puts them.
+
+Per shard, with ``S = "<ns>:{<tag>}:"``:
+
+=============================  ======  ==========================================================
+key                            type    holds
+=============================  ======  ==========================================================
+S task:<uuid>                  hash    the task: celery's ``Task.as_dict()`` fields, each value
+                                       JSON-encoded, absent when null; hidden merge state in
+                                       fields starting with ``_`` (see ``apply_events.lua``)
+S idx:ts                       zset    uuid by task ``timestamp`` (Flower's default order)
+S idx:received / idx:started   zset    uuid by that time; ``-inf`` when the task has none
+S idx:state:<STATE>            zset    uuid by ``timestamp``, tasks in that state
+S idx:name:<name>              zset    uuid by ``timestamp``, tasks of that name
+S idx:worker:<hostname>        zset    uuid by ``timestamp``, tasks last on that worker
+S idx:sn:<STATE>:<name>        zset    state and name together
+S idx:sw:<STATE>:<hostname>    zset    state and worker together (STARTED = executing now)
+S children:<uuid>              set     children of task <uuid> that live in this shard
+S names                        set     task names seen
+S worker:<hostname>            hash    worker fields from worker events (JSON values) and
+                                       liveness: ``_hb`` last heartbeat (receive time),
+                                       ``_hbts``/``_offts`` sender times of last beat/offline
+S workers                      zset    hostnames of worker events by last heartbeat
+S seen                         zset    hostname by latest task-event timestamp (celery counts
+                                       a task event as a heartbeat of its worker)
+S wdedup:<hostname>            zset    identities of recent worker events (duplicate filter)
+S counts                       hash    ``<worker>\\x1f<event type>\\x1f<task name>`` -> count
+S minute:<epoch minute>        hash    ``<task name>\\x1f<STATE>`` -> events that minute
+S runtime                      hash    ``<worker>\\x1f<task name>\\x1f<bucket>`` -> count,
+                                       buckets of ``RUNTIME_BUCKETS`` plus ``sum`` and ``count``
+S stream                       stream  every applied event, normalized JSON in field ``e``
+=============================  ======  ==========================================================
+
+Global (no hash tag):
+
+=============================  ======  ==========================================================
+<ns>:events                    pubsub  one message per applied event (JSON with ``stream_id``)
+<ns>:collector:<id>            hash    a collector's health: last event, rate, lag, errors
+<ns>:collectors                zset    collector ids by last heartbeat
+<ns>:malformed                 hash    malformed events by reason (all collectors)
+<ns>:malformed:sample:<reason> string  the latest malformed sample for that reason
+<ns>:inspect:<hostname>        hash    the enabler's inspect answers per method, with times
+<ns>:queues                    hash    queue name -> JSON length sample
+<ns>:queues:history            stream  per-minute queue length samples
+<ns>:enabler:lease             string  id of the active enabler (expiring lease)
+<ns>:audit                     stream  control calls: who, what, when, reply
+=============================  ======  ==========================================================
+"""
+
+from __future__ import annotations
+
+import binascii
+from dataclasses import dataclass
+from functools import cached_property
+
+#: Separator inside composite hash fields (worker, event type, task name...).
+SEP = "\x1f"
+
+#: Prometheus-style runtime histogram buckets (seconds), as prometheus_client's defaults
+#: (Flower's ``flower_task_runtime_seconds`` uses them).
+RUNTIME_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)
+
+CLUSTER_SLOTS = 16384
+
+
+def _crc16(data: bytes) -> int:
+    # Redis Cluster's key slot function is CRC16/XMODEM, which binascii.crc_hqx computes.
+    return binascii.crc_hqx(data, 0)
+
+
+def key_slot(key: str) -> int:
+    """Redis Cluster's slot of ``key``, honouring ``{hash tags}``."""
+    raw = key.encode()
+    start = raw.find(b"{")
+    if start != -1:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1 : end]
+    return _crc16(raw) % CLUSTER_SLOTS
+
+
+def shard_tag(namespace: str, shard: int, shards: int) -> str:
+    """The hash tag of ``shard``: chosen so the N shards fall in N evenly spaced slot ranges,
+    which a cluster with N (or a divisor of N) equal masters places on different nodes."""
+    if shards == 1:
+        return namespace
+    for suffix in range(100_000):
+        tag = f"{namespace}.{shard}.{suffix}"
+        if _crc16(tag.encode()) % CLUSTER_SLOTS * shards // CLUSTER_SLOTS == shard:
+            return tag
+    raise AssertionError("unreachable: CRC16 covers every slot range")
+
+
+def shard_of(identity: str, shards: int) -> int:
+    """Shard of a task (by uuid) or of a worker (by hostname)."""
+    if shards == 1:
+        return 0
+    return binascii.crc32(identity.encode()) % shards
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Key names of one shard."""
+
+    namespace: str
+    index: int
+    tag: str
+
+    @cached_property
+    def prefix(self) -> str:
+        return f"{self.namespace}:{{{self.tag}}}:"
+
+    def task(self, uuid: str) -> str:
+        return f"{self.prefix}task:{uuid}"
+
+    @property
+    def by_timestamp(self) -> str:
+        return f"{self.prefix}idx:ts"
+
+    @property
+    def by_received(self) -> str:
+        return f"{self.prefix}idx:received"
+
+    @property
+    def by_started(self) -> str:
+        return f"{self.prefix}idx:started"
+
+    def by_state(self, state: str) -> str:
+        return f"{self.prefix}idx:state:{state}"
+
+    def by_name(self, name: str) -> str:
+        return f"{self.prefix}idx:name:{name}"
+
+    def by_worker(self, hostname: str) -> str:
+        return f"{self.prefix}idx:worker:{hostname}"
+
+    def by_state_name(self, state: str, name: str) -> str:
+        return f"{self.prefix}idx:sn:{state}:{name}"
+
+    def by_state_worker(self, state: str, hostname: str) -> str:
+        return f"{self.prefix}idx:sw:{state}:{hostname}"
+
+    def children(self, uuid: str) -> str:
+        return f"{self.prefix}children:{uuid}"
+
+    @property
+    def names(self) -> str:
+        return f"{self.prefix}names"
+
+    def worker(self, hostname: str) -> str:
+        return f"{self.prefix}worker:{hostname}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}workers"
+
+    @property
+    def seen(self) -> str:
+        return f"{self.prefix}seen"
+
+    @property
+    def counts(self) -> str:
+        return f"{self.prefix}counts"
+
+    def minute(self, epoch_minute: int) -> str:
+        return f"{self.prefix}minute:{epoch_minute}"
+
+    @property
+    def runtime(self) -> str:
+        return f"{self.prefix}runtime"
+
+    @property
+    def stream(self) -> str:
+        return f"{self.prefix}stream"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names of one namespace: its shards and its global keys."""
+
+    namespace: str
+    shards: int = 1
+
+    @cached_property
+    def all_shards(self) -> tuple[Shard, ...]:
+        return tuple(
+            Shard(self.namespace, i, shard_tag(self.namespace, i, self.shards))
+            for i in range(self.shards)
+        )
+
+    def shard_for(self, identity: str) -> Shard:
+        return self.all_shards[shard_of(identity, self.shards)]
+
+    @property
+    def events_channel(self) -> str:
+        return f"{self.namespace}:events"
+
+    def collector(self, collector_id: str) -> str:
+        return f"{self.namespace}:collector:{collector_id}"
+
+    @property
+    def collectors(self) -> str:
+        return f"{self.namespace}:collectors"
+
+    @property
+    def malformed(self) -> str:
+        return f"{self.namespace}:malformed"
+
+    def malformed_sample(self, reason: str) -> str:
+        return f"{self.namespace}:malformed:sample:{reason}"
+
+    def inspect(self, hostname: str) -> str:
+        return f"{self.namespace}:inspect:{hostname}"
+
+    @property
+    def queues(self) -> str:
+        return f"{self.namespace}:queues"
+
+    @property
+    def queues_history(self) -> str:
+        return f"{self.namespace}:queues:history"
+
+    @property
+    def enabler_lease(self) -> str:
+        return f"{self.namespace}:enabler:lease"
+
+    @property
+    def audit(self) -> str:
+        return f"{self.namespace}:audit"

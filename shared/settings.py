@@ -1,0 +1,153 @@
+"""Every setting of every Pollen service, read from ``POLLEN_*`` environment variables.
+
+One Struct is the schema, the defaults and the validator: field ``foo_bar`` is read from
+``POLLEN_FOO_BAR``. A bad value stops the service with a message naming the variable.
+The README's settings table is checked against this module by a test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import msgspec
+
+PREFIX = "POLLEN_"
+NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the environment variable."""
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    # --- shared by every service -------------------------------------------------------------
+    #: Celery broker the events are read from and control commands are sent to.
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    #: Redis holding Pollen's state (``redis://``, ``rediss://`` or ``unix://``).
+    redis_url: str = "redis://127.0.0.1:6379/1"
+    #: Treat ``redis_url`` as one node of a Redis Cluster.
+    redis_cluster: bool = False
+    #: Prefix of every Redis key, so several Celery clusters can share one Redis.
+    namespace: str = "pollen"
+    #: Number of slot-local shards that tasks and their indexes are spread over.
+    shards: PositiveInt = 1
+    #: Log level of every service (DEBUG, INFO, WARNING, ERROR).
+    log_level: str = "INFO"
+
+    # --- collector -----------------------------------------------------------------------------
+    #: RabbitMQ: name of a durable queue shared by collectors (empty: exclusive auto-delete queue).
+    event_queue: str = ""
+    #: RabbitMQ: a named event queue is deleted after this many seconds without consumers.
+    event_queue_expires: Positive = 86400.0
+    #: Most events applied to Redis in one batch.
+    batch_size: PositiveInt = 1000
+    #: Longest wait (seconds) for a batch to fill before it is applied.
+    batch_interval: Positive = 0.05
+    #: Tasks kept (all shards together); the oldest are evicted first, failed tasks last.
+    max_tasks: PositiveInt = 1_000_000
+    #: Seconds a task is kept after its last event (0: no age limit).
+    task_ttl: NonNegativeInt = 7 * 86400
+    #: Seconds a failed task is kept after its last event (0: no age limit).
+    failed_task_ttl: NonNegativeInt = 30 * 86400
+    #: Approximate length of the capped stream of normalized events (per shard).
+    stream_maxlen: PositiveInt = 100_000
+    #: Longer string fields (result, traceback, args...) are truncated to this many bytes.
+    max_field_bytes: PositiveInt = 32768
+    #: Days of per-minute counters kept for charts.
+    chart_retention_days: PositiveInt = 2
+
+    # --- api -----------------------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: Port = 5555
+    #: Largest page of ``/api/tasks``; a request without ``limit`` gets this many.
+    max_page: PositiveInt = 1000
+    #: Most tasks a free-text search examines per request.
+    search_scan_limit: PositiveInt = 100_000
+    #: Comma-separated bearer tokens; ``token:ro`` makes a read-only token.
+    api_tokens: str = ""
+    #: Comma-separated ``user:password`` pairs for basic auth.
+    basic_auth: str = ""
+    #: Allow binding a non-loopback address with no credentials configured.
+    unauthenticated_api: bool = False
+    #: Comma-separated origins allowed by CORS.
+    cors_origins: str = ""
+    #: Serve /healthz, /readyz and /metrics without credentials.
+    open_health: bool = True
+    #: Make every mutating endpoint answer 403.
+    read_only: bool = False
+    #: Seconds after which the collector's heartbeat is stale for /readyz.
+    collector_stale_after: Positive = 15.0
+
+    # --- enabler -------------------------------------------------------------------------------
+    enable_interval: Positive = 5.0
+    inspect_interval: Positive = 30.0
+    inspect_timeout: Positive = 2.0
+    queue_interval: Positive = 5.0
+    #: RabbitMQ management API URL (``http://user:pass@host:15672/api/``) for queue lengths.
+    broker_api: str = ""
+    #: Extra queue names whose length is sampled, comma-separated.
+    queues: str = ""
+
+    def __post_init__(self) -> None:
+        if not NAMESPACE_RE.match(self.namespace):
+            raise msgspec.ValidationError(
+                "must be 1-64 characters of letters, digits, '_', '.' or '-' - at `$.namespace`"
+            )
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise msgspec.ValidationError(
+                "must be one of DEBUG, INFO, WARNING, ERROR - at `$.log_level`"
+            )
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def setting_names() -> list[str]:
+    """Every environment variable the settings read, in definition order."""
+    return [env_name(f) for f in Settings.__struct_fields__]
+
+
+_BOOLS = {f for f, t in zip(Settings.__struct_fields__, Settings.__annotations__.values(), strict=True)
+          if t in ("bool", bool)}
+_BOOL_WORDS = {w: "true" for w in ("y", "yes", "t", "on")} | {w: "false" for w in ("n", "no", "f", "off")}
+_FIELD_RE = re.compile(r"at `\$\.(\w+)`")
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings from ``environ`` (default ``os.environ``); raise ``SettingsError``."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    for field in Settings.__struct_fields__:
+        value = env.get(env_name(field))
+        if value is not None and value != "":
+            raw[field] = _BOOL_WORDS.get(value.strip().lower(), value) if field in _BOOLS else value
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _FIELD_RE.search(message)
+        if match is None:
+            raise SettingsError(f"invalid settings: {message}") from None
+        name = env_name(match.group(1))
+        detail = _FIELD_RE.sub("", message).rstrip(" -")
+        shown = raw.get(match.group(1))
+        raise SettingsError(f"{name}={shown!r}: {detail}") from None
+
+
+def load_or_exit(environ: Mapping[str, str] | None = None) -> Settings:
+    """``load()`` for a service's entry point: a bad value ends the process with status 2."""
+    try:
+        return load(environ)
+    except SettingsError as exc:
+        print(f"pollen: bad setting: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
