@@ -33,22 +33,69 @@ TASK_EVENT_TO_STATE: dict[str, str] = {
 #: Task fields an event may write (celery's ``Task._fields`` minus those celery computes:
 #: uuid, state, timestamp, clock, worker, client, children, root/parent and the per-type times).
 TASK_EVENT_FIELDS: tuple[str, ...] = (
-    "name", "args", "kwargs", "eta", "expires", "retries", "result", "exception",
-    "runtime", "traceback", "exchange", "routing_key", "root_id", "parent_id",
+    "name",
+    "args",
+    "kwargs",
+    "eta",
+    "expires",
+    "retries",
+    "result",
+    "exception",
+    "runtime",
+    "traceback",
+    "exchange",
+    "routing_key",
+    "root_id",
+    "parent_id",
 )
 
 #: Fields of a task as Flower returns it (``Task.as_dict()`` with ``worker`` as hostname).
 TASK_FIELDS: tuple[str, ...] = (
-    "uuid", "name", "state", "received", "sent", "started", "rejected", "succeeded",
-    "failed", "retried", "revoked", "args", "kwargs", "eta", "expires", "retries",
-    "worker", "result", "exception", "timestamp", "runtime", "traceback", "exchange",
-    "routing_key", "clock", "client", "root", "root_id", "parent", "parent_id", "children",
+    "uuid",
+    "name",
+    "state",
+    "received",
+    "sent",
+    "started",
+    "rejected",
+    "succeeded",
+    "failed",
+    "retried",
+    "revoked",
+    "args",
+    "kwargs",
+    "eta",
+    "expires",
+    "retries",
+    "worker",
+    "result",
+    "exception",
+    "timestamp",
+    "runtime",
+    "traceback",
+    "exchange",
+    "routing_key",
+    "clock",
+    "client",
+    "root",
+    "root_id",
+    "parent",
+    "parent_id",
+    "children",
 )
 
 #: Worker fields set from worker events (celery's ``Worker._fields`` minus heartbeats).
 WORKER_EVENT_FIELDS: tuple[str, ...] = (
-    "hostname", "pid", "freq", "clock", "active", "processed", "loadavg",
-    "sw_ident", "sw_ver", "sw_sys",
+    "hostname",
+    "pid",
+    "freq",
+    "clock",
+    "active",
+    "processed",
+    "loadavg",
+    "sw_ident",
+    "sw_ver",
+    "sw_sys",
 )
 
 SUBJECT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -60,28 +107,28 @@ class Envelope(msgspec.Struct, kw_only=True):
     hostname: Text
     timestamp: float
     clock: int = 0
-    pid: int | None | Opt = UNSET
-    utcoffset: int | float | None | Opt = UNSET
+    pid: int | Opt | None = UNSET
+    utcoffset: int | float | Opt | None = UNSET
 
 
 class _TaskFields(Envelope, kw_only=True):
     uuid: Text
     # Every field a task event may write, UNSET unless the event carries it. Standard events
     # carry a fixed subset; custom ``task-*`` events may carry any of them.
-    name: str | None | Opt = UNSET
+    name: str | Opt | None = UNSET
     args: Any | Opt = UNSET
     kwargs: Any | Opt = UNSET
     eta: Any | Opt = UNSET
     expires: Any | Opt = UNSET
-    retries: int | None | Opt = UNSET
+    retries: int | Opt | None = UNSET
     result: Any | Opt = UNSET
     exception: Any | Opt = UNSET
-    runtime: float | None | Opt = UNSET
+    runtime: float | Opt | None = UNSET
     traceback: Any | Opt = UNSET
-    exchange: str | None | Opt = UNSET
-    routing_key: str | None | Opt = UNSET
-    root_id: str | None | Opt = UNSET
-    parent_id: str | None | Opt = UNSET
+    exchange: str | Opt | None = UNSET
+    routing_key: str | Opt | None = UNSET
+    root_id: str | Opt | None = UNSET
+    parent_id: str | Opt | None = UNSET
 
 
 def _task(tag: str) -> dict[str, Any]:
@@ -89,7 +136,7 @@ def _task(tag: str) -> dict[str, Any]:
 
 
 class TaskSent(_TaskFields, **_task("task-sent")):
-    queue: str | None | Opt = UNSET
+    queue: str | Opt | None = UNSET
 
 
 class TaskReceived(_TaskFields, **_task("task-received")):
@@ -113,13 +160,13 @@ class TaskRetried(_TaskFields, **_task("task-retried")):
 
 
 class TaskRejected(_TaskFields, **_task("task-rejected")):
-    requeue: bool | None | Opt = UNSET
+    requeue: bool | Opt | None = UNSET
 
 
 class TaskRevoked(_TaskFields, **_task("task-revoked")):
-    terminated: bool | None | Opt = UNSET
+    terminated: bool | Opt | None = UNSET
     signum: Any | Opt = UNSET
-    expired: bool | None | Opt = UNSET
+    expired: bool | Opt | None = UNSET
 
 
 class TaskCustom(_TaskFields, kw_only=True):
@@ -130,12 +177,12 @@ class TaskCustom(_TaskFields, kw_only=True):
 
 class _WorkerFields(Envelope, kw_only=True):
     freq: float | Opt = UNSET
-    active: int | None | Opt = UNSET
-    processed: int | None | Opt = UNSET
-    loadavg: list[float] | None | Opt = UNSET
-    sw_ident: str | None | Opt = UNSET
-    sw_ver: str | None | Opt = UNSET
-    sw_sys: str | None | Opt = UNSET
+    active: int | Opt | None = UNSET
+    processed: int | Opt | None = UNSET
+    loadavg: list[float] | Opt | None = UNSET
+    sw_ident: str | Opt | None = UNSET
+    sw_ver: str | Opt | None = UNSET
+    sw_sys: str | Opt | None = UNSET
 
 
 class WorkerOnline(_WorkerFields, **_task("worker-online")):
@@ -157,14 +204,30 @@ class WorkerCustom(_WorkerFields, kw_only=True):
 
 
 TaskEvent = (
-    TaskSent | TaskReceived | TaskStarted | TaskSucceeded | TaskFailed | TaskRetried
-    | TaskRejected | TaskRevoked | TaskCustom
+    TaskSent
+    | TaskReceived
+    | TaskStarted
+    | TaskSucceeded
+    | TaskFailed
+    | TaskRetried
+    | TaskRejected
+    | TaskRevoked
+    | TaskCustom
 )
 WorkerEvent = WorkerOnline | WorkerHeartbeat | WorkerOffline | WorkerCustom
 #: The tagged union a JSON event is decoded into first; other types fall back to the customs.
 KnownEvent = (
-    TaskSent | TaskReceived | TaskStarted | TaskSucceeded | TaskFailed | TaskRetried
-    | TaskRejected | TaskRevoked | WorkerOnline | WorkerHeartbeat | WorkerOffline
+    TaskSent
+    | TaskReceived
+    | TaskStarted
+    | TaskSucceeded
+    | TaskFailed
+    | TaskRetried
+    | TaskRejected
+    | TaskRevoked
+    | WorkerOnline
+    | WorkerHeartbeat
+    | WorkerOffline
 )
 
 

@@ -64,7 +64,20 @@ SEP = "\x1f"
 #: Prometheus-style runtime histogram buckets (seconds), as prometheus_client's defaults
 #: (Flower's ``flower_task_runtime_seconds`` uses them).
 RUNTIME_BUCKETS: tuple[float, ...] = (
-    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
 )
 
 CLUSTER_SLOTS = 16384

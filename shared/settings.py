@@ -117,9 +117,14 @@ def setting_names() -> list[str]:
     return [env_name(f) for f in Settings.__struct_fields__]
 
 
-_BOOLS = {f for f, t in zip(Settings.__struct_fields__, Settings.__annotations__.values(), strict=True)
-          if t in ("bool", bool)}
-_BOOL_WORDS = {w: "true" for w in ("y", "yes", "t", "on")} | {w: "false" for w in ("n", "no", "f", "off")}
+_BOOLS = {
+    f
+    for f, t in zip(Settings.__struct_fields__, Settings.__annotations__.values(), strict=True)
+    if t in ("bool", bool)
+}
+_BOOL_WORDS = {w: "true" for w in ("y", "yes", "t", "on")} | {
+    w: "false" for w in ("n", "no", "f", "off")
+}
 _FIELD_RE = re.compile(r"at `\$\.(\w+)`")
 
 

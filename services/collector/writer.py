@@ -96,17 +96,19 @@ class Writer:
 
     def config(self, now: float, age_check: bool) -> bytes:
         s = self.settings
-        return _pack({
-            "now": now,
-            "max_tasks": self.per_shard_max,
-            "task_ttl": s.task_ttl,
-            "failed_ttl": s.failed_task_ttl,
-            "stream_maxlen": s.stream_maxlen,
-            "channel": self.keys.events_channel,
-            "minute_ttl": s.chart_retention_days * 86400,
-            "evict_batch": max(2 * s.batch_size, 100),
-            "age_check": age_check,
-        })
+        return _pack(
+            {
+                "now": now,
+                "max_tasks": self.per_shard_max,
+                "task_ttl": s.task_ttl,
+                "failed_ttl": s.failed_task_ttl,
+                "stream_maxlen": s.stream_maxlen,
+                "channel": self.keys.events_channel,
+                "minute_ttl": s.chart_retention_days * 86400,
+                "evict_batch": max(2 * s.batch_size, 100),
+                "age_check": age_check,
+            }
+        )
 
     def apply(self, batch: list[Decoded], now: float, age_check: bool = False) -> Applied:
         """Apply ``batch`` (all shards) atomically per shard; raise on Redis errors."""
@@ -119,11 +121,10 @@ class Writer:
             else:
                 identity = event.hostname
                 args = worker_args(event, item.open_json, item.local_received)
-            shard = self.keys.shard_for(identity).index
-            per_shard.setdefault(shard, []).append(args)
+            per_shard.setdefault(self.keys.shard_for(identity).index, []).append(args)
         if age_check:
-            for shard in self.keys.all_shards:
-                per_shard.setdefault(shard.index, [])
+            for each in self.keys.all_shards:
+                per_shard.setdefault(each.index, [])
         config = self.config(now, age_check)
         total = Applied()
         if not per_shard:

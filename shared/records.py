@@ -1,0 +1,102 @@
+"""Tasks and workers as readers see them, built from the hashes the collector writes.
+
+Pure functions over what Redis returned, shared by the API and the tests, so that both read
+the data model the same way. Hash values are JSON text; hidden fields start with ``_``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+
+from shared.events import TASK_FIELDS, WORKER_EVENT_FIELDS
+
+#: celery's ``Worker.freq`` before any worker event is seen, and its expire window (200 %).
+DEFAULT_FREQ = 60.0
+EXPIRE_WINDOW = 2.0
+
+_decode = msgspec.json.decode
+_NULL = b"null"
+
+Hash = Mapping[bytes, bytes]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def task_json_fields(h: Hash, children: Iterable[str]) -> list[tuple[str, bytes]]:
+    """``(field, JSON text)`` of celery's ``Task.as_dict()`` in its order, ``worker`` being the
+    hostname; no decoding, so the API can splice the values into a response."""
+    out: list[tuple[str, bytes]] = []
+    for field in TASK_FIELDS:
+        if field == "root":
+            value = h.get(b"root_id", _NULL)
+        elif field == "parent":
+            value = h.get(b"parent_id", _NULL)
+        elif field == "children":
+            value = msgspec.json.encode(sorted(children))
+        elif field == "clock":
+            value = h.get(b"clock", b"0")
+        elif field == "state":
+            value = h.get(b"state", b'"PENDING"')
+        else:
+            value = h.get(field.encode(), _NULL)
+        out.append((field, value))
+    return out
+
+
+def task_from_hash(h: Hash, children: Iterable[str] = ()) -> dict[str, Any]:
+    """The task as a dict, equal to celery's ``Task.as_dict()`` with ``worker`` a hostname."""
+    return {field: _decode(value) for field, value in task_json_fields(h, children)}
+
+
+def worker_last_heartbeat(h: Hash, task_seen: float | None) -> float | None:
+    """celery's ``Worker.heartbeats[-1]``: the newest heartbeat since the last worker-offline.
+
+    Worker events count with their receive time; task events (``task_seen``, the newest task
+    event timestamp from that worker) with their sender time, as in ``State._event``.
+    """
+    hb = float(h[b"_hb"]) if b"_hb" in h else None
+    offline = float(h[b"_offts"]) if b"_offts" in h else None
+    if task_seen is not None and (offline is None or task_seen > offline):
+        hb = task_seen if hb is None else max(hb, task_seen)
+    return hb
+
+
+def worker_freq(h: Hash) -> float:
+    raw = h.get(b"freq")
+    if raw is None:
+        return DEFAULT_FREQ
+    value = _decode(raw)
+    return float(value) if isinstance(value, int | float) else DEFAULT_FREQ
+
+
+def worker_alive(h: Hash, task_seen: float | None, now: float) -> bool:
+    """celery's ``Worker.alive``: a heartbeat newer than ``now - 2 * freq``."""
+    last = worker_last_heartbeat(h, task_seen)
+    return last is not None and now < last + worker_freq(h) * EXPIRE_WINDOW
+
+
+def worker_from_hash(hostname: str, h: Hash, task_seen: float | None, now: float) -> dict[str, Any]:
+    """The worker's event fields (celery's ``Worker`` fields), liveness and last heartbeat."""
+    out: dict[str, Any] = {field: None for field in WORKER_EVENT_FIELDS}
+    for field in WORKER_EVENT_FIELDS:
+        raw = h.get(field.encode())
+        if raw is not None:
+            out[field] = _decode(raw)
+    out["hostname"] = hostname
+    out["freq"] = worker_freq(h)
+    if out["clock"] is None:
+        out["clock"] = 0
+    last = worker_last_heartbeat(h, task_seen)
+    out["last_heartbeat"] = last
+    out["alive"] = last is not None and now < last + out["freq"] * EXPIRE_WINDOW
+    return out
+
+
+def decode_hash(h: Mapping[bytes, bytes]) -> dict[str, Any]:
+    """Public fields of a hash, JSON-decoded (hidden ``_`` fields dropped)."""
+    return {_text(k): _decode(v) for k, v in h.items() if not k.startswith(b"_")}

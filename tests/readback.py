@@ -1,0 +1,57 @@
+"""Read Pollen's state back from Redis into plain dicts, for comparing with celery's State."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+from services.collector.decode import Decoded, Decoder
+from services.collector.writer import Applied, Writer
+from shared import records
+from shared.keys import Keys
+
+
+def decode_events(events: list[dict[str, Any]], max_field_bytes: int = 32768) -> list[Decoded]:
+    """Decode dict events the way the collector decodes message bodies (one body each); the
+    collector's receive time is the event's ``local_received`` when it has one."""
+    decoder = Decoder(max_field_bytes)
+    out: list[Decoded] = []
+    for event in events:
+        body = dict(event)
+        local_received = body.pop("local_received", event["timestamp"])
+        result = decoder.decode(
+            json.dumps(body).encode(), "application/json", "utf-8", local_received
+        )
+        assert not result.bad, result.bad
+        out.extend(result.events)
+    return out
+
+
+def apply(writer: Writer, events: list[dict[str, Any]], now: float = 0.0) -> Applied:
+    return writer.apply(decode_events(events), now)
+
+
+def task(r: redis.Redis, keys: Keys, uuid: str) -> dict[str, Any] | None:
+    h = r.hgetall(keys.shard_for(uuid).task(uuid))
+    if not h:
+        return None
+    children: set[str] = set()
+    for shard in keys.all_shards:
+        children.update(m.decode() for m in r.smembers(shard.children(uuid)))
+    return records.task_from_hash(h, children)
+
+
+def worker(r: redis.Redis, keys: Keys, hostname: str, now: float) -> dict[str, Any]:
+    h = r.hgetall(keys.shard_for(hostname).worker(hostname))
+    seen = [r.zscore(shard.seen, hostname) for shard in keys.all_shards]
+    task_seen = max((s for s in seen if s is not None), default=None)
+    return records.worker_from_hash(hostname, h, task_seen, now)
+
+
+def task_names(r: redis.Redis, keys: Keys) -> list[str]:
+    names: set[str] = set()
+    for shard in keys.all_shards:
+        names.update(m.decode() for m in r.smembers(shard.names))
+    return sorted(names)
