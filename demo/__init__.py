@@ -1,0 +1,1 @@
+"""A demo Celery app, its traffic generator and the `make run` launcher."""

@@ -1,0 +1,77 @@
+"""The demo Celery app: tasks that succeed, fail, retry, run long, get rejected or revoked.
+
+Used by `make run` and by the tests, which start real workers with
+``celery -A demo.app worker``. The broker comes from ``POLLEN_BROKER_URL`` like Pollen's.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import Reject
+
+app = Celery("demo", broker=os.environ.get("POLLEN_BROKER_URL", "redis://127.0.0.1:6379/0"))
+app.conf.update(
+    result_backend=os.environ.get("DEMO_RESULT_BACKEND") or None,
+    task_send_sent_event=True,
+    worker_send_task_events=True,
+    task_acks_late=False,
+    worker_prefetch_multiplier=4,
+    broker_connection_retry_on_startup=True,
+    task_default_priority=None,
+)
+
+
+@app.task
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task
+def mul(x: int, y: int) -> int:
+    return x * y
+
+
+@app.task
+def fail(message: str = "boom") -> None:
+    raise ValueError(message)
+
+
+@app.task(bind=True, max_retries=2, default_retry_delay=0.2)
+def flaky(self: Task, succeed_on: int = 2) -> str:
+    if self.request.retries < succeed_on:
+        raise self.retry(exc=RuntimeError(f"attempt {self.request.retries}"))
+    return f"ok after {self.request.retries} retries"
+
+
+@app.task
+def slow(seconds: float = 2.0) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task(acks_late=True)
+def reject() -> None:
+    raise Reject("not today", requeue=False)
+
+
+@app.task(bind=True)
+def progress(self: Task, steps: int = 3) -> int:
+    for step in range(steps):
+        self.send_event("task-progress", current=step, total=steps)
+        time.sleep(0.05)
+    return steps
+
+
+@app.task
+def random_work() -> Any:
+    """A task whose outcome varies, for dashboards to look alive."""
+    roll = random.random()
+    if roll < 0.1:
+        raise KeyError("unlucky")
+    time.sleep(random.random() * 0.5)
+    return round(roll, 3)
