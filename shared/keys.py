@@ -44,11 +44,21 @@ Global (no hash tag):
 <ns>:collectors                zset    collector ids by last heartbeat
 <ns>:malformed                 hash    malformed events by reason (all collectors)
 <ns>:malformed:sample:<reason> string  the latest malformed sample for that reason
-<ns>:inspect:<hostname>        hash    the enabler's inspect answers per method, with times
-<ns>:queues                    hash    queue name -> JSON length sample
-<ns>:queues:history            stream  per-minute queue length samples
-<ns>:enabler:lease             string  id of the active enabler (expiring lease)
-<ns>:audit                     stream  control calls: who, what, when, reply
+<ns>:inspect:<hostname>        hash    the enabler's inspect answers (JSON values): per method
+                                       ``m`` (stats, active_queues, registered, conf, active,
+                                       reserved, scheduled, revoked) the latest answer in ``m``,
+                                       its time in ``m:time``, ``m:error`` =
+                                       ``{"error", "time"}`` while the latest attempt failed;
+                                       ``timestamp`` newest answer; expires after
+                                       ``POLLEN_INSPECT_TTL`` without answers
+<ns>:inspected                 zset    hostname by the time of its newest inspect answer
+<ns>:queues                    hash    queue name -> JSON ``{"name", "messages", "consumers",
+                                       "time"}`` of the latest sample (consumers null on Redis)
+<ns>:queues:history            stream  id ``<minute start ms>-0``, field ``q`` -> JSON
+                                       ``{queue: messages}``, first sample of each minute
+<ns>:enabler:lease             string  id of the active enabler, PX expiry 1.5 enable intervals
+<ns>:audit                     stream  control calls, field ``e`` -> JSON ``{"time", "who",
+                                       "action", "target", "params", "status", "reply"}``
 =============================  ======  ==========================================================
 """
 
@@ -231,6 +241,10 @@ class Keys:
 
     def inspect(self, hostname: str) -> str:
         return f"{self.namespace}:inspect:{hostname}"
+
+    @property
+    def inspected(self) -> str:
+        return f"{self.namespace}:inspected"
 
     @property
     def queues(self) -> str:

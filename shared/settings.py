@@ -88,14 +88,33 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     collector_stale_after: Positive = 15.0
 
     # --- enabler -------------------------------------------------------------------------------
+    #: Seconds between enable_events broadcasts. The enablers' lease expires after 1.5 of these
+    #: and is renewed every third of one, so a standby takes over within two intervals.
     enable_interval: Positive = 5.0
+    #: Seconds between inspect rounds (stats, active_queues, registered, conf, task lists).
     inspect_interval: Positive = 30.0
+    #: Seconds to wait for the workers' answers to an inspect or control command.
     inspect_timeout: Positive = 2.0
+    #: Seconds a worker's stored inspect answers are kept after its last answer.
+    inspect_ttl: Positive = 86400.0
+    #: Seconds between queue length samples.
     queue_interval: Positive = 5.0
+    #: Minutes of per-minute queue length history kept for charts.
+    queue_history: PositiveInt = 1440
     #: RabbitMQ management API URL (``http://user:pass@host:15672/api/``) for queue lengths.
     broker_api: str = ""
     #: Extra queue names whose length is sampled, comma-separated.
     queues: str = ""
+
+    # --- control (api) -------------------------------------------------------------------------
+    #: Celery result backend for task apply/result/abort (empty: those answer 503).
+    result_backend: str = ""
+    #: Most blocking Celery calls (control, publish, result) one API process runs at once.
+    control_concurrency: PositiveInt = 8
+    #: Longest wait (seconds) of /api/task/apply and /api/task/result for a task's result.
+    result_timeout: Positive = 60.0
+    #: Approximate number of control calls kept in the audit stream.
+    audit_maxlen: PositiveInt = 10000
 
     def __post_init__(self) -> None:
         if not NAMESPACE_RE.match(self.namespace):

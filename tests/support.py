@@ -192,3 +192,49 @@ class Process:
 def service(name: str, env: dict[str, str], log: Path) -> Process:
     """Start ``python -m services.<name>`` with ``env``."""
     return Process([PYTHON, "-m", f"services.{name}"], log, env)
+
+
+def celery_worker(
+    broker_url: str,
+    log: Path,
+    hostname: str = "w1@%h",
+    *extra: str,
+    events: bool = True,
+    env: dict[str, str] | None = None,
+) -> Process:
+    """A real ``celery -A demo.app worker`` process (threads pool, no mingle/gossip)."""
+    args = [
+        PYTHON,
+        "-m",
+        "celery",
+        "-A",
+        "demo.app",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--hostname",
+        hostname,
+        "--pool",
+        "threads",
+        "--concurrency",
+        "4",
+        "--without-mingle",
+        "--without-gossip",
+        *extra,
+    ]
+    if events:
+        args.append("--task-events")
+    return Process(args, log, {"POLLEN_BROKER_URL": broker_url, **(env or {})})
+
+
+def pollen_env(
+    broker_url: str, redis_url: str, namespace: str = "test", **settings: str
+) -> dict[str, str]:
+    env = {
+        "POLLEN_BROKER_URL": broker_url,
+        "POLLEN_REDIS_URL": redis_url,
+        "POLLEN_NAMESPACE": namespace,
+        "POLLEN_LOG_LEVEL": "INFO",
+    }
+    env.update({f"POLLEN_{k.upper()}": v for k, v in settings.items()})
+    return env

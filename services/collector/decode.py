@@ -96,7 +96,7 @@ class Decoder:
             result.bad.append(Bad("unsupported_content_type", content_type.encode()[:512]))
             return None
         try:
-            payload = serialization.loads(  # type: ignore[no-untyped-call]
+            payload = serialization.loads(
                 body, content_type, content_encoding, accept={content_type}
             )
             return _encode(payload)

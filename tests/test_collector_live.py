@@ -1,0 +1,175 @@
+"""The collector process against real Celery workers on a Redis broker and on RabbitMQ.
+
+Celery's own EventReceiver listens to the same broker in the test and feeds celery's State;
+Pollen's Redis state must match it task by task, and the obvious outcomes must hold.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.events.state import State
+
+from shared.keys import Keys
+from tests import readback
+from tests.support import (
+    RedisServer,
+    celery_worker,
+    pollen_env,
+    service,
+    wait_for,
+)
+from tests.test_oracle import celery_task
+
+
+class Recorder:
+    """celery's EventReceiver + State in a thread: the oracle for live events."""
+
+    def __init__(self, broker_url: str) -> None:
+        self.app = Celery(broker=broker_url)
+        self.state = State()
+        self.ready = threading.Event()
+        self.receiver: Any = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(20), "celery's event receiver did not start"
+
+    def _run(self) -> None:
+        with self.app.connection_for_read() as conn:
+            self.receiver = self.app.events.Receiver(conn, handlers={"*": self.state.event})
+            self.ready.set()
+            self.receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def close(self) -> None:
+        self.receiver.should_stop = True
+        self.thread.join(10)
+
+
+def _client(broker_url: str) -> Celery:
+    app = Celery(broker=broker_url)
+    app.conf.task_send_sent_event = True
+    return app
+
+
+def run_scenario(broker_url: str, redis_url: str, tmp: Path, extra_env: dict[str, str]) -> None:
+    namespace = "live"
+    keys = Keys(namespace)
+    state_redis = redis.Redis.from_url(redis_url)
+    recorder = Recorder(broker_url)
+    collector = service(
+        "collector",
+        pollen_env(broker_url, redis_url, namespace, **extra_env),
+        tmp / "collector.log",
+    )
+    worker = celery_worker(broker_url, tmp / "worker.log")
+    client = _client(broker_url)
+    try:
+        wait_for(
+            lambda: state_redis.zcard(keys.all_shards[0].workers),
+            timeout=30,
+            message="the worker's heartbeat in Redis",
+        )
+        ids: dict[str, Any] = {
+            "add": client.send_task("demo.app.add", (1, 2)),
+            "fail": client.send_task("demo.app.fail", ("boom",)),
+            "flaky": client.send_task("demo.app.flaky", (), {"succeed_on": 1}),
+            "reject": client.send_task("demo.app.reject"),
+            "progress": client.send_task("demo.app.progress", (2,)),
+            "countdown": client.send_task("demo.app.add", (5, 5), countdown=1),
+            "revoked": client.send_task("demo.app.add", (0, 0), countdown=2),
+        }
+        wait_for(
+            lambda: readback.task(state_redis, keys, ids["revoked"].id),
+            timeout=20,
+            message="the countdown task received",
+        )
+        client.control.revoke(ids["revoked"].id)
+
+        def settled() -> bool:
+            for name in ("add", "fail", "flaky", "countdown", "progress"):
+                task = readback.task(state_redis, keys, ids[name].id)
+                if not task or task["state"] not in ("SUCCESS", "FAILURE"):
+                    return False
+            revoked = readback.task(state_redis, keys, ids["revoked"].id)
+            return bool(revoked and revoked["state"] == "REVOKED")
+
+        wait_for(settled, timeout=60, message="every task finished in Pollen")
+        time.sleep(1.0)  # let the last events reach both listeners
+
+        def task(name: str) -> dict[str, Any]:
+            found = readback.task(state_redis, keys, ids[name].id)
+            assert found is not None, name
+            return found
+
+        assert task("add")["result"] == "3" and task("add")["state"] == "SUCCESS"
+        assert task("add")["worker"].startswith("w1@")
+        assert task("add")["client"] is not None  # task-sent seen
+        assert task("fail")["state"] == "FAILURE" and "boom" in task("fail")["exception"]
+        assert task("flaky")["state"] == "SUCCESS" and task("flaky")["retries"] == 1
+        assert task("countdown")["eta"] is not None
+        assert task("revoked")["state"] == "REVOKED"
+        assert task("reject")["rejected"] is not None
+
+        # every task, field by field, as celery's State saw the same events (the two
+        # listeners receive at their own pace: wait until both have everything)
+        def differences() -> list[str]:
+            out = []
+            for uuid, expected in list(recorder.state.tasks.items()):
+                ours = readback.task(state_redis, keys, uuid)
+                if ours != celery_task(expected):
+                    out.append(
+                        f"{uuid} ({expected.name}): ours {ours} celery {celery_task(expected)}"
+                    )
+            return out
+
+        try:
+            wait_for(lambda: not differences(), timeout=15, message="same state as celery")
+        except TimeoutError:
+            pytest.fail("\n".join(differences()))
+        assert len(recorder.state.tasks) >= len(ids)
+        assert readback.task_names(state_redis, keys) == recorder.state.task_types()
+        for hostname, w in recorder.state.workers.items():
+            ours = readback.worker(state_redis, keys, hostname, time.time())
+            assert ours["alive"] == w.alive
+            for field in ("pid", "freq", "sw_ident", "sw_ver", "sw_sys"):
+                assert ours[field] == getattr(w, field), field
+
+        health = state_redis.hgetall(
+            keys.collector(state_redis.zrange(keys.collectors, 0, 0)[0].decode())
+        )
+        assert int(health[b"events_total"]) > 0
+    finally:
+        worker.stop()
+        collector.stop()
+        recorder.close()
+        state_redis.close()
+    assert "Traceback" not in collector.output(), collector.output()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "broker").start()
+    yield server
+    server.stop()
+
+
+def test_redis_broker(broker: RedisServer, tmp_path: Path) -> None:
+    run_scenario(
+        f"redis://127.0.0.1:{broker.port}/0", f"redis://127.0.0.1:{broker.port}/1", tmp_path, {}
+    )
+
+
+def test_rabbitmq_named_queue(amqp_url: str, broker: RedisServer, tmp_path: Path) -> None:
+    run_scenario(
+        amqp_url,
+        f"redis://127.0.0.1:{broker.port}/1",
+        tmp_path,
+        {"event_queue": "pollen-live-test"},
+    )
