@@ -55,7 +55,7 @@ def _reason(exc: msgspec.ValidationError) -> str:
     message = str(exc)
     if message.startswith("Object missing required field"):
         return "missing_field"
-    if message.startswith("Expected"):
+    if message.startswith("Expected") and not any(c in message for c in ("length", ">", "<")):
         return "wrong_type"
     return "invalid_value"
 

@@ -1,0 +1,233 @@
+"""The collector under bad input, competing consumers, kill -9 and restarts (real brokers)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from kombu import Connection, Exchange, Producer
+
+from shared.keys import Keys
+from tests import readback
+from tests.streams import publish_tasks
+from tests.support import Process, RedisServer, pollen_env, service, wait_for
+
+
+def applied_events(r: redis.Redis, keys: Keys) -> int:
+    return sum(int(v) for shard in keys.all_shards for v in r.hvals(shard.counts))
+
+
+def collector(broker_url: str, redis_url: str, log: Path, **settings: str) -> Process:
+    return service("collector", pollen_env(broker_url, redis_url, "faults", **settings), log)
+
+
+def wait_listening(r: redis.Redis, keys: Keys, count: int = 1) -> None:
+    wait_for(
+        lambda: r.zcard(keys.collectors) >= count,
+        timeout=20,
+        message=f"{count} collector heartbeat(s)",
+    )
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    s = RedisServer(tmp_path / "redis").start()
+    yield s
+    s.stop()
+
+
+def test_malformed_events_are_counted_and_skipped(server: RedisServer, tmp_path: Path) -> None:
+    broker_url, redis_url = server.url, f"redis://127.0.0.1:{server.port}/1"
+    keys = Keys("faults")
+    r = redis.Redis.from_url(redis_url)
+    proc = collector(broker_url, redis_url, tmp_path / "c.log", max_field_bytes="1000")
+    try:
+        wait_listening(r, keys)
+        good = {
+            "type": "task-received",
+            "uuid": "good-1",
+            "hostname": "w@h",
+            "timestamp": time.time(),
+            "clock": 1,
+            "name": "t.ok",
+        }
+        bodies = [
+            b"{not json",
+            b"42",
+            json.dumps({"type": "task-started", "hostname": "w@h", "timestamp": 1.0}).encode(),
+            json.dumps(
+                {"type": "task-started", "uuid": "x", "hostname": "w@h", "timestamp": "yesterday"}
+            ).encode(),
+            json.dumps({"type": "bogus-thing", "hostname": "w@h", "timestamp": 1.0}).encode(),
+            json.dumps({"uuid": "x", "hostname": "w@h", "timestamp": 1.0}).encode(),
+            json.dumps(
+                {"type": "task-started", "uuid": "y", "hostname": "", "timestamp": 1.0}
+            ).encode(),
+            # a batch with one bad event among good ones: the good ones land
+            json.dumps(
+                [{"type": "task-started", "hostname": "w@h", "timestamp": 1.0}, good]
+            ).encode(),
+            json.dumps(
+                {
+                    "type": "task-failed",
+                    "uuid": "big-1",
+                    "hostname": "w@h",
+                    "timestamp": time.time(),
+                    "clock": 2,
+                    "exception": "E()",
+                    "traceback": "x" * 100_000,
+                }
+            ).encode(),
+        ]
+        with Connection(broker_url) as conn:
+            producer = Producer(conn.default_channel, exchange=Exchange("celeryev", type="fanout"))
+            for body in bodies:
+                producer.publish(
+                    body,
+                    routing_key="task.multi",
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    serializer=None,
+                )
+            producer.publish(
+                b"\x80\x03pickled",
+                routing_key="task.x",
+                content_type="application/x-python-serialize",
+                content_encoding="binary",
+            )
+
+        wait_for(
+            lambda: readback.task(r, keys, "big-1") and readback.task(r, keys, "good-1"),
+            timeout=15,
+            message="the good events",
+        )
+
+        def reasons() -> dict[str, int]:
+            return {k.decode(): int(v) for k, v in r.hgetall(keys.malformed).items()}
+
+        expected = {
+            "undecodable": 1,
+            "not_an_object": 1,
+            "missing_field": 2,
+            "wrong_type": 1,
+            "unknown_type": 1,
+            "missing_type": 1,
+            "invalid_value": 1,
+            "unsupported_content_type": 1,
+        }
+        wait_for(lambda: reasons() == expected, timeout=10, message=f"counts {expected}")
+        assert r.get(keys.malformed_sample("wrong_type")) is not None
+        big = readback.task(r, keys, "big-1")
+        assert big is not None and big["state"] == "FAILURE"
+        assert len(big["traceback"]) < 1100 and "truncated" in big["traceback"]
+        assert proc.alive()
+        # one log line per reason, not one per event
+        publish_again = [b"{not json"] * 20
+        with Connection(broker_url) as conn:
+            producer = Producer(conn.default_channel, exchange=Exchange("celeryev", type="fanout"))
+            for body in publish_again:
+                producer.publish(
+                    body,
+                    routing_key="task.multi",
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    serializer=None,
+                )
+        wait_for(lambda: reasons().get("undecodable") == 21, timeout=10, message="21 bad")
+    finally:
+        proc.stop()
+    log = proc.output()
+    assert log.count("malformed event skipped (undecodable)") == 1
+    assert "Traceback" not in log
+
+
+def test_two_collectors_share_a_rabbitmq_queue_and_survive_kill_9(
+    amqp_url: str, server: RedisServer, tmp_path: Path
+) -> None:
+    redis_url = f"redis://127.0.0.1:{server.port}/1"
+    keys = Keys("faults")
+    r = redis.Redis.from_url(redis_url)
+    queue = "pollen-faults-shared"
+    settings = {"event_queue": queue, "batch_size": "200"}
+    a = collector(amqp_url, redis_url, tmp_path / "a.log", **settings)
+    b = collector(amqp_url, redis_url, tmp_path / "b.log", **settings)
+    tasks = 6000
+    restarted: list[Process] = []
+    try:
+        wait_listening(r, keys, 2)
+        sender = threading.Thread(
+            target=publish_tasks, args=(amqp_url, tasks), kwargs={"per_second": 3000.0}
+        )
+        sender.start()
+        wait_for(lambda: applied_events(r, keys) > 3000, timeout=30, message="events flowing")
+        a.signal(signal.SIGKILL)
+        a.proc.wait(10)
+        time.sleep(0.5)
+        restarted.append(collector(amqp_url, redis_url, tmp_path / "a2.log", **settings))
+        sender.join(120)
+        wait_for(
+            lambda: applied_events(r, keys) >= tasks * 3,
+            timeout=60,
+            message=f"{tasks * 3} events applied",
+        )
+        time.sleep(1.0)
+        assert applied_events(r, keys) == tasks * 3
+        shard = keys.all_shards[0]
+        assert r.zcard(shard.by_timestamp) == tasks
+        assert r.zcard(shard.by_state("SUCCESS")) == tasks
+        # both collectors took part
+        totals = [
+            int(r.hget(keys.collector(cid.decode()), "events_total") or 0)
+            for cid in r.zrange(keys.collectors, 0, -1)
+        ]
+        assert sum(1 for t in totals if t > 0) >= 2
+    finally:
+        for p in (a, b, *restarted):
+            p.stop()
+
+
+def test_redis_broker_collectors_restart_in_turn_without_loss(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    broker_url, redis_url = server.url, f"redis://127.0.0.1:{server.port}/1"
+    keys = Keys("faults")
+    r = redis.Redis.from_url(redis_url)
+    a = collector(broker_url, redis_url, tmp_path / "a.log")
+    b = collector(broker_url, redis_url, tmp_path / "b.log")
+    procs = [a, b]
+    tasks = 4000
+    try:
+        wait_listening(r, keys, 2)
+        sender = threading.Thread(
+            target=publish_tasks, args=(broker_url, tasks), kwargs={"per_second": 1000.0}
+        )
+        sender.start()
+        wait_for(lambda: applied_events(r, keys) > 1500, timeout=30, message="events flowing")
+        # restart one, then the other, while events keep coming
+        a.stop()
+        a2 = collector(broker_url, redis_url, tmp_path / "a2.log")
+        procs.append(a2)
+        wait_listening(r, keys, 3)
+        b.stop()
+        procs.append(collector(broker_url, redis_url, tmp_path / "b2.log"))
+        sender.join(60)
+        wait_for(
+            lambda: applied_events(r, keys) >= tasks * 3, timeout=30, message="every event applied"
+        )
+        time.sleep(1.0)
+        assert applied_events(r, keys) == tasks * 3
+        assert r.zcard(keys.all_shards[0].by_state("SUCCESS")) == tasks
+        dup = sum(
+            int(r.hget(keys.collector(c.decode()), "duplicates_total") or 0)
+            for c in r.zrange(keys.collectors, 0, -1)
+        )
+        assert dup > 0  # both listened: the second copy of each event was recognised
+    finally:
+        for p in procs:
+            p.stop()
