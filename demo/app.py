@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from celery import Celery, Task
+from celery.contrib.abortable import AbortableTask
 from celery.exceptions import Reject
 
 app = Celery("demo", broker=os.environ.get("POLLEN_BROKER_URL", "redis://127.0.0.1:6379/0"))
@@ -75,3 +76,21 @@ def random_work() -> Any:
         raise KeyError("unlucky")
     time.sleep(random.random() * 0.5)
     return round(roll, 3)
+
+
+# --- for the enabler/control tests -------------------------------------------------------------
+# DEMO_TASK_EVENTS=0 starts workers with task events off, as a worker without -E, so a test can
+# see the enabler's enable_events broadcast turn them on.
+if os.environ.get("DEMO_TASK_EVENTS") == "0":
+    app.conf.worker_send_task_events = False
+
+
+@app.task(bind=True, base=AbortableTask)
+def abortable(self: AbortableTask, seconds: float = 30.0) -> str:
+    """Runs until aborted (through the result backend) or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if self.is_aborted():
+            return "aborted"
+        time.sleep(0.1)
+    return "done"
