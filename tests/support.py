@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,6 +28,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too (so at most 55535)."""
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def wait_for(
@@ -238,3 +253,59 @@ def pollen_env(
     }
     env.update({f"POLLEN_{k.upper()}": v for k, v in settings.items()})
     return env
+
+
+class RedisCluster:
+    """Three redis-server nodes in cluster mode (no replicas), created with redis-cli."""
+
+    def __init__(self, workdir: Path, nodes: int = 3) -> None:
+        self.servers = [
+            RedisServer(
+                workdir / f"node{i}",
+                free_cluster_port(),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            )
+            for i in range(nodes)
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.servers[0].port}/0"
+
+    def start(self) -> RedisCluster:
+        for server in self.servers:
+            server.start()
+        addresses = [f"127.0.0.1:{s.port}" for s in self.servers]
+        out = subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout}{out.stderr}")
+        client = redis.Redis(port=self.servers[0].port)
+        wait_for(
+            lambda: b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO"),
+            timeout=20,
+            message="cluster_state:ok",
+        )
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import redis.cluster
 from msgspec import UNSET
 
 from services.collector.decode import Decoded
@@ -93,6 +94,7 @@ class Writer:
         self.settings = settings
         self.script = scripts.register(client, "apply_events")
         self.per_shard_max = -(-settings.max_tasks // settings.shards)
+        self.cluster = isinstance(client, redis.cluster.RedisCluster)
 
     def config(self, now: float, age_check: bool) -> bytes:
         s = self.settings
@@ -129,11 +131,19 @@ class Writer:
         total = Applied()
         if not per_shard:
             return total
-        pipe = self.client.pipeline(transaction=False)
-        for index, items in per_shard.items():
-            shard = self.keys.all_shards[index]
-            self.script(keys=[shard.stream], args=[shard.prefix, config, _pack(items)], client=pipe)
-        for applied, duplicates, evicted in pipe.execute():
+        calls = [(self.keys.all_shards[index], _pack(items)) for index, items in per_shard.items()]
+        if self.cluster:
+            # redis-py refuses EVALSHA in cluster pipelines: one call per shard (per node)
+            results = [
+                self.script(keys=[shard.stream], args=[shard.prefix, config, packed])
+                for shard, packed in calls
+            ]
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for shard, packed in calls:
+                self.script(keys=[shard.stream], args=[shard.prefix, config, packed], client=pipe)
+            results = pipe.execute()
+        for applied, duplicates, evicted in results:
             total.applied += applied
             total.duplicates += duplicates
             total.evicted += evicted
