@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 from kombu import serialization
+from kombu.exceptions import SerializerNotInstalled
 
 from shared import events as ev
 
@@ -96,10 +97,16 @@ class Decoder:
             result.bad.append(Bad("unsupported_content_type", content_type.encode()[:512]))
             return None
         try:
-            payload = serialization.loads(
-                body, content_type, content_encoding, accept={content_type}
-            )
+            if content_type == "application/x-msgpack":
+                payload = msgspec.msgpack.decode(body)
+            else:
+                payload = serialization.loads(
+                    body, content_type, content_encoding, accept={content_type}
+                )
             return _encode(payload)
+        except SerializerNotInstalled:
+            result.bad.append(Bad("unsupported_content_type", content_type.encode()[:512]))
+            return None
         except Exception:  # any codec error: the body is bad, the collector is fine
             result.bad.append(Bad("undecodable", body[:512]))
             return None
