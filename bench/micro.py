@@ -1,0 +1,216 @@
+"""The collector's write path without a broker: ``Decoder`` + ``Writer`` against a private Redis.
+
+Bodies are built as a worker would publish them (one event per body, or ``task.multi`` lists
+of 24), then decoded and applied in batches of ``POLLEN_BATCH_SIZE``, exactly as the collector
+does. Reports events/s, where the time goes (decode, Python encoding of the Lua arguments,
+Redis server time of the script from ``INFO commandstats``) and Redis bytes per task.
+
+``python -m bench.micro --tasks 50000 [--batched] [--profile out.txt]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import redis
+
+from bench.generator import HEARTBEAT_EVERY, IN_FLIGHT, schedule, worker_fields
+from bench.systems import scratch
+from services.collector.decode import Decoded, Decoder
+from services.collector.writer import Writer, task_args, worker_args
+from shared import events as ev
+from shared.settings import Settings, load
+from tests.support import RedisServer
+
+_encode = msgspec.json.encode
+
+
+def bodies(tasks: int, batched: bool, workers: int = 4, seed: int = 1) -> Iterator[bytes]:
+    """Message bodies of ``tasks`` tasks, as the generator would publish them."""
+    rng = random.Random(seed)
+    clock = 0
+    ts = 1_790_000_000.0
+    per_worker = tasks // workers
+    schedules = [
+        schedule(rng, per_worker + (tasks % workers if w == workers - 1 else 0), f"m{w}")
+        for w in range(workers)
+    ]
+    buffers: list[list[dict[str, Any]]] = [[] for _ in range(workers)]
+    live = list(range(workers))
+    n = 0
+    while live:
+        for k in list(live):
+            try:
+                slot, (kind, fields) = next(schedules[k])
+            except StopIteration:
+                live.remove(k)
+                if buffers[k]:
+                    yield _encode(buffers[k])
+                    buffers[k] = []
+                continue
+            clock += 1
+            ts += 0.0002
+            host = "client@micro" if slot == -1 else f"celery@micro-w{k}"
+            event = {
+                "hostname": host,
+                "utcoffset": 0,
+                "pid": 4242,
+                "clock": clock,
+                **fields,
+                "type": kind,
+                "timestamp": ts,
+            }
+            n += 1
+            if batched and slot != -1:
+                buffers[k].append(event)
+                if len(buffers[k]) >= 24:
+                    yield _encode(buffers[k])
+                    buffers[k] = []
+            else:
+                yield _encode(event)
+            if n % int(HEARTBEAT_EVERY * 10_000) == 0:  # a beat per worker every ~2 s at 10k/s
+                for w in range(workers):
+                    clock += 1
+                    beat = {
+                        "hostname": f"celery@micro-w{w}",
+                        "utcoffset": 0,
+                        "pid": 4242,
+                        "clock": clock,
+                        "type": "worker-heartbeat",
+                        "timestamp": ts,
+                        **worker_fields(IN_FLIGHT, n // workers),
+                    }
+                    yield _encode(beat)
+
+
+def _args(item: Decoded) -> dict[str, Any]:
+    event = item.event
+    if isinstance(event, ev.TaskEvent):
+        return task_args(event, item.open_json)
+    return worker_args(event, item.open_json, item.local_received)
+
+
+def run(
+    tasks: int,
+    batched: bool,
+    workdir: Path,
+    settings_env: dict[str, str] | None = None,
+    profile: Path | None = None,
+) -> dict[str, Any]:
+    """Decode and apply ``tasks`` tasks; return the measurements."""
+    server = RedisServer(workdir / "redis").start()
+    client = redis.Redis(port=server.port)
+    try:
+        settings: Settings = load(
+            {
+                "POLLEN_REDIS_URL": server.url,
+                "POLLEN_NAMESPACE": "micro",
+                **(settings_env or {}),
+            }
+        )
+        decoder = Decoder(settings.max_field_bytes)
+        writer = Writer(client, settings)
+        payload = list(bodies(tasks, batched))
+        base_memory = int(client.info("memory")["used_memory"])
+        client.config_resetstat()
+
+        # 1. decode alone
+        t = time.perf_counter()
+        decoded: list[Decoded] = []
+        for body in payload:
+            decoded.extend(decoder.decode(body, "application/json", "utf-8", time.time()).events)
+        decode_s = time.perf_counter() - t
+        events = len(decoded)
+
+        # 2. the Python side of the writer alone: Lua arguments and their msgpack encoding
+        t = time.perf_counter()
+        for i in range(0, len(decoded), settings.batch_size):
+            msgspec.msgpack.encode([_args(d) for d in decoded[i : i + settings.batch_size]])
+        encode_s = time.perf_counter() - t
+
+        # 3. the whole path as the collector runs it: decode a batch's bodies, apply
+        profiler: Any = None
+        if profile is not None:
+            from pyinstrument import Profiler
+
+            profiler = Profiler(interval=0.0005)
+            profiler.start()
+        t = time.perf_counter()
+        batch: list[Decoded] = []
+        applied = duplicates = 0
+        for body in payload:
+            batch.extend(decoder.decode(body, "application/json", "utf-8", time.time()).events)
+            if len(batch) >= settings.batch_size:
+                done = writer.apply(batch, time.time())
+                applied += done.applied
+                duplicates += done.duplicates
+                batch = []
+        if batch:
+            done = writer.apply(batch, time.time())
+            applied += done.applied
+            duplicates += done.duplicates
+        total_s = time.perf_counter() - t
+        if profiler is not None:
+            profiler.stop()
+            assert profile is not None
+            profile.write_text(profiler.output_text(unicode=False, color=False, show_all=False))
+
+        stats = client.info("commandstats")
+        script_us = sum(
+            int(v["usec"])
+            for k, v in stats.items()
+            if k.startswith("cmdstat_evalsha") or k == "cmdstat_eval"
+        )
+        used = int(client.info("memory")["used_memory"])
+        stream_len = sum(int(client.xlen(s.stream)) for s in writer.keys.all_shards)
+        return {
+            "tasks": tasks,
+            "batched": batched,
+            "bodies": len(payload),
+            "events": events,
+            "applied": applied,
+            "duplicates": duplicates,
+            "decode_events_per_s": events / decode_s,
+            "encode_events_per_s": events / encode_s,
+            "events_per_s": events / total_s,
+            "seconds": total_s,
+            "share": {
+                "decode": decode_s / total_s,
+                "python_args": encode_s / total_s,
+                "redis_script": script_us / 1e6 / total_s,
+                "other": max(0.0, 1 - (decode_s + encode_s + script_us / 1e6) / total_s),
+            },
+            "redis_used_memory": used,
+            "redis_bytes_per_task": (used - base_memory) / tasks,
+            "stream_len": stream_len,
+            "stream_maxlen": settings.stream_maxlen,
+        }
+    finally:
+        client.close()
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", type=int, default=50_000)
+    p.add_argument("--batched", action="store_true")
+    p.add_argument("--profile", type=Path, help="write a pyinstrument profile of the apply loop")
+    a = p.parse_args(argv)
+    env = {k: v for k, v in os.environ.items() if k.startswith("POLLEN_")}
+    with scratch() as wd:
+        out = run(a.tasks, a.batched, wd, env, a.profile)
+    json.dump(out, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()
