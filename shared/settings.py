@@ -66,7 +66,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     chart_retention_days: PositiveInt = 2
 
     # --- api -----------------------------------------------------------------------------------
+    #: Address the API binds; a non-loopback one needs credentials or ``unauthenticated_api``.
     api_host: str = "127.0.0.1"
+    #: Port the API listens on.
     api_port: Port = 5555
     #: Largest page of ``/api/tasks``; a request without ``limit`` gets this many.
     max_page: PositiveInt = 1000
@@ -86,6 +88,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     read_only: bool = False
     #: Seconds after which the collector's heartbeat is stale for /readyz.
     collector_stale_after: Positive = 15.0
+    #: Seconds the API waits on Redis before answering 503 (socket and connect timeout).
+    api_redis_timeout: Positive = 2.0
+    #: Messages queued for one WebSocket client; a client that falls further behind is closed.
+    ws_queue: PositiveInt = 1000
+    #: Seconds between WebSocket pings; a client missing a pong is closed.
+    ws_heartbeat: Positive = 20.0
 
     # --- enabler -------------------------------------------------------------------------------
     #: Seconds between enable_events broadcasts. The enablers' lease expires after 1.5 of these

@@ -1,0 +1,49 @@
+"""``python -m services.api`` / ``pollen-api``: serve the API on POLLEN_API_HOST:POLLEN_API_PORT."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from aiohttp import web
+
+from services.api.app import make_app
+from services.api.auth import Credentials, bind_refusal
+from shared.settings import load_or_exit
+
+
+def main() -> None:
+    settings = load_or_exit()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        Credentials.from_settings(settings)
+    except ValueError as exc:
+        print(f"pollen: bad setting: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    refusal = bind_refusal(settings)
+    if refusal is not None:
+        print(f"pollen-api: {refusal}", file=sys.stderr)
+        raise SystemExit(2)
+    logging.getLogger("pollen.api").info(
+        "serving on %s:%d (namespace %r, %d shard(s))",
+        settings.api_host,
+        settings.api_port,
+        settings.namespace,
+        settings.shards,
+    )
+    web.run_app(
+        make_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        access_log=logging.getLogger("pollen.api.access")
+        if settings.log_level == "DEBUG"
+        else None,
+        print=None,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The app factory: middlewares (CORS, JSON errors, auth), routes, startup and cleanup.
+
+Control endpoints live in ``services/api/control.py`` (``routes``, optional
+``openapi_paths`` and ``on_startup``/``on_cleanup``): they are picked up below when that module
+exists, and reuse ``auth.require_control``, ``errors`` and ``context`` from this package.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Middleware
+
+from services.api import events_ws, health, metrics, openapi, tasks, workers
+from services.api.auth import auth_middleware
+from services.api.context import CONTEXT, make_context
+from services.api.errors import Handler, error_middleware
+from shared.settings import Settings
+
+_EXPOSED = ", ".join(
+    [tasks.H_EXAMINED, tasks.H_SCAN_CAPPED, tasks.H_PAGE_CAPPED, tasks.H_NEXT_CURSOR]
+)
+
+
+def cors_middleware(settings: Settings) -> Middleware:
+    """CORS for the origins in ``POLLEN_CORS_ORIGINS`` (``*``: any origin, no credentials)."""
+    allowed = frozenset(
+        o.strip().rstrip("/") for o in settings.cors_origins.split(",") if o.strip()
+    )
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get(hdrs.ORIGIN)
+        ok = origin is not None and (origin in allowed or "*" in allowed)
+        preflight = (
+            request.method == hdrs.METH_OPTIONS
+            and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
+        )
+        if preflight:
+            if not ok:
+                return web.Response(status=403, text="CORS origin not allowed")
+            response: web.StreamResponse = web.Response(status=204)
+            response.headers[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = "GET, POST, OPTIONS"
+            response.headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = "Authorization, Content-Type"
+            response.headers[hdrs.ACCESS_CONTROL_MAX_AGE] = "600"
+        else:
+            response = await handler(request)
+        if ok and origin is not None and not response.prepared:
+            star = "*" in allowed and origin not in allowed
+            response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = "*" if star else origin
+            if not star:
+                response.headers[hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS] = "true"
+            response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = _EXPOSED
+            response.headers.add(hdrs.VARY, "Origin")
+        return response
+
+    return middleware
+
+
+def _control_module() -> ModuleType | None:
+    try:
+        return importlib.import_module("services.api.control")
+    except ModuleNotFoundError as exc:
+        if exc.name == "services.api.control":
+            return None
+        raise
+
+
+async def _start(app: web.Application) -> None:
+    c = app[CONTEXT]
+    if c.hub is None:
+        c.hub = events_ws.EventHub(c)
+    await c.hub.start()
+
+
+async def _stop(app: web.Application) -> None:
+    c = app[CONTEXT]
+    if c.hub is not None:
+        await c.hub.stop()
+    await c.redis.aclose()
+
+
+def make_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[cors_middleware(settings), error_middleware, auth_middleware(settings)]
+    )
+    app[CONTEXT] = make_context(settings)
+    app.add_routes(tasks.routes)
+    app.add_routes(workers.routes)
+    app.add_routes(events_ws.routes)
+    app.add_routes(metrics.routes)
+    app.add_routes(health.routes)
+    extra_spec: openapi.Spec = {}
+    control = _control_module()
+    if control is not None:  # worker/task control endpoints (services/api/control.py)
+        app.add_routes(control.routes)
+        extra_spec = getattr(control, "openapi_paths", {})
+        for hook, handlers in (("on_startup", app.on_startup), ("on_cleanup", app.on_cleanup)):
+            if callable(getattr(control, hook, None)):
+                handlers.append(getattr(control, hook))
+    app.add_routes([openapi.handler(openapi.build(extra_spec))])
+    app.on_startup.append(_start)
+    app.on_cleanup.append(_stop)
+    return app

@@ -1,0 +1,182 @@
+"""Authentication and authorisation shared by every endpoint (the control routes included).
+
+Credentials come from ``POLLEN_API_TOKENS`` (bearer tokens, ``token:ro`` read-only) and
+``POLLEN_BASIC_AUTH`` (``user:password`` pairs). Secrets are compared with
+``hmac.compare_digest`` against every configured credential, so the time taken does not tell
+which one nearly matched. With no credentials configured every caller has full rights, and
+``__main__`` refuses to bind a non-loopback address unless ``POLLEN_UNAUTHENTICATED_API=1``.
+
+Handlers of mutating endpoints call ``require_control(request)``: 403 when the API is
+read-only (``POLLEN_READ_ONLY``) or the caller's credential is.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+from dataclasses import dataclass
+
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Middleware
+
+from services.api.errors import ApiError, Handler, forbidden
+from shared.settings import Settings
+
+#: Paths served without credentials when ``POLLEN_OPEN_HEALTH`` is on.
+HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/healthcheck"})
+#: Paths always served without credentials (they reveal nothing about the cluster).
+PUBLIC_PATHS = frozenset({"/api/openapi.json"})
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a credential's name (never the secret) and whether it may control."""
+
+    name: str
+    can_control: bool
+
+
+#: The caller when no credentials are configured (an open API has full rights).
+ANONYMOUS = Principal("anonymous", can_control=True)
+#: A caller without credentials on an open path of an API that has credentials.
+UNAUTHENTICATED = Principal("unauthenticated", can_control=False)
+PRINCIPAL_KEY = web.RequestKey("pollen.principal", Principal)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    tokens: tuple[tuple[bytes, bool], ...]  # (secret, read_only)
+    basic: tuple[tuple[bytes, bytes], ...]  # (user, password)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.tokens or self.basic)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Credentials:
+        tokens = []
+        for item in _items(settings.api_tokens):
+            secret, _, mode = item.rpartition(":")
+            if not secret or mode not in ("ro", "rw"):
+                secret, mode = item, "rw"
+            tokens.append((secret.encode(), mode == "ro"))
+        basic = []
+        for item in _items(settings.basic_auth):
+            user, sep, password = item.partition(":")
+            if not sep or not user:
+                raise ValueError("POLLEN_BASIC_AUTH: expected comma-separated user:password pairs")
+            basic.append((user.encode(), password.encode()))
+        return cls(tuple(tokens), tuple(basic))
+
+    def check_token(self, presented: bytes) -> Principal | None:
+        found: Principal | None = None
+        for i, (secret, read_only) in enumerate(self.tokens):
+            # compare against every token: no early exit
+            if hmac.compare_digest(secret, presented) and found is None:
+                found = Principal(f"token#{i + 1}{':ro' if read_only else ''}", not read_only)
+        return found
+
+    def check_basic(self, user: bytes, password: bytes) -> Principal | None:
+        found: Principal | None = None
+        for known_user, known_password in self.basic:
+            same_user = hmac.compare_digest(known_user, user)
+            same_password = hmac.compare_digest(known_password, password)
+            if same_user and same_password and found is None:
+                found = Principal(f"user:{known_user.decode(errors='replace')}", True)
+        return found
+
+
+def _items(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_refusal(settings: Settings) -> str | None:
+    """Why the API must not start on ``api_host`` (None: fine)."""
+    if Credentials.from_settings(settings).configured or settings.unauthenticated_api:
+        return None
+    if is_loopback(settings.api_host):
+        return None
+    return (
+        f"refusing to bind {settings.api_host!r} with no credentials: set POLLEN_API_TOKENS or "
+        "POLLEN_BASIC_AUTH, or POLLEN_UNAUTHENTICATED_API=1 to serve an open API"
+    )
+
+
+def _challenge(credentials: Credentials) -> dict[str, str]:
+    schemes = []
+    if credentials.tokens:
+        schemes.append('Bearer realm="pollen"')
+    if credentials.basic:
+        schemes.append('Basic realm="pollen"')
+    return {hdrs.WWW_AUTHENTICATE: ", ".join(schemes)}
+
+
+def authenticate(request: web.Request, credentials: Credentials) -> Principal | None:
+    """The caller's principal from the Authorization header (or, for a WebSocket upgrade, the
+    ``token`` query parameter); None when the credentials are missing or wrong."""
+    header = request.headers.get(hdrs.AUTHORIZATION, "")
+    scheme, _, value = header.partition(" ")
+    scheme = scheme.lower()
+    value = value.strip()
+    if scheme == "bearer" and value:
+        return credentials.check_token(value.encode())
+    if scheme == "basic" and value:
+        try:
+            decoded = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        user, sep, password = decoded.partition(b":")
+        return credentials.check_basic(user, password) if sep else None
+    token = request.query.get("token")
+    if token and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
+        return credentials.check_token(token.encode())
+    return None
+
+
+def auth_middleware(settings: Settings) -> Middleware:
+    credentials = Credentials.from_settings(settings)
+    open_paths = PUBLIC_PATHS | (HEALTH_PATHS if settings.open_health else frozenset())
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not credentials.configured:
+            request[PRINCIPAL_KEY] = ANONYMOUS
+            return await handler(request)
+        principal = authenticate(request, credentials)
+        if principal is None:
+            if request.path in open_paths or request.method == hdrs.METH_OPTIONS:
+                request[PRINCIPAL_KEY] = UNAUTHENTICATED
+                return await handler(request)
+            has_credentials = hdrs.AUTHORIZATION in request.headers or "token" in request.query
+            message = "invalid credentials" if has_credentials else "authentication required"
+            raise ApiError(401, message, _challenge(credentials))
+        request[PRINCIPAL_KEY] = principal
+        return await handler(request)
+
+    return middleware
+
+
+def principal(request: web.Request) -> Principal:
+    found: Principal = request.get(PRINCIPAL_KEY, UNAUTHENTICATED)
+    return found
+
+
+def require_control(request: web.Request, settings: Settings) -> Principal:
+    """For mutating endpoints: the caller, or 403 when the API or the credential is read-only."""
+    if settings.read_only:
+        raise forbidden("read only mode is enabled (POLLEN_READ_ONLY)")
+    who = principal(request)
+    if not who.can_control:
+        raise forbidden("this credential is read-only")
+    return who

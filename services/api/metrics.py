@@ -1,0 +1,203 @@
+"""``/metrics``: Prometheus text computed from Redis, so every replica reports the same.
+
+Flower's metric names and labels (``flower/events.py: PrometheusMetrics``):
+``flower_events_total`` and ``flower_task_runtime_seconds`` from the collector's ``counts`` and
+``runtime`` hashes; ``flower_worker_online`` from heartbeat liveness (a crashed worker goes to
+0, unlike Flower); ``flower_worker_number_of_currently_executing_tasks`` = tasks STARTED on the
+worker (``idx:sw:STARTED:<w>``); ``flower_worker_prefetched_tasks`` = tasks RECEIVED and not
+started on the worker (``idx:sw:RECEIVED:<w>``), by task name. Plus ``pollen_*``: collector
+lag, rate and heartbeat age, malformed events by reason, tasks stored, queue lengths.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+
+import msgspec
+from aiohttp import web
+
+from services.api.context import Context, ctx
+from services.api.workers import event_state, known_workers
+from shared.keys import RUNTIME_BUCKETS, SEP
+from shared.records import worker_alive
+
+#: Most RECEIVED tasks per worker read to label prefetched tasks by name.
+PREFETCH_SCAN = 10_000
+_BUCKETS = [repr(b) for b in RUNTIME_BUCKETS]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if value == int(value) and abs(value) < 1e15:
+        return f"{float(value)!r}"
+    return repr(float(value))
+
+
+class Exposition:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, labels: Iterable[tuple[str, str]], value: float) -> None:
+        inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+        self.lines.append(
+            f"{name}{{{inner}}} {_number(value)}" if inner else f"{name} {_number(value)}"
+        )
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+async def render(c: Context) -> str:
+    shards = c.keys.all_shards
+    pipe = c.redis.pipeline(transaction=False)
+    for shard in shards:
+        pipe.hgetall(shard.counts)
+        pipe.hgetall(shard.runtime)
+        pipe.zcard(shard.by_timestamp)
+    pipe.zrange(c.keys.collectors, 0, -1, withscores=True)
+    pipe.hgetall(c.keys.malformed)
+    pipe.hgetall(c.keys.queues)
+    replies = await pipe.execute()
+    events: Counter[tuple[str, str, str]] = Counter()
+    runtime: defaultdict[tuple[str, str, str], float] = defaultdict(float)
+    tasks_stored = 0
+    for i in range(len(shards)):
+        for field, count in replies[3 * i].items():
+            worker, kind, name = field.decode().split(SEP, 2)
+            events[(worker, kind, name)] += int(count)
+        for field, count in replies[3 * i + 1].items():
+            worker, name, bucket = field.decode().split(SEP, 2)
+            runtime[(worker, name, bucket)] += float(count)
+        tasks_stored += replies[3 * i + 2]
+    collectors, malformed, queues = replies[3 * len(shards) :]
+    now = time.time()
+    out = Exposition()
+
+    out.family("flower_events_total", "counter", "Number of events")
+    for (worker, kind, name), count in sorted(events.items()):
+        out.sample(
+            "flower_events_total", [("worker", worker), ("type", kind), ("task", name)], count
+        )
+
+    out.family("flower_task_runtime_seconds", "histogram", "Task runtime")
+    series = sorted({(w, n) for w, n, _ in runtime})
+    for worker, name in series:
+        labels = [("worker", worker), ("task", name)]
+        cumulative = 0.0
+        for bucket in _BUCKETS:
+            cumulative += runtime[(worker, name, bucket)]
+            out.sample("flower_task_runtime_seconds_bucket", [*labels, ("le", bucket)], cumulative)
+        total = runtime[(worker, name, "count")]
+        out.sample("flower_task_runtime_seconds_bucket", [*labels, ("le", "+Inf")], total)
+        out.sample("flower_task_runtime_seconds_count", labels, total)
+        out.sample("flower_task_runtime_seconds_sum", labels, runtime[(worker, name, "sum")])
+
+    hosts = await known_workers(c)
+    states = await event_state(c, hosts)
+    pipe = c.redis.pipeline(transaction=False)
+    for host in hosts:
+        for shard in shards:
+            pipe.zcard(shard.by_state_worker("STARTED", host))
+            pipe.zrange(shard.by_state_worker("RECEIVED", host), 0, PREFETCH_SCAN - 1)
+    replies = await pipe.execute()
+    executing: dict[str, int] = {}
+    received: dict[str, list[str]] = defaultdict(list)
+    for i, host in enumerate(hosts):
+        executing[host] = sum(replies[2 * (i * len(shards) + j)] for j in range(len(shards)))
+        for j in range(len(shards)):
+            received[host].extend(m.decode() for m in replies[2 * (i * len(shards) + j) + 1])
+    pipe = c.redis.pipeline(transaction=False)
+    pairs = [(host, uuid) for host in hosts for uuid in received[host]]
+    for _, uuid in pairs:
+        pipe.hget(c.keys.shard_for(uuid).task(uuid), "_n")
+    names = await pipe.execute() if pairs else []
+    prefetched: Counter[tuple[str, str]] = Counter()
+    for (host, _), name in zip(pairs, names, strict=True):
+        prefetched[(host, name.decode() if name else "")] += 1
+
+    out.family(
+        "flower_task_prefetch_time_seconds",
+        "gauge",
+        "The time the task spent waiting at the celery worker to be executed.",
+    )
+    out.family(
+        "flower_worker_prefetched_tasks",
+        "gauge",
+        "Number of tasks of given type prefetched at a worker",
+    )
+    for (host, name), count in sorted(prefetched.items()):
+        out.sample("flower_worker_prefetched_tasks", [("worker", host), ("task", name)], count)
+    out.family("flower_worker_online", "gauge", "Worker online status")
+    for host, (w, seen) in zip(hosts, states, strict=True):
+        out.sample("flower_worker_online", [("worker", host)], int(worker_alive(w, seen, now)))
+    out.family(
+        "flower_worker_number_of_currently_executing_tasks",
+        "gauge",
+        "Number of tasks currently executing at a worker",
+    )
+    for host in hosts:
+        out.sample(
+            "flower_worker_number_of_currently_executing_tasks",
+            [("worker", host)],
+            executing[host],
+        )
+
+    pipe = c.redis.pipeline(transaction=False)
+    for collector, _ in collectors:
+        pipe.hmget(c.keys.collector(collector.decode()), "rate", "lag", "events_total")
+    health = await pipe.execute() if collectors else []
+    out.family(
+        "pollen_collector_heartbeat_age_seconds",
+        "gauge",
+        "Seconds since the collector last reported",
+    )
+    for collector, heartbeat in collectors:
+        out.sample(
+            "pollen_collector_heartbeat_age_seconds",
+            [("collector", collector.decode())],
+            max(0.0, now - float(heartbeat)),
+        )
+    for metric, index, help_text in (
+        ("pollen_collector_events_per_second", 0, "Events applied per second"),
+        ("pollen_collector_lag_seconds", 1, "Seconds from an event's timestamp to its commit"),
+        ("pollen_collector_events_total", 2, "Events applied by the collector"),
+    ):
+        out.family(metric, "counter" if metric.endswith("_total") else "gauge", help_text)
+        for (collector, _), values in zip(collectors, health, strict=True):
+            if values[index] is not None:
+                out.sample(metric, [("collector", collector.decode())], float(values[index]))
+    out.family("pollen_malformed_events_total", "counter", "Malformed events skipped, by reason")
+    for reason, count in sorted(malformed.items()):
+        out.sample("pollen_malformed_events_total", [("reason", reason.decode())], int(count))
+    out.family("pollen_tasks", "gauge", "Tasks stored")
+    out.sample("pollen_tasks", [], tasks_stored)
+    out.family("pollen_queue_messages", "gauge", "Messages waiting in a queue (enabler sample)")
+    for raw in sorted(queues.values()):
+        sample = msgspec.json.decode(raw)
+        if isinstance(sample, dict) and isinstance(sample.get("messages"), int | float):
+            out.sample(
+                "pollen_queue_messages", [("queue", str(sample.get("name")))], sample["messages"]
+            )
+    return out.text()
+
+
+async def metrics(request: web.Request) -> web.Response:
+    text = await render(ctx(request))
+    return web.Response(
+        text=text,
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
+
+
+routes = [web.get("/metrics", metrics)]

@@ -1,0 +1,101 @@
+"""Worker and queue endpoints: ``/api/workers`` and ``/api/queues/length``.
+
+Liveness (``status=1``) is celery's ``Worker.alive`` from the heartbeats the collector keeps
+(``shared.records.worker_alive``). The full form is what the enabler stores from inspect
+(``<ns>:inspect:<hostname>``, read with ``services.enabler.store.worker_inspect``); a worker
+that has not answered an inspect yet is described by its event fields instead.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from services.api import params
+from services.api.context import Context, ctx
+from services.api.errors import not_found
+from services.enabler.store import queue_lengths, worker_inspect
+from shared.records import worker_alive, worker_from_hash
+
+_encode = msgspec.json.encode
+JSON = "application/json"
+#: Inspect answers that list tasks: only returned for one worker (``workername``), as Flower.
+TASK_LISTS = ("active", "reserved", "scheduled", "revoked")
+
+
+async def known_workers(c: Context) -> list[str]:
+    """Hostnames known from worker events, task events and inspect answers, sorted."""
+    pipe = c.redis.pipeline(transaction=False)
+    for shard in c.keys.all_shards:
+        pipe.zrange(shard.workers, 0, -1)
+        pipe.zrange(shard.seen, 0, -1)
+    pipe.zrange(c.keys.inspected, 0, -1)
+    names: set[str] = set()
+    for members in await pipe.execute():
+        names.update(m.decode() for m in members)
+    return sorted(names)
+
+
+async def event_state(c: Context, hostnames: list[str]) -> list[tuple[dict[bytes, bytes], Any]]:
+    """Per hostname: its worker hash and newest task-event time (``seen``) over the shards."""
+    pipe = c.redis.pipeline(transaction=False)
+    for host in hostnames:
+        pipe.hgetall(c.keys.shard_for(host).worker(host))
+        for shard in c.keys.all_shards:
+            pipe.zscore(shard.seen, host)
+    replies = await pipe.execute()
+    step = len(c.keys.all_shards) + 1
+    out = []
+    for i in range(len(hostnames)):
+        seen = [s for s in replies[i * step + 1 : (i + 1) * step] if s is not None]
+        out.append((replies[i * step], max(seen) if seen else None))
+    return out
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    c = ctx(request)
+    # refresh is accepted for Flower clients; the enabler refreshes inspect data on its own
+    params.boolean(request, "refresh", False)
+    status = params.boolean(request, "status", False)
+    workername = params.text(request, "workername")
+    hosts = await known_workers(c)
+    now = time.time()
+    if status:
+        states = await event_state(c, hosts)
+        alive = {h: worker_alive(w, seen, now) for h, (w, seen) in zip(hosts, states, strict=True)}
+        return web.Response(body=_encode(alive), content_type=JSON)
+    if workername is not None:
+        hosts = [workername]
+    pipe = c.redis.pipeline(transaction=False)
+    for host in hosts:
+        pipe.hgetall(c.keys.inspect(host))
+    inspected = await pipe.execute()
+    states = await event_state(c, hosts)
+    out: dict[str, Any] = {}
+    for host, h, (w, seen) in zip(hosts, inspected, states, strict=True):
+        info = worker_inspect(h) if h else {}
+        if info:
+            if workername is None:
+                for method in TASK_LISTS:
+                    info.pop(method, None)
+            out[host] = info
+        elif w or seen is not None:
+            out[host] = worker_from_hash(host, w, seen, now)
+    if workername is not None and workername not in out:
+        raise not_found(f"Unknown worker '{workername}'")
+    return web.Response(body=_encode(out), content_type=JSON)
+
+
+async def queue_length(request: web.Request) -> web.Response:
+    c = ctx(request)
+    samples = queue_lengths(await c.redis.hgetall(c.keys.queues))
+    return web.Response(body=_encode({"active_queues": samples}), content_type=JSON)
+
+
+routes: list[Any] = [
+    web.get("/api/workers", list_workers),
+    web.get("/api/queues/length", queue_length),
+]
