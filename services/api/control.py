@@ -1,6 +1,7 @@
 """Worker and task control through the API, on Flower's paths, with an audit trail.
 
-``routes`` are registered by the app factory after ``setup(app, settings, redis)``. Every
+The app factory registers ``routes``, ``openapi_paths`` and the ``on_startup``/``on_cleanup``
+hooks. Every
 mutating call goes through ``require_control`` (403 when ``POLLEN_READ_ONLY`` or the caller's
 credential is read-only) and is recorded in ``<ns>:audit`` whatever its outcome: who (the
 credential's name), what (action, target, parameters), when, and the answer (status and body).
@@ -30,6 +31,8 @@ from celery import Celery
 from multidict import MultiDict, MultiDictProxy
 
 from services.api.auth import principal, require_control
+from services.api.context import CONTEXT
+from services.api.control_openapi import PATHS as openapi_paths
 from services.api.errors import REDIS_DOWN, ApiError, bad_param, forbidden, not_found, unavailable
 from services.enabler import store
 from services.enabler.broker import broker_errors, celery_app
@@ -103,25 +106,23 @@ class Control:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-        with contextlib.suppress(Exception):
-            self.app.pool.force_close_all()
+        # kombu's connection pools are process-wide, keyed by broker URL: closing them would
+        # break other apps on the same broker; celery's close() only drops the reference
+        self.app.close()
 
 
 CONTROL = web.AppKey("pollen.control", Control)
 
 
-def setup(app: web.Application, settings: Settings, redis: Any) -> None:
-    """Create the shared Control on startup and close it on cleanup."""
+async def on_startup(app: web.Application) -> None:
+    """Called by the app factory: the Control shares the app's settings and Redis client."""
+    c = app[CONTEXT]
+    app[CONTROL] = Control(c.settings, c.redis)
 
-    async def start(app: web.Application) -> None:
-        app[CONTROL] = Control(settings, redis)
 
-    async def stop(app: web.Application) -> None:
-        if CONTROL in app:
-            app[CONTROL].close()
-
-    app.on_startup.append(start)
-    app.on_cleanup.append(stop)
+async def on_cleanup(app: web.Application) -> None:
+    if CONTROL in app:
+        app[CONTROL].close()
 
 
 # --- parameters ----------------------------------------------------------------------------------
@@ -302,10 +303,10 @@ def refused(answer: Mapping[str, Any], what: str) -> ApiError:
     return forbidden(f"{what}: {answer.get('error', 'Unknown reason')}")
 
 
-routes = web.RouteTableDef()
+_routes = web.RouteTableDef()
 
 
-@routes.post("/api/worker/shutdown/{name}")
+@_routes.post("/api/worker/shutdown/{name}")
 @audited("worker.shutdown", "name")
 async def worker_shutdown(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     name = request.match_info["name"]
@@ -315,7 +316,7 @@ async def worker_shutdown(request: web.Request, ctl: Control, args: MultiDict[st
     return {"message": "Shutting down!"}
 
 
-@routes.post("/api/worker/pool/restart/{name}")
+@_routes.post("/api/worker/pool/restart/{name}")
 @audited("worker.pool_restart", "name")
 async def pool_restart(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     name = request.match_info["name"]
@@ -326,7 +327,7 @@ async def pool_restart(request: web.Request, ctl: Control, args: MultiDict[str])
     return {"message": f"Restarting '{name}' worker's pool"}
 
 
-@routes.post("/api/worker/pool/grow/{name}")
+@_routes.post("/api/worker/pool/grow/{name}")
 @audited("worker.pool_grow", "name")
 async def pool_grow(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     name = request.match_info["name"]
@@ -340,7 +341,7 @@ async def pool_grow(request: web.Request, ctl: Control, args: MultiDict[str]) ->
     return {"message": f"Growing '{name}' worker's pool by {n}"}
 
 
-@routes.post("/api/worker/pool/shrink/{name}")
+@_routes.post("/api/worker/pool/shrink/{name}")
 @audited("worker.pool_shrink", "name")
 async def pool_shrink(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     name = request.match_info["name"]
@@ -354,7 +355,7 @@ async def pool_shrink(request: web.Request, ctl: Control, args: MultiDict[str]) 
     return {"message": f"Shrinking '{name}' worker's pool by {n}"}
 
 
-@routes.post("/api/worker/pool/autoscale/{name}")
+@_routes.post("/api/worker/pool/autoscale/{name}")
 @audited("worker.pool_autoscale", "name")
 async def pool_autoscale(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     name = request.match_info["name"]
@@ -370,7 +371,7 @@ async def pool_autoscale(request: web.Request, ctl: Control, args: MultiDict[str
     return {"message": f"Autoscaling '{name}' worker (min={low}, max={high})"}
 
 
-@routes.post("/api/worker/queue/add-consumer/{name}")
+@_routes.post("/api/worker/queue/add-consumer/{name}")
 @audited("worker.add_consumer", "name")
 async def add_consumer(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     name = request.match_info["name"]
@@ -382,7 +383,7 @@ async def add_consumer(request: web.Request, ctl: Control, args: MultiDict[str])
     return {"message": answer["ok"]}
 
 
-@routes.post("/api/worker/queue/cancel-consumer/{name}")
+@_routes.post("/api/worker/queue/cancel-consumer/{name}")
 @audited("worker.cancel_consumer", "name")
 async def cancel_consumer(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     name = request.match_info["name"]
@@ -397,7 +398,7 @@ async def cancel_consumer(request: web.Request, ctl: Control, args: MultiDict[st
 # --- tasks ---------------------------------------------------------------------------------------
 
 
-@routes.post("/api/task/revoke/{uuid}")
+@_routes.post("/api/task/revoke/{uuid}")
 @audited("task.revoke", "uuid")
 async def task_revoke(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     task_id = request.match_info["uuid"]
@@ -407,7 +408,7 @@ async def task_revoke(request: web.Request, ctl: Control, args: MultiDict[str]) 
     return {"message": f"Revoked '{task_id}'"}
 
 
-@routes.post("/api/task/abort/{uuid}")
+@_routes.post("/api/task/abort/{uuid}")
 @audited("task.abort", "uuid")
 async def task_abort(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     from celery.contrib.abortable import AbortableAsyncResult
@@ -419,7 +420,7 @@ async def task_abort(request: web.Request, ctl: Control, args: MultiDict[str]) -
     return {"message": f"Aborted '{task_id}'"}
 
 
-@routes.post("/api/task/timeout/{name}")
+@_routes.post("/api/task/timeout/{name}")
 @audited("task.time_limit", "name")
 async def task_timeout(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     task_name = request.match_info["name"]
@@ -434,7 +435,7 @@ async def task_timeout(request: web.Request, ctl: Control, args: MultiDict[str])
     return {"message": answer["ok"]}
 
 
-@routes.post("/api/task/rate-limit/{name}")
+@_routes.post("/api/task/rate-limit/{name}")
 @audited("task.rate_limit", "name")
 async def task_rate_limit(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     task_name = request.match_info["name"]
@@ -579,7 +580,7 @@ async def publish(
     return result, {"timeout": timeout}
 
 
-@routes.post("/api/task/apply/{name}")
+@_routes.post("/api/task/apply/{name}")
 @audited("task.apply", "name")
 async def task_apply(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     require_backend(ctl)
@@ -590,14 +591,14 @@ async def task_apply(request: web.Request, ctl: Control, args: MultiDict[str]) -
     return await wait_result(ctl, result, timeout)
 
 
-@routes.post("/api/task/async-apply/{name}")
+@_routes.post("/api/task/async-apply/{name}")
 @audited("task.async_apply", "name")
 async def task_async_apply(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     result, _ = await publish(request, ctl, check_name=True)
     return await _sent(ctl, result)
 
 
-@routes.post("/api/task/send-task/{name}")
+@_routes.post("/api/task/send-task/{name}")
 @audited("task.send_task", "name")
 async def task_send(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     result, _ = await publish(request, ctl, check_name=False)
@@ -611,7 +612,7 @@ async def _sent(ctl: Control, result: Any) -> Body:
     return response
 
 
-@routes.get("/api/task/result/{uuid}")
+@_routes.get("/api/task/result/{uuid}")
 async def task_result(request: web.Request) -> web.StreamResponse:
     from celery.result import AsyncResult
 
@@ -629,7 +630,7 @@ async def task_result(request: web.Request) -> web.StreamResponse:
 # --- audit ---------------------------------------------------------------------------------------
 
 
-@routes.get("/api/audit")
+@_routes.get("/api/audit")
 async def audit(request: web.Request) -> web.StreamResponse:
     """Control calls, newest first: ``limit`` (1-1000, default 100), ``before`` (an entry id:
     older entries only). Answers ``{"entries": [...], "next": id or null}``."""
@@ -653,3 +654,8 @@ async def audit(request: web.Request) -> web.StreamResponse:
 def _is_stream_id(text: str) -> bool:
     ms, _, seq = text.partition("-")
     return ms.isdigit() and (seq == "" or seq.isdigit())
+
+
+#: The control endpoints, for the app factory.
+routes: list[web.AbstractRouteDef] = list(_routes)
+__all__ = ["CONTROL", "Control", "on_cleanup", "on_startup", "openapi_paths", "routes"]

@@ -248,6 +248,7 @@ while #matches < 3 * want and examined < budget do
     end
     if #matches >= 3 * want or examined >= budget then stop = true; break end
   end
+  if done == 1 then break end
   if not stop and #items < 2 * n then done = 1; break end
 end
 if rank < 0 or rank >= total then done = 1 end
