@@ -464,7 +464,7 @@ async def task_body(request: web.Request) -> tuple[list[Any], dict[str, Any], di
         raise bad_param("body", f"invalid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise bad_param("body", "must be a JSON object")
-    request[_BODY_KEY] = body
+    request[_BODY_KEY] = dict(body)  # as sent, for the audit entry
     args = body.pop("args", [])
     kwargs = body.pop("kwargs", {})
     if not isinstance(args, list):
