@@ -34,7 +34,7 @@ class Api:
     def _up(self) -> bool:
         if not self.process.alive():
             raise RuntimeError(f"API exited:\n{self.process.output()}")
-        return self.request("GET", "/healthz")[0] == 200
+        return self.request("GET", "/healthz")[0] in (200, 401)
 
     @property
     def url(self) -> str:
