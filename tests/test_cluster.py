@@ -15,7 +15,7 @@ from services.collector.writer import Writer
 from shared.keys import Keys, key_slot
 from shared.settings import Settings, load
 from tests import readback
-from tests.lifecycles import cluster_stream
+from tests.lifecycles import cluster_stream, with_local_received
 from tests.support import RedisCluster
 
 
@@ -75,6 +75,7 @@ def test_cluster_state_equals_single_redis(
     r.flushall()
     single = Writer(r, _settings(redis_server.url, False))
     clustered = Writer(cluster_client, _settings(cluster.url, True))
+    events = with_local_received(events)
     order = data.draw(st.permutations(events))
     readback.apply(single, events)
     readback.apply(clustered, order)

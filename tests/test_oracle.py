@@ -92,7 +92,7 @@ def test_in_order_matches_celery(
 ) -> None:
     r.flushall()
     writer = Writer(r, settings_)
-    for chunk in chunks(events, sizes):
+    for chunk in chunks(with_local_received(events), sizes):
         readback.apply(writer, chunk)
     assert_same(r, writer.keys, celery_answer(events), "in order")
 
@@ -104,7 +104,7 @@ def test_any_arrival_order_converges(
 ) -> None:
     r.flushall()
     writer = Writer(r, settings_)
-    shuffled = data.draw(st.permutations(events))
+    shuffled = data.draw(st.permutations(with_local_received(events)))
     for chunk in chunks(shuffled, data.draw(st.lists(st.integers(1, 8), max_size=3))):
         readback.apply(writer, chunk)
     assert_same(r, writer.keys, celery_answer(events), "permuted")
@@ -118,10 +118,12 @@ def test_duplicates_change_nothing(
     """Two collectors on a Redis broker both apply every event: state and counters unchanged."""
     r.flushall()
     writer = Writer(r, settings_)
-    readback.apply(writer, events)
+    readback.apply(writer, with_local_received(events))
     counts = {shard.index: r.hgetall(shard.counts) for shard in writer.keys.all_shards}
     stream_len = sum(r.xlen(shard.stream) for shard in writer.keys.all_shards)
-    again = data.draw(st.lists(st.sampled_from(events), min_size=1, max_size=len(events)))
+    again = data.draw(
+        st.lists(st.sampled_from(with_local_received(events)), min_size=1, max_size=len(events))
+    )
     result = readback.apply(writer, again)
     assert result.applied == 0 and result.duplicates == len(again)
     assert {shard.index: r.hgetall(shard.counts) for shard in writer.keys.all_shards} == counts

@@ -16,7 +16,9 @@
 --
 -- Keys touched (P = ARGV[1]; documented in shared/keys.py):
 --   P task:<uuid>          hash: public fields as JSON text; hidden merge state:
---                            _h  the task's events, sorted: 'ts,clock,subject,mask;...'
+--                            _1.._N  the task's events, sorted, one per field (short values
+--                                    keep small hashes in Redis's compact listpack encoding):
+--                                    'timestamp,clock,subject,mask'; _hn = N
 --                            _s/_n/_w/_p  raw state, name, worker, parent_id (index keys)
 --   P idx:ts, idx:received, idx:started, idx:state:<S>, idx:name:<n>, idx:worker:<w>,
 --     idx:sn:<S>:<n>, idx:sw:<S>:<w>           zsets of uuids
@@ -30,6 +32,10 @@
 -- subject) and the answer is celery's fold over that sorted history, whatever order the
 -- events arrived in. Fields other than state/timestamp/clock come from the latest event (in
 -- that order) that carries them; state, timestamp and clock are recomputed by the fold.
+--
+-- Cost. Each task is read once and written once per call however many of its events the
+-- batch holds, its indexes are moved once, and counters are summed in Lua and written once
+-- per distinct field: per event, only the stream entry and the pub/sub message remain.
 -- Returns {applied, duplicates, evicted}.
 
 local P = ARGV[1]
@@ -72,24 +78,13 @@ local function new_entry(tj, cj, subject, mask)
            rank = RANK[subject] or 3, mask = mask }
 end
 
-local function parse_history(text)
-  local list = {}
-  if text then
-    for tj, cj, subject, mask in string.gmatch(text, '([^,;]+),([^,;]+),([^,;]+),(%d+);') do
-      list[#list + 1] = new_entry(tj, cj, subject, tonumber(mask))
-    end
-  end
-  return list
+local function parse_entry(text)
+  local tj, cj, subject, mask = string.match(text, '^([^,]+),([^,]+),([^,]+),(%d+)$')
+  return new_entry(tj, cj, subject, tonumber(mask))
 end
 
-local function format_history(list)
-  local parts = {}
-  local first = math.max(1, #list - MAX_HISTORY + 1)
-  for i = first, #list do
-    local e = list[i]
-    parts[#parts + 1] = e.tj .. ',' .. e.cj .. ',' .. e.subject .. ',' .. e.mask .. ';'
-  end
-  return table.concat(parts)
+local function format_entry(e)
+  return e.tj .. ',' .. e.cj .. ',' .. e.subject .. ',' .. e.mask
 end
 
 local function sorts_before(a, b)
@@ -132,14 +127,23 @@ local function nonempty(v)
   return v
 end
 
-local minute_keys = {}
-local function count_minute(ts, name, state)
-  local key = P .. 'minute:' .. math.floor(ts / 60)
-  redis.call('HINCRBY', key, (name or '') .. SEP .. state, 1)
-  if not minute_keys[key] then
-    minute_keys[key] = true
-    redis.call('EXPIRE', key, cfg.minute_ttl)
-  end
+-- Counters, summed over the batch and written at the end.
+local sums = {}      -- key -> field -> increment (HINCRBY)
+local fsums = {}     -- key -> field -> increment (HINCRBYFLOAT)
+local expiring = {}  -- key -> true (per-minute hashes get a TTL)
+local seen = {}      -- hostname -> newest task event timestamp (text) from it
+local added = {}     -- set key -> member -> true
+
+local function add(tbl, key, field, n)
+  local t = tbl[key]
+  if not t then t = {}; tbl[key] = t end
+  t[field] = (t[field] or 0) + n
+end
+
+local function sadd(key, member)
+  local t = added[key]
+  if not t then t = {}; added[key] = t end
+  t[member] = true
 end
 
 local function emit(open_json, extra)
@@ -148,17 +152,29 @@ local function emit(open_json, extra)
   redis.call('PUBLISH', cfg.channel, open_json .. extra .. ',"stream_id":"' .. id .. '"}')
 end
 
-local function apply_task(ev)
-  local u = ev.u
+-- A task as loaded by this call: its stored fields, then the writes this batch makes.
+local function load_task(u)
   local key = P .. 'task:' .. u
-  local cur = redis.call('HMGET', key, '_h', '_s', '_n', '_w', '_p', 'timestamp', 'name')
-  local history = parse_history(cur[1])
-  local old_state, old_name, old_worker, old_parent = cur[2], cur[3], cur[4], cur[5]
-  old_state, old_name, old_worker, old_parent =
-    nonempty(old_state), nonempty(old_name), nonempty(old_worker), nonempty(old_parent)
-  local old_tj = cur[6]
-  local name_json = cur[7]
+  local flat = redis.call('HGETALL', key)
+  local stored = {}
+  for i = 1, #flat, 2 do stored[flat[i]] = flat[i + 1] end
+  local history = {}
+  for i = 1, tonumber(stored._hn or '0') do
+    history[i] = parse_entry(stored['_' .. i])
+  end
+  local t = {
+    key = key, u = u, history = history, writes = {}, new = #history == 0,
+    old_hn = #history,
+    old_state = nonempty(stored._s), old_name = nonempty(stored._n),
+    old_worker = nonempty(stored._w), old_parent = nonempty(stored._p),
+    old_tj = stored.timestamp, name_json = stored.name,
+  }
+  t.name, t.worker, t.parent = t.old_name, t.old_worker, t.old_parent
+  return t
+end
 
+local function apply_task(t, ev)
+  local history = t.history
   local mask = 0
   for f, _ in pairs(ev.f) do
     local bit = FIELD_BIT[f]
@@ -176,6 +192,7 @@ local function apply_task(ev)
     if sorts_before(e, h) then pos = i end
   end
   table.insert(history, pos, e)
+  t.history_changed_from = math.min(t.history_changed_from or pos, pos)
 
   -- which fields this event writes: those no later event (in sorted order) also carries
   local later_mask, later_worker, later_client, later_same = 0, false, false, false
@@ -190,60 +207,104 @@ local function apply_task(ev)
     if h.subject == e.subject then later_same = true end
   end
 
-  local hset = { key }
-  local function set(f, v)
-    hset[#hset + 1] = f
-    hset[#hset + 1] = v
-  end
-  local new_name, new_parent = old_name, old_parent
+  local w = t.writes
   for f, v in pairs(ev.f) do
     if not has_bit(later_mask, FIELD_BIT[f]) then
-      set(f, v)
+      w[f] = v
       if f == 'name' then
-        new_name = nonempty(ev.n)
-        name_json = v
+        t.name = nonempty(ev.n)
+        t.name_json = v
       elseif f == 'parent_id' then
-        new_parent = nonempty(ev.p)
+        t.parent = nonempty(ev.p)
       end
     end
   end
   if SUBJECT_STATE[e.subject] and not later_same then
-    set(e.subject, e.tj)
+    w[e.subject] = e.tj
+    if e.subject == 'received' then t.received = e.tj end
+    if e.subject == 'started' then t.started = e.tj end
   end
-  local new_worker = old_worker
   if e.subject == 'sent' then
-    if not later_client then set('client', ev.hj) end
+    if not later_client then w.client = ev.hj end
   elseif not later_worker then
-    set('worker', ev.hj)
-    new_worker = ev.h
+    w.worker = ev.hj
+    t.worker = ev.h
   end
+  if t.new and not w.uuid then w.uuid = ev.uj end
 
   local state, tj, cj = fold(history)
-  set('state', '"' .. state .. '"')
-  set('timestamp', tj)
-  set('clock', cj)
-  set('_h', format_history(history))
-  set('_s', state)
-  if new_name ~= old_name then set('_n', new_name or '') end
-  if new_worker ~= old_worker then set('_w', new_worker) end
-  if new_parent ~= old_parent then set('_p', new_parent or '') end
-  if #history == 1 then set('uuid', ev.uj) end
+  t.state, t.tj = state, tj
+  w.state, w.timestamp, w.clock = '"' .. state .. '"', tj, cj
+
+  -- counters (by the task's name after this event, as Flower labels them)
+  local name = t.name or ''
+  add(sums, P .. 'counts', ev.h .. SEP .. 'task-' .. ev.s .. SEP .. name, 1)
+  local minute = P .. 'minute:' .. math.floor(e.ts / 60)
+  add(sums, minute, name .. SEP .. state_of(e.subject), 1)
+  expiring[minute] = true
+  if e.subject ~= 'sent' and (not seen[ev.h] or e.ts > tonumber(seen[ev.h])) then
+    seen[ev.h] = e.tj
+  end
+  if ev.rb then
+    local prefix = ev.h .. SEP .. name .. SEP
+    add(sums, P .. 'runtime', prefix .. ev.rb, 1)
+    add(sums, P .. 'runtime', prefix .. 'count', 1)
+    add(fsums, P .. 'runtime', prefix .. 'sum', tonumber(ev.rj))
+  end
+  emit(ev.e, ',"task_name":' .. (t.name_json or 'null') .. ',"task_state":"' .. state .. '"')
+  return true
+end
+
+local function save_task(t)
+  local u, w = t.u, t.writes
+  local history = t.history
+  local hset = { t.key }
+  for f, v in pairs(w) do
+    hset[#hset + 1] = f
+    hset[#hset + 1] = v
+  end
+  -- history entries from the first changed position on (entries before it are unchanged)
+  local first = math.max(1, #history - MAX_HISTORY + 1)
+  local shift = first - 1
+  local from = (t.history_changed_from or (#history + 1))
+  if shift > 0 then from = 1 end
+  for i = math.max(from, first), #history do
+    hset[#hset + 1] = '_' .. (i - shift)
+    hset[#hset + 1] = format_entry(history[i])
+  end
+  hset[#hset + 1] = '_hn'
+  hset[#hset + 1] = tostring(#history - shift)
+  hset[#hset + 1] = '_s'
+  hset[#hset + 1] = t.state
+  if t.name ~= t.old_name then
+    hset[#hset + 1] = '_n'
+    hset[#hset + 1] = t.name or ''
+  end
+  if t.worker ~= t.old_worker then
+    hset[#hset + 1] = '_w'
+    hset[#hset + 1] = t.worker
+  end
+  if t.parent ~= t.old_parent then
+    hset[#hset + 1] = '_p'
+    hset[#hset + 1] = t.parent or ''
+  end
   redis.call('HSET', unpack(hset))
 
   -- indexes
+  local tj = t.tj
   redis.call('ZADD', P .. 'idx:ts', tj, u)
-  if e.subject == 'received' and not later_same then
-    redis.call('ZADD', P .. 'idx:received', tj, u)
-  elseif #history == 1 then
+  if t.received then
+    redis.call('ZADD', P .. 'idx:received', t.received, u)
+  elseif t.new then
     redis.call('ZADD', P .. 'idx:received', '-inf', u)
   end
-  if e.subject == 'started' and not later_same then
-    redis.call('ZADD', P .. 'idx:started', tj, u)
-  elseif #history == 1 then
+  if t.started then
+    redis.call('ZADD', P .. 'idx:started', t.started, u)
+  elseif t.new then
     redis.call('ZADD', P .. 'idx:started', '-inf', u)
   end
-  local old_keys = group_keys(old_state, old_name, old_worker)
-  local new_keys = group_keys(state, new_name, new_worker)
+  local old_keys = group_keys(t.old_state, t.old_name, t.old_worker)
+  local new_keys = group_keys(t.state, t.name, t.worker)
   local keep = {}
   for _, k in ipairs(new_keys) do keep[k] = true end
   local was = {}
@@ -251,31 +312,32 @@ local function apply_task(ev)
     was[k] = true
     if not keep[k] then redis.call('ZREM', k, u) end
   end
-  local moved = tj ~= old_tj
+  local moved = tj ~= t.old_tj
   for _, k in ipairs(new_keys) do
     if moved or not was[k] then redis.call('ZADD', k, tj, u) end
   end
-  if state ~= old_state then redis.call('SADD', P .. 'states', state) end
-  if new_name and new_name ~= old_name then redis.call('SADD', P .. 'names', new_name) end
-  if new_parent ~= old_parent then
-    if old_parent then redis.call('SREM', P .. 'children:' .. old_parent, u) end
-    if new_parent then redis.call('SADD', P .. 'children:' .. new_parent, u) end
+  if t.state ~= t.old_state then sadd(P .. 'states', t.state) end
+  if t.name and t.name ~= t.old_name then sadd(P .. 'names', t.name) end
+  if t.parent ~= t.old_parent then
+    if t.old_parent then redis.call('SREM', P .. 'children:' .. t.old_parent, u) end
+    if t.parent then redis.call('SADD', P .. 'children:' .. t.parent, u) end
   end
+end
 
-  -- counters, worker liveness, charts, stream
-  redis.call('HINCRBY', P .. 'counts', ev.h .. SEP .. 'task-' .. ev.s .. SEP .. (new_name or ''), 1)
-  if e.subject ~= 'sent' then
-    redis.call('ZADD', P .. 'seen', 'GT', e.tj, ev.h)
+local function flush_counters()
+  for key, fields in pairs(sums) do
+    for f, n in pairs(fields) do redis.call('HINCRBY', key, f, n) end
   end
-  count_minute(e.ts, new_name, state_of(e.subject))
-  if ev.rb then
-    local prefix = ev.h .. SEP .. (new_name or '') .. SEP
-    redis.call('HINCRBY', P .. 'runtime', prefix .. ev.rb, 1)
-    redis.call('HINCRBY', P .. 'runtime', prefix .. 'count', 1)
-    redis.call('HINCRBYFLOAT', P .. 'runtime', prefix .. 'sum', ev.rj)
+  for key, fields in pairs(fsums) do
+    for f, n in pairs(fields) do redis.call('HINCRBYFLOAT', key, f, tostring(n)) end
   end
-  emit(ev.e, ',"task_name":' .. (name_json or 'null') .. ',"task_state":"' .. state .. '"')
-  return true
+  for key, _ in pairs(expiring) do redis.call('EXPIRE', key, cfg.minute_ttl) end
+  for host, tj in pairs(seen) do redis.call('ZADD', P .. 'seen', 'GT', tj, host) end
+  for key, members in pairs(added) do
+    local args = { 'SADD', key }
+    for m, _ in pairs(members) do args[#args + 1] = m end
+    redis.call(unpack(args))
+  end
 end
 
 local function later(tj_a, cj_a, text_b)
@@ -342,7 +404,7 @@ local function apply_worker(ev)
   end
   if #hset > 1 then redis.call('HSET', unpack(hset)) end
 
-  redis.call('HINCRBY', P .. 'counts', host .. SEP .. 'worker-' .. ev.s .. SEP, 1)
+  add(sums, P .. 'counts', host .. SEP .. 'worker-' .. ev.s .. SEP, 1)
   emit(ev.e, '')
   return true
 end
@@ -362,11 +424,27 @@ local function evict(u)
 end
 
 local applied, duplicates, evicted = 0, 0, 0
+local tasks, order = {}, {}
 for _, ev in ipairs(events) do
   local ok
-  if ev.k == 't' then ok = apply_task(ev) else ok = apply_worker(ev) end
+  if ev.k == 't' then
+    local t = tasks[ev.u]
+    if not t then
+      t = load_task(ev.u)
+      tasks[ev.u] = t
+      order[#order + 1] = t
+    end
+    ok = apply_task(t, ev)
+    if ok then t.dirty = true end
+  else
+    ok = apply_worker(ev)
+  end
   if ok then applied = applied + 1 else duplicates = duplicates + 1 end
 end
+for _, t in ipairs(order) do
+  if t.dirty then save_task(t) end
+end
+flush_counters()
 
 -- retention: by count (oldest first), then by age (failed tasks have their own TTL)
 local excess = redis.call('ZCARD', P .. 'idx:ts') - cfg.max_tasks
