@@ -62,6 +62,22 @@ async def test_worker_control(stack: Stack, api: ApiFactory) -> None:
     http = await api()
     name = stack.hostname
 
+    # /api/workers and /api/queues/length answer from what the enabler stored
+    response = await http.get("/api/workers", params={"workername": name})
+    info = (await response.json())[name]
+    assert "demo.app.add" in info["registered"] and info["conf"]
+    assert info["stats"]["pool"]["max-concurrency"] == 2 and info["timestamp"] > 0
+    assert info["active"] == [] and [q["name"] for q in info["active_queues"]] == ["celery"]
+    info = (await (await http.get("/api/workers")).json())[name]
+    assert "stats" in info and "active" not in info  # task lists only for one worker (Flower)
+
+    async def celery_queue() -> Any:
+        body = await (await http.get("/api/queues/length")).json()
+        return [q for q in body["active_queues"] if q["name"] == "celery"]
+
+    [queue] = await eventually(celery_queue, message="the celery queue sampled")
+    assert queue["messages"] == 0
+
     response = await http.post("/api/worker/pool/grow/nobody@nowhere")
     assert response.status == 404
     assert (await response.json())["error"] == "Unknown worker 'nobody@nowhere'"
@@ -276,10 +292,7 @@ async def test_broker_down_is_503(stack: Stack, api: ApiFactory) -> None:
     assert [e["status"] for e in entries] == [503, 503]
 
 
-@pytest.mark.parametrize("known_from", ["events"])
-async def test_shutdown_turns_worker_offline(
-    stack: Stack, api: ApiFactory, state: redis.Redis, known_from: str
-) -> None:
+async def test_shutdown_turns_worker_offline(stack: Stack, api: ApiFactory) -> None:
     hostname = f"doomed-{uuid.uuid4().hex[:6]}@test"
     w = worker(stack.broker_url, stack.logs / "doomed.log", hostname, pool="threads")
     try:
@@ -298,3 +311,48 @@ async def test_shutdown_turns_worker_offline(
         assert not w.alive()
     finally:
         w.stop()
+
+
+async def test_control_on_rabbitmq(
+    stack: Stack, api: ApiFactory, amqp_url: str, state: redis.Redis
+) -> None:
+    """The same calls on RabbitMQ; the worker is known from the enabler's inspect answers."""
+    from tests.enabler.helpers import enabler, inspect_data, running
+    from tests.support import wait_for
+
+    hostname = f"rabbit-{uuid.uuid4().hex[:6]}@test"
+    namespace = "ctlamqp"
+    keys = KEYS.__class__(namespace)
+    en = enabler(
+        amqp_url, stack.state_url, stack.logs / "amqp-enabler.log", namespace, inspect_interval="2"
+    )
+    w = worker(
+        amqp_url,
+        stack.logs / "rabbit.log",
+        hostname,
+        pool="threads",
+        env={"DEMO_RESULT_BACKEND": stack.backend_url},
+    )
+    with running(en, w):
+        await asyncio.to_thread(
+            wait_for,
+            lambda: "registered" in inspect_data(state, keys, hostname),
+            30,
+            0.2,
+            "the RabbitMQ worker inspected",
+        )
+        http = await api(broker_url=amqp_url, namespace=namespace)
+        response = await http.post(
+            "/api/task/rate-limit/demo.app.mul", data={"workername": hostname, "ratelimit": "3/s"}
+        )
+        assert response.status == 200, await response.text()
+        response = await http.post("/api/task/apply/demo.app.mul", json={"args": [3, 4]})
+        assert (await response.json())["result"] == 12
+        response = await http.post(f"/api/worker/pool/grow/{hostname}")
+        assert response.status == 403  # the threads pool cannot grow: the worker says why
+        entries = (await (await http.get("/api/audit")).json())["entries"]
+        assert [e["action"] for e in entries] == [
+            "worker.pool_grow",
+            "task.apply",
+            "task.rate_limit",
+        ]
