@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -79,7 +81,14 @@ class AmqpSource:
         self.pending: list[Incoming] = []
 
     def _connect(self) -> None:
-        conn = Connection(self.url, heartbeat=30, connect_timeout=5)
+        # a connection name shows which connection is Pollen's in RabbitMQ's management tools
+        name = f"pollen-collector {socket.gethostname()}:{os.getpid()}"
+        conn = Connection(
+            self.url,
+            heartbeat=30,
+            connect_timeout=5,
+            transport_options={"client_properties": {"connection_name": name}},
+        )
         conn.ensure_connection(max_retries=1)
         exchange = get_exchange(conn, name=EVENT_EXCHANGE)
         if self.event_queue:
