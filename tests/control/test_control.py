@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
 import redis
 
 from tests.control.conftest import ApiFactory, Stack
