@@ -52,7 +52,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     batch_size: PositiveInt = 1000
     #: Longest wait (seconds) for a batch to fill before it is applied.
     batch_interval: Positive = 0.05
-    #: Tasks kept (all shards together); the oldest are evicted first, failed tasks last.
+    #: Tasks kept (all shards together); beyond it the oldest (by last event) are evicted.
     max_tasks: PositiveInt = 1_000_000
     #: Seconds a task is kept after its last event (0: no age limit).
     task_ttl: NonNegativeInt = 7 * 86400
@@ -176,6 +176,39 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(f"{name}={shown!r}: {detail}") from None
 
 
+def describe() -> list[tuple[str, str, str]]:
+    """``(variable, default, meaning)`` of every setting, from the ``#:`` comments above."""
+    import inspect
+
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(Settings).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#:"):
+            pending.append(stripped[2:].strip())
+        elif ":" in stripped and not stripped.startswith(("#", "def ", '"')):
+            comments[stripped.split(":", 1)[0]] = " ".join(pending)
+            pending = []
+        else:
+            pending = []
+    defaults = Settings()
+    rows = []
+    for field in Settings.__struct_fields__:
+        value = getattr(defaults, field)
+        shown = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        rows.append((env_name(field), shown, comments.get(field, "")))
+    return rows
+
+
+def markdown_table() -> str:
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, default, meaning in describe():
+        meaning = meaning.replace("``", "`").replace("|", "/")
+        shown = f"`{default}`" if default else ""
+        lines.append(f"| `{name}` | {shown} | {meaning} |")
+    return "\n".join(lines)
+
+
 def load_or_exit(environ: Mapping[str, str] | None = None) -> Settings:
     """``load()`` for a service's entry point: a bad value ends the process with status 2."""
     try:
@@ -183,3 +216,7 @@ def load_or_exit(environ: Mapping[str, str] | None = None) -> Settings:
     except SettingsError as exc:
         print(f"pollen: bad setting: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -59,3 +59,11 @@ def test_service_refuses_a_bad_setting(service: str) -> None:
     )
     assert out.returncode == 2
     assert "POLLEN_SHARDS" in out.stderr
+
+
+def test_readme_settings_table_is_generated_from_the_settings() -> None:
+    from shared.settings import markdown_table
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- settings:begin -->\n", 1)[1].split("\n<!-- settings:end -->", 1)[0]
+    assert block == markdown_table(), "run `python -m shared.settings` and paste the table"
