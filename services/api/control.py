@@ -651,6 +651,19 @@ async def audit(request: web.Request) -> web.StreamResponse:
     )
 
 
+@_routes.get("/api/queues/history")
+async def queues_history(request: web.Request) -> web.StreamResponse:
+    """The enabler's per-minute queue lengths, oldest first: ``minutes`` (default 60, at most
+    ``POLLEN_QUEUE_HISTORY``). Answers ``{"history": [{"time", "queues": {name: n}}]}``."""
+    ctl = request.app[CONTROL]
+    minutes = int_arg(request.query, "minutes", 60)
+    if not 1 <= minutes <= ctl.settings.queue_history:
+        raise bad_param("minutes", f"must be between 1 and {ctl.settings.queue_history}")
+    rows = await ctl.redis.xrevrange(ctl.keys.queues_history, count=minutes)
+    history = [store.history_entry(entry_id, fields) for entry_id, fields in reversed(rows)]
+    return web.json_response({"history": history})
+
+
 def _is_stream_id(text: str) -> bool:
     ms, _, seq = text.partition("-")
     return ms.isdigit() and (seq == "" or seq.isdigit())

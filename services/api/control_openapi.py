@@ -150,6 +150,21 @@ PATHS: Spec = {
         "Set a task's rate limit on a worker",
         [_param("workername", "worker hostname"), _param("ratelimit", "e.g. 10/m")],
     ),
+    "/api/queues/history": {
+        "get": {
+            "summary": "Per-minute queue lengths sampled by the enabler, oldest first",
+            "parameters": [
+                _param("minutes", "entries (default 60, max POLLEN_QUEUE_HISTORY)", _INT)
+            ],
+            "responses": {
+                "200": _json(
+                    "history: [{time (minute start), queues: {name: messages}}]",
+                    {"type": "object", "properties": {"history": {"type": "array"}}},
+                ),
+                **_COMMON,
+            },
+        }
+    },
     "/api/audit": {
         "get": {
             "summary": "Control calls, newest first: who, what, when, reply",

@@ -76,6 +76,10 @@ async def test_worker_control(stack: Stack, api: ApiFactory) -> None:
 
     [queue] = await eventually(celery_queue, message="the celery queue sampled")
     assert queue["messages"] == 0
+    history = (await (await http.get("/api/queues/history")).json())["history"]
+    assert history and history[-1]["queues"]["celery"] == 0
+    assert history[-1]["time"] % 60 == 0 and history[-1]["time"] > time.time() - 120
+    assert (await http.get("/api/queues/history", params={"minutes": "0"})).status == 400
 
     response = await http.post("/api/worker/pool/grow/nobody@nowhere")
     assert response.status == 404
@@ -216,6 +220,8 @@ async def test_task_control(stack: Stack, api: ApiFactory) -> None:
     response = await http.post(f"/api/task/revoke/{waiting}")
     assert (await response.json()) == {"message": f"Revoked '{waiting}'"}
     await eventually(lambda: _eq(task_state(http, waiting), "REVOKED"), message="revoked")
+    listed = await (await http.get("/api/tasks", params={"state": "REVOKED"})).json()
+    assert listed[waiting]["state"] == "REVOKED" and listed[waiting]["name"] == "demo.app.add"
 
     # terminate stops a running task
     response = await http.post("/api/task/async-apply/demo.app.slow", json={"args": [60]})

@@ -27,7 +27,7 @@ from tests.enabler.helpers import (
     wait_worker_up,
     worker,
 )
-from tests.support import wait_for
+from tests.support import RedisServer, wait_for
 
 
 def queue_sample(state: redis.Redis, name: str) -> dict[str, Any] | None:
@@ -263,3 +263,33 @@ async def test_broker_outage_logged_once(
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "broker unavailable" in warnings[0].getMessage()
     assert en.broker_backoff.attempts == 4
+
+
+def test_redis_outage(
+    server: RedisServer, broker_url: str, state_url: str, state: redis.Redis, logs: Path
+) -> None:
+    """Redis (broker and state here) restarts under the enabler: it keeps running, logs the
+    outage once, and takes the lease and its work up again."""
+    en = enabler(
+        broker_url, state_url, logs / "outage.log", enable_interval="1", queue_interval="0.5"
+    )
+    with running(en):
+        wait_for(lambda: lease_holder(state, KEYS), timeout=20, message="the lease")
+        holder = lease_holder(state, KEYS)
+        server.kill()
+        time.sleep(3.0)  # several failed renewals and samples
+        assert en.alive()
+        server.start()
+        wait_for(
+            lambda: lease_holder(state, KEYS) == holder, timeout=20, message="lease taken again"
+        )
+        restarted = time.time()
+        wait_for(
+            lambda: (s := queue_sample(state, "celery")) and s["time"] > restarted,
+            timeout=20,
+            message="queue samples after the outage",
+        )
+        output = en.output()
+    assert output.count("Redis unavailable") == 1, output
+    assert output.count("Redis is back") == 1, output
+    assert "Traceback" not in output, output
