@@ -26,6 +26,11 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# Benchmarks vs Flower (tens of minutes; BENCH_ARGS=--quick for a few): writes BENCHMARKS.md.
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 run: $(STAMP)
 	$(BIN)/python -m demo.launcher
 

@@ -16,7 +16,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from shared.settings import Settings, load
 from tests.support import RedisServer
 
 _encode = msgspec.json.encode
+NAMESPACE = "micro"
+SPLIT_MAX_TASKS = 200_000
 
 
 def bodies(tasks: int, batched: bool, workers: int = 4, seed: int = 1) -> Iterator[bytes]:
@@ -92,6 +94,34 @@ def bodies(tasks: int, batched: bool, workers: int = 4, seed: int = 1) -> Iterat
                     yield _encode(beat)
 
 
+def memory_breakdown(client: redis.Redis, namespace: str, tasks: int) -> dict[str, float]:
+    """Redis bytes per task by key kind: task hashes (sampled), each index/stream/other key."""
+    out: dict[str, float] = {}
+    sample_n = 300
+    task_keys: list[bytes] = []
+    for key in client.scan_iter(match=f"{namespace}:*", count=1000):
+        k = key if isinstance(key, bytes) else key.encode()
+        if b":task:" in k:
+            if len(task_keys) < sample_n:
+                task_keys.append(k)
+            continue
+        kind = k.split(b"}:", 1)[-1].decode(errors="replace")
+        for prefix in ("idx:state:", "idx:name:", "idx:worker:", "idx:sn:", "idx:sw:"):
+            if kind.startswith(prefix):
+                kind = prefix + "*"
+        if kind.startswith(("children:", "minute:", "worker:", "wdedup:")):
+            kind = kind.split(":")[0] + ":*"
+        usage = client.memory_usage(k, samples=0 if not kind.startswith("stream") else 50)
+        out[kind] = out.get(kind, 0.0) + float(usage or 0) / tasks
+    task_count = int(client.dbsize())  # upper bound of task keys
+    if task_keys:
+        sizes = [float(client.memory_usage(k, samples=0) or 0) for k in task_keys]
+        per_hash = sum(sizes) / len(sizes)
+        hashes = sum(1 for _ in client.scan_iter(match=f"{namespace}:*:task:*", count=5000))
+        out["task:* (hash)"] = per_hash * min(hashes, task_count) / tasks
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def _args(item: Decoded) -> dict[str, Any]:
     event = item.event
     if isinstance(event, ev.TaskEvent):
@@ -105,37 +135,45 @@ def run(
     workdir: Path,
     settings_env: dict[str, str] | None = None,
     profile: Path | None = None,
+    server: RedisServer | None = None,
 ) -> dict[str, Any]:
-    """Decode and apply ``tasks`` tasks; return the measurements."""
-    server = RedisServer(workdir / "redis").start()
+    """Decode and apply ``tasks`` tasks; return the measurements. With ``server``, that Redis
+    is used and left running (filled); otherwise a private one is started and stopped."""
+    own = server is None
+    if server is None:
+        server = RedisServer(workdir / "redis").start()
     client = redis.Redis(port=server.port)
     try:
         settings: Settings = load(
             {
                 "POLLEN_REDIS_URL": server.url,
-                "POLLEN_NAMESPACE": "micro",
+                "POLLEN_NAMESPACE": NAMESPACE,
                 **(settings_env or {}),
             }
         )
         decoder = Decoder(settings.max_field_bytes)
         writer = Writer(client, settings)
-        payload = list(bodies(tasks, batched))
+        # big runs stream their bodies and skip the separate decode/encode timings
+        split = tasks <= SPLIT_MAX_TASKS
+        payload: Iterable[bytes] = list(bodies(tasks, batched)) if split else bodies(tasks, batched)
         base_memory = int(client.info("memory")["used_memory"])
         client.config_resetstat()
-
-        # 1. decode alone
-        t = time.perf_counter()
-        decoded: list[Decoded] = []
-        for body in payload:
-            decoded.extend(decoder.decode(body, "application/json", "utf-8", time.time()).events)
-        decode_s = time.perf_counter() - t
-        events = len(decoded)
-
-        # 2. the Python side of the writer alone: Lua arguments and their msgpack encoding
-        t = time.perf_counter()
-        for i in range(0, len(decoded), settings.batch_size):
-            msgspec.msgpack.encode([_args(d) for d in decoded[i : i + settings.batch_size]])
-        encode_s = time.perf_counter() - t
+        decode_s = encode_s = 0.0
+        if split:
+            # 1. decode alone
+            t = time.perf_counter()
+            decoded: list[Decoded] = []
+            for body in payload:
+                decoded.extend(
+                    decoder.decode(body, "application/json", "utf-8", time.time()).events
+                )
+            decode_s = time.perf_counter() - t
+            # 2. the Python side of the writer alone: Lua arguments and their msgpack encoding
+            t = time.perf_counter()
+            for i in range(0, len(decoded), settings.batch_size):
+                msgspec.msgpack.encode([_args(d) for d in decoded[i : i + settings.batch_size]])
+            encode_s = time.perf_counter() - t
+            del decoded
 
         # 3. the whole path as the collector runs it: decode a batch's bodies, apply
         profiler: Any = None
@@ -146,15 +184,18 @@ def run(
             profiler.start()
         t = time.perf_counter()
         batch: list[Decoded] = []
-        applied = duplicates = 0
+        applied = duplicates = events = bodies_n = 0
         for body in payload:
+            bodies_n += 1
             batch.extend(decoder.decode(body, "application/json", "utf-8", time.time()).events)
             if len(batch) >= settings.batch_size:
+                events += len(batch)
                 done = writer.apply(batch, time.time())
                 applied += done.applied
                 duplicates += done.duplicates
                 batch = []
         if batch:
+            events += len(batch)
             done = writer.apply(batch, time.time())
             applied += done.applied
             duplicates += done.duplicates
@@ -162,6 +203,7 @@ def run(
         if profiler is not None:
             profiler.stop()
             assert profile is not None
+            profile.parent.mkdir(parents=True, exist_ok=True)
             profile.write_text(profiler.output_text(unicode=False, color=False, show_all=False))
 
         stats = client.info("commandstats")
@@ -171,32 +213,37 @@ def run(
             if k.startswith("cmdstat_evalsha") or k == "cmdstat_eval"
         )
         used = int(client.info("memory")["used_memory"])
+        breakdown = memory_breakdown(client, settings.namespace, tasks)
         stream_len = sum(int(client.xlen(s.stream)) for s in writer.keys.all_shards)
         return {
             "tasks": tasks,
             "batched": batched,
-            "bodies": len(payload),
+            "bodies": bodies_n,
             "events": events,
             "applied": applied,
             "duplicates": duplicates,
-            "decode_events_per_s": events / decode_s,
-            "encode_events_per_s": events / encode_s,
+            "decode_events_per_s": events / decode_s if decode_s else None,
+            "encode_events_per_s": events / encode_s if encode_s else None,
             "events_per_s": events / total_s,
             "seconds": total_s,
             "share": {
-                "decode": decode_s / total_s,
-                "python_args": encode_s / total_s,
+                "decode": decode_s / total_s if split else None,
+                "python_args": encode_s / total_s if split else None,
                 "redis_script": script_us / 1e6 / total_s,
-                "other": max(0.0, 1 - (decode_s + encode_s + script_us / 1e6) / total_s),
+                "other": max(0.0, 1 - (decode_s + encode_s + script_us / 1e6) / total_s)
+                if split
+                else None,
             },
             "redis_used_memory": used,
             "redis_bytes_per_task": (used - base_memory) / tasks,
+            "memory_breakdown": breakdown,
             "stream_len": stream_len,
             "stream_maxlen": settings.stream_maxlen,
         }
     finally:
         client.close()
-        server.stop()
+        if own:
+            server.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

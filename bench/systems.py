@@ -121,7 +121,9 @@ class RedisBroker(Broker):
         self.client = redis.Redis(port=self.server.port)
 
     def event_consumers(self) -> int:
-        return int(self.client.execute_command("PUBSUB", "NUMPAT"))
+        # PUBSUB NUMPAT counts distinct patterns; each receiver has its own psubscription
+        clients = self.client.client_list()
+        return sum(1 for c in clients if int(c.get("psub", 0)) > 0)
 
     def close(self) -> None:
         self.client.close()
@@ -169,6 +171,32 @@ class System:
 
     def stop(self) -> None:
         raise NotImplementedError
+
+
+def api_process(env: dict[str, str], workdir: Path, index: int) -> tuple[Process, str]:
+    """Start one ``python -m services.api`` with ``env``; wait for /healthz."""
+    port = free_port()
+    full = {**env, "POLLEN_API_PORT": str(port), "POLLEN_API_HOST": "127.0.0.1"}
+    proc = Process([sys.executable, "-m", "services.api"], workdir / f"api{index}.log", env=full)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(
+            lambda: _http_ok(base + "/healthz", proc),
+            timeout=60,
+            interval=0.2,
+            message="pollen api /healthz",
+        )
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, base
+
+
+def _http_ok(url: str, proc: Process) -> bool:
+    if not proc.alive():
+        raise RuntimeError(f"{proc.args} exited: {proc.output()[-2000:]}")
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return bool(resp.status == 200)
 
 
 _METRIC = re.compile(r"^flower_events_total\{([^}]*)\}\s+([0-9.e+]+)$", re.M)
@@ -244,7 +272,8 @@ class Pollen(System):
         self.redis = redis.Redis(port=self.redis_server.port)
         self.keys = Keys(self.config.namespace, self.config.shards)
         self.n = collectors
-        env = {
+        self.workdir = workdir
+        self.env = {
             "POLLEN_BROKER_URL": broker_url,
             "POLLEN_REDIS_URL": self.redis_server.url,
             "POLLEN_NAMESPACE": self.config.namespace,
@@ -254,15 +283,42 @@ class Pollen(System):
         }
         if broker_url.startswith("amqp"):
             # a shared durable queue: the collectors compete for its messages
-            env["POLLEN_EVENT_QUEUE"] = f"pollen.bench.{uuid.uuid4().hex[:6]}"
+            self.env["POLLEN_EVENT_QUEUE"] = f"pollen.bench.{uuid.uuid4().hex[:6]}"
+        self.procs: list[Process] = []
+        self.apis: list[Process] = []
+        self.start_collectors()
+
+    def start_collectors(self) -> None:
         self.procs = [
             Process(
                 [sys.executable, "-m", "services.collector"],
-                workdir / f"collector{i}.log",
-                env=env,
+                self.workdir / f"collector{i}.log",
+                env=self.env,
             )
-            for i in range(collectors)
+            for i in range(self.n)
         ]
+
+    def stop_collectors(self) -> None:
+        for p in self.procs:
+            p.stop()
+        self.procs = []
+
+    def start_api(self, replicas: int = 1) -> list[str]:
+        """``python -m services.api`` processes on this Redis; returns their base URLs."""
+        bases = []
+        for _ in range(replicas):
+            proc, base = api_process(self.env, self.workdir, len(self.apis))
+            self.apis.append(proc)
+            bases.append(base)
+        return bases
+
+    def stop_api(self) -> None:
+        for p in self.apis:
+            p.stop()
+        self.apis = []
+
+    def api_pids(self) -> list[int]:
+        return [p.pid for p in self.apis]
 
     def consumers(self) -> int:
         return self.n
@@ -300,8 +356,8 @@ class Pollen(System):
         }
 
     def stop(self) -> None:
-        for p in self.procs:
-            p.stop()
+        self.stop_api()
+        self.stop_collectors()
         self.redis.close()
         self.redis_server.stop()
 
