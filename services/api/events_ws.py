@@ -51,6 +51,11 @@ REPLAY_BATCH = 500
 #: Most entries the hub reads back per shard to fill a gap after a lost subscription.
 GAP_FILL_MAX = 10_000
 TRY_AGAIN_LATER = 1013
+#: The hub lets the clients' senders run after this many events of a burst.
+YIELD_EVERY = 8
+#: Seconds a cut-off client has to read what was sent and the close frame before the
+#: connection is dropped.
+CLOSE_TIMEOUT = 15.0
 
 
 def parse_id(text: str) -> StreamId:
@@ -162,7 +167,9 @@ class Client:
 
     async def _close(self, code: int, reason: str) -> None:
         try:
-            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()[:120]), 5)
+            await asyncio.wait_for(
+                self.ws.close(code=code, message=reason.encode()[:120]), CLOSE_TIMEOUT
+            )
         except (TimeoutError, ConnectionError, RuntimeError):
             # the client does not read: drop the connection
             self.abort()
@@ -233,12 +240,14 @@ async def replay(c: Context, client: Client, since: list[StreamId]) -> None:
         first = info.get("first-entry")
         first_id = first[0].decode() if first else None
         start = since[shard.index]
-        lost = False
+        # trimming removes the oldest entries: with some removed (entries-added > length), a
+        # cursor older than the first entry may have missed some
+        added, length = info.get("entries-added"), info.get("length")
+        trimmed = added is not None and length is not None and int(added) > int(length)
+        lost = first_id is not None and trimmed and start < parse_id(first_id)
         if deleted is not None:
-            deleted_id = parse_id(deleted.decode() if isinstance(deleted, bytes) else str(deleted))
-            lost = start < deleted_id
-        elif first_id is not None:
-            lost = start < parse_id(first_id) and start != (0, 0)
+            text = deleted.decode() if isinstance(deleted, bytes) else str(deleted)
+            lost = lost or start < parse_id(text)
         if lost:
             await client.ws.send_str(
                 _encode(
@@ -355,10 +364,15 @@ class EventHub:
                 await self._gap_fill()
                 self.connected.set()
                 delay = 0.1
+                burst = 0
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         self.dispatch(message["data"])
+                        burst += 1
+                        if burst % YIELD_EVERY == 0:
+                            # a collector batch arrives at once: let the senders drain
+                            await asyncio.sleep(0)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
@@ -376,11 +390,16 @@ async def events_ws(request: web.Request) -> web.StreamResponse:
     c = ctx(request)
     flt = parse_filter(request)
     since = parse_since(request, c.keys.shards)
-    ws = web.WebSocketResponse(heartbeat=c.settings.ws_heartbeat, timeout=5.0)
+    ws = web.WebSocketResponse(heartbeat=c.settings.ws_heartbeat, timeout=CLOSE_TIMEOUT)
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "expected a WebSocket upgrade request")
     if c.hub is None:
         raise ApiError(503, "event relay not running")
+    # once the handshake is done every later event reaches the client: wait for the subscription
+    try:
+        await asyncio.wait_for(c.hub.connected.wait(), c.settings.api_redis_timeout * 2)
+    except TimeoutError:
+        raise ApiError(503, "event relay not subscribed: state store unavailable") from None
     await ws.prepare(request)
     client = Client(ws, flt, c.settings.ws_queue, c.keys.shards)
     c.hub.add(client)

@@ -91,21 +91,26 @@ def start_api(tmp_path: Path) -> Iterator[Callable[..., Api]]:
 
 
 def seed(
-    server: RedisServer, namespace: str, events: list[dict[str, Any]], shards: int = 1
+    server: RedisServer,
+    namespace: str,
+    events: list[dict[str, Any]],
+    shards: int = 1,
+    batch: int = 500,
+    **overrides: str,
 ) -> None:
     """Write ``events`` through the collector's write path (``Writer``), in batches."""
-    settings: Settings = load(
-        {
-            "POLLEN_REDIS_URL": server.url,
-            "POLLEN_NAMESPACE": namespace,
-            "POLLEN_SHARDS": str(shards),
-        }
-    )
+    env = {
+        "POLLEN_REDIS_URL": server.url,
+        "POLLEN_NAMESPACE": namespace,
+        "POLLEN_SHARDS": str(shards),
+    }
+    env.update({f"POLLEN_{k.upper()}": v for k, v in overrides.items()})
+    settings: Settings = load(env)
     client = redis.Redis(port=server.port)
     try:
         writer = Writer(client, settings)
-        for i in range(0, len(events), 500):
-            readback.apply(writer, events[i : i + 500], now=time.time())
+        for i in range(0, len(events), batch):
+            readback.apply(writer, events[i : i + batch], now=time.time())
     finally:
         client.close()
 
