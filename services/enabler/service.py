@@ -23,7 +23,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
@@ -360,7 +360,7 @@ class Enabler:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stopping.set)
         tasks: list[asyncio.Task[Any]] = [
-            asyncio.create_task(loop_fn(), name=loop_fn.__name__)
+            asyncio.create_task(self._supervised(loop_fn), name=loop_fn.__name__)
             for loop_fn in (
                 self.lease_loop,
                 self.listen_loop,
@@ -381,6 +381,18 @@ class Enabler:
         for task in crashed:
             raise task.exception() or RuntimeError(task.get_name())
         log.info("enabler %s stopped", self.id)
+
+    @staticmethod
+    async def _supervised(loop_fn: Callable[[], Awaitable[None]]) -> None:
+        """Run a loop; an unexpected error (a bug, an odd reply) is logged with its traceback
+        and the loop restarted, so one failing duty does not stop the others."""
+        while True:
+            try:
+                await loop_fn()
+                return
+            except Exception:
+                log.exception("%s failed; restarting it in 1 s", loop_fn.__name__)
+                await asyncio.sleep(1.0)
 
     async def close(self) -> None:
         with contextlib.suppress(*REDIS_ERRORS):
