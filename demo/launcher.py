@@ -1,15 +1,22 @@
 """``make run``: the whole stack on this machine, no Docker.
 
-Uses the Redis at ``POLLEN_REDIS_URL`` if one answers, else starts a private redis-server
-(installing Debian's package when it can). Then starts a demo Celery worker (Redis broker),
-demo traffic, the collector, the enabler and two API replicas, prints where to look, and on
-Ctrl-C stops everything it started. Each process logs to ``.run/logs/<name>.log``; the console
-shows every line prefixed with its process name.
+Uses the Redis at ``POLLEN_REDIS_URL`` if one answers. Else, when that URL is on this machine,
+starts a private redis-server (on the URL's port if it is free, else on a free port; Debian's
+package is installed first when it is missing and apt-get can). Then starts a demo Celery worker
+(Redis as the broker unless ``POLLEN_BROKER_URL`` says otherwise), demo traffic, the collector,
+the enabler and two API replicas, prints where to look, and on Ctrl-C (or SIGTERM) stops
+everything it started. Each process logs to ``<run dir>/logs/<name>.log``; the console shows
+every line prefixed with its process name (``--quiet``: only the launcher's own lines).
+
+``--api-ports`` (or ``DEMO_API_PORTS``) picks the replicas' ports, ``--run-dir`` (or
+``DEMO_RUN_DIR``) where logs and the private Redis's data go.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ipaddress
 import os
 import shutil
 import signal
@@ -26,11 +33,15 @@ from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from kombu.utils.url import maybe_sanitize_url
+
+from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = ROOT / ".run"
 PYTHON = sys.executable
-API_PORTS = (5555, 5556)
+DEFAULT_API_PORTS = "5555,5556"
+#: Seconds each process gets to stop after SIGTERM before it is killed.
+STOP_TIMEOUT = 15.0
 
 
 @dataclass
@@ -42,16 +53,20 @@ class Child:
 
 
 class Stack:
-    def __init__(self, quiet: bool) -> None:
+    """The processes started so far; each in its own session, so a signal reaches all of it."""
+
+    def __init__(self, run_dir: Path, quiet: bool) -> None:
         self.children: list[Child] = []
+        self.run_dir = run_dir
         self.quiet = quiet
         self.lock = threading.Lock()
-        (RUN / "logs").mkdir(parents=True, exist_ok=True)
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> Child:
-        log = open(RUN / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        log = open(self.run_dir / "logs" / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
         proc = subprocess.Popen(
             args,
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -79,16 +94,30 @@ class Stack:
         return [c.name for c in self.children if c.proc.poll() is not None]
 
     def stop(self) -> None:
-        for child in reversed(self.children):
-            if child.proc.poll() is None:
-                os.killpg(child.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for child in reversed(self.children):
+        """SIGTERM to every process group but Redis's, wait, then Redis (so nothing that still
+        runs loses its Redis); SIGKILL for any group that outlives ``STOP_TIMEOUT``."""
+        redis_last = [c for c in self.children if c.name != "redis"]
+        self._stop_all(redis_last)
+        self._stop_all([c for c in self.children if c.name == "redis"])
+
+    @staticmethod
+    def _signal(child: Child, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.proc.pid, sig)
+
+    def _stop_all(self, children: list[Child]) -> None:
+        for child in children:
+            self._signal(child, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for child in children:
             try:
                 child.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(child.proc.pid, signal.SIGKILL)
+                print(f"{child.name} did not stop in {STOP_TIMEOUT:g} s: killing it", flush=True)
+                child.proc.kill()
                 child.proc.wait(5)
+            # the group may hold more than the leader (a prefork pool, say)
+            self._signal(child, signal.SIGKILL)
             for t in child.threads:
                 t.join(2)
             child.log.close()
@@ -97,13 +126,18 @@ class Stack:
 def answers(url: str) -> bool:
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
-        return bool(client.ping())
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
     except (redis.RedisError, OSError, ValueError):
         return False
 
 
 def port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:``port`` (and it may be bound)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -111,49 +145,159 @@ def port_free(port: int) -> bool:
     return True
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def is_local(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def private_redis_port(url: str) -> int | None:
+    """Where to start a private redis-server for ``url`` (None: the URL is not on this machine):
+    the URL's own port if nothing listens there, else a free one."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or not is_local(parts.hostname or ""):
+        return None
+    port = parts.port or 6379
+    return port if port_free(port) else free_port()
+
+
+def with_port_db(url: str, port: int, db: int) -> str:
+    """``url`` on 127.0.0.1:``port``, database ``db`` (credentials and options kept)."""
+    parts = urlsplit(url)
+    auth = parts.netloc.rpartition("@")[0]
+    netloc = f"{auth}@127.0.0.1:{port}" if auth else f"127.0.0.1:{port}"
+    return urlunsplit(("redis", netloc, f"/{db}", parts.query, parts.fragment))
+
+
+def redis_db(url: str) -> int:
+    path = urlsplit(url).path.strip("/")
+    return int(path) if path.isdigit() else 0
+
+
 def redis_server_binary() -> str | None:
     found = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+        "/usr/sbin/redis-server" if os.path.exists("/usr/sbin/redis-server") else None
     )
-    if found:
+    if found or not shutil.which("apt-get"):
         return found
-    if shutil.which("apt-get"):
-        sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-        print("redis-server is missing: installing Debian's package ...", flush=True)
-        subprocess.run(
-            [*sudo, "apt-get", "install", "-y", "-qq", "redis-server"],
-            check=False,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
-        return shutil.which("redis-server")
-    return None
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    if sudo and not shutil.which("sudo"):
+        return None
+    print("redis-server is missing: installing Debian's package ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run([*sudo, "apt-get", "update", "-qq"], check=False, env=env)
+    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "redis-server"], check=False, env=env)
+    return shutil.which("redis-server")
 
 
-def with_db(url: str, db: int) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
-
-
-def wait_http(url: str, timeout: float) -> bool:
+def wait_http(url: str, timeout: float, stopping: threading.Event) -> bool:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stopping.is_set():
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return True
         except OSError:
             pass
-        time.sleep(0.3)
+        stopping.wait(0.3)
     return False
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quiet", action="store_true", help="only the summary on the console")
-    parser.add_argument("--rate", default="5", help="demo tasks per second")
-    options = parser.parse_args()
+def parse_ports(text: str) -> tuple[int, int]:
+    try:
+        ports = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        ports = ()
+    if len(ports) != 2 or not all(0 < p < 65536 for p in ports) or ports[0] == ports[1]:
+        raise argparse.ArgumentTypeError(f"need two different ports like 5555,5556, not {text!r}")
+    return ports[0], ports[1]
 
-    stack = Stack(options.quiet)
+
+def start_redis(stack: Stack, binary: str, port: int) -> None:
+    data = stack.run_dir / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    stack.start(
+        "redis",
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+        ],
+        {},
+    )
+
+
+def summary(ports: tuple[int, int], ready: bool, run_dir: Path) -> str:
+    base = f"http://127.0.0.1:{ports[0]}"
+    lines = [
+        "",
+        "Pollen is running" + ("." if ready else " (the API is not ready yet: see the logs)."),
+        f"  API replicas   {base}  and  http://127.0.0.1:{ports[1]}",
+        f"  tasks          curl '{base}/api/tasks?limit=5'",
+        f"  failures       curl '{base}/api/tasks?state=FAILURE&limit=5'",
+        f"  search         curl '{base}/api/tasks?search=name:flaky&limit=5'",
+        f"  one task       curl '{base}/api/task/info/<uuid>'",
+        f"  workers        curl '{base}/api/workers?status=1'",
+        f"  queues         curl '{base}/api/queues/length'",
+        f"  metrics        curl '{base}/metrics'",
+        f"  readiness      curl 'http://127.0.0.1:{ports[1]}/readyz'",
+        f"  API reference  curl '{base}/api/openapi.json'",
+        f"  live events    {PYTHON} -m demo.watch ws://127.0.0.1:{ports[1]}/api/events",
+        f"  logs           {run_dir / 'logs'}/<process>.log",
+        "Ctrl-C stops everything.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quiet", action="store_true", help="only the launcher's own lines")
+    parser.add_argument("--rate", type=float, default=5.0, help="demo tasks per second")
+    parser.add_argument(
+        "--api-ports",
+        type=parse_ports,
+        default=os.environ.get("DEMO_API_PORTS") or DEFAULT_API_PORTS,
+        help=f"the two API replicas' ports (default: $DEMO_API_PORTS or {DEFAULT_API_PORTS})",
+    )
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=Path(os.environ.get("DEMO_RUN_DIR") or ROOT / ".run"),
+        help="where logs and the private Redis's data go (default: $DEMO_RUN_DIR or .run)",
+    )
+    options = parser.parse_args()
+    api_ports: tuple[int, int] = options.api_ports
+    run_dir: Path = options.run_dir.resolve()
+
+    busy = [p for p in api_ports if not port_free(p)]
+    if busy:
+        print(
+            f"port(s) {', '.join(map(str, busy))} are in use (another `make run`?): stop that, "
+            "or pick others: DEMO_API_PORTS=6555,6556 make run",
+            file=sys.stderr,
+        )
+        return 1
+
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -162,49 +306,53 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    redis_url = os.environ.get("POLLEN_REDIS_URL", "redis://127.0.0.1:6379/1")
-    broker_url = os.environ.get("POLLEN_BROKER_URL", with_db(redis_url, 0))
+    stack = Stack(run_dir, options.quiet)
+    defaults = Settings()
+    redis_url = os.environ.get("POLLEN_REDIS_URL") or defaults.redis_url
+    broker_url = os.environ.get("POLLEN_BROKER_URL") or ""
     try:
         if answers(redis_url):
-            print(f"using the Redis at {redis_url}", flush=True)
+            print(f"using the Redis at {maybe_sanitize_url(redis_url)}", flush=True)
         else:
-            binary = redis_server_binary()
-            if binary is None:
+            port = private_redis_port(redis_url)
+            binary = redis_server_binary() if port is not None else None
+            if port is None or binary is None:
                 print(
-                    "No Redis answers at POLLEN_REDIS_URL and redis-server is not installed.\n"
-                    "Install it (Debian/Ubuntu: sudo apt-get install redis-server) or point "
-                    "POLLEN_REDIS_URL at a Redis, then run `make run` again.",
+                    f"No Redis answers at POLLEN_REDIS_URL ({maybe_sanitize_url(redis_url)})"
+                    + (
+                        " and redis-server is not installed.\nInstall it (Debian/Ubuntu: "
+                        "sudo apt-get install redis-server) or point POLLEN_REDIS_URL at a Redis"
+                        if port is not None
+                        else ", which is not on this machine.\nStart that Redis, or unset "
+                        "POLLEN_REDIS_URL to use a private one"
+                    )
+                    + ", then run `make run` again.",
                     file=sys.stderr,
                 )
                 return 1
-            port = 6379 if port_free(6379) else 6390
-            while not port_free(port):
-                port += 1
-            (RUN / "redis").mkdir(parents=True, exist_ok=True)
-            stack.start(
-                "redis",
-                [
-                    binary,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--dir",
-                    str(RUN / "redis"),
-                    "--appendonly",
-                    "yes",
-                    "--save",
-                    "",
-                ],
-                {},
-            )
-            redis_url = f"redis://127.0.0.1:{port}/1"
-            broker_url = f"redis://127.0.0.1:{port}/0"
+            start_redis(stack, binary, port)
+            original = redis_url
+            redis_url = with_port_db(original, port, redis_db(original))
+            if broker_url and urlsplit(broker_url).netloc == urlsplit(original).netloc:
+                broker_url = with_port_db(broker_url, port, redis_db(broker_url))
             deadline = time.monotonic() + 10
             while not answers(redis_url) and time.monotonic() < deadline:
+                if stack.failed():
+                    print("redis-server exited: see its log", file=sys.stderr)
+                    return 1
                 time.sleep(0.1)
-            print(f"started a private Redis on port {port} (data in .run/redis)", flush=True)
+            print(
+                f"started a private Redis on 127.0.0.1:{port} (data in {run_dir / 'redis'})",
+                flush=True,
+            )
+        if not broker_url:
+            # the demo's broker: the same Redis, another database
+            broker_db = 0 if redis_db(redis_url) != 0 else 1
+            parts = urlsplit(redis_url)
+            broker_url = urlunsplit((*parts[:2], f"/{broker_db}", *parts[3:]))
 
+        if stopping.is_set():
+            return 0
         env = {"POLLEN_REDIS_URL": redis_url, "POLLEN_BROKER_URL": broker_url}
         stack.start(
             "worker",
@@ -228,32 +376,29 @@ def main() -> int:
         )
         stack.start("collector", [PYTHON, "-m", "services.collector"], env)
         stack.start("enabler", [PYTHON, "-m", "services.enabler"], env)
-        for i, port in enumerate(API_PORTS, 1):
+        for i, port in enumerate(api_ports, 1):
             stack.start(
-                f"api{i}", [PYTHON, "-m", "services.api"], {**env, "POLLEN_API_PORT": str(port)}
+                f"api{i}",
+                [PYTHON, "-m", "services.api"],
+                {**env, "POLLEN_API_HOST": "127.0.0.1", "POLLEN_API_PORT": str(port)},
             )
-        stack.start("traffic", [PYTHON, "-m", "demo.traffic", "--rate", options.rate], env)
-
-        ready = all(wait_http(f"http://127.0.0.1:{p}/readyz", 60) for p in API_PORTS)
-        base = f"http://127.0.0.1:{API_PORTS[0]}"
+        stack.start("traffic", [PYTHON, "-m", "demo.traffic", "--rate", str(options.rate)], env)
         print(
-            "\nPollen is running"
-            + ("" if ready else " (the API is not ready yet: see logs)")
-            + f".\n  dashboard/API  {base}/  and  http://127.0.0.1:{API_PORTS[1]}/"
-            + f"\n  tasks          curl '{base}/api/tasks?limit=5'"
-            + f"\n  failures       curl '{base}/api/tasks?state=FAILURE&limit=5'"
-            + f"\n  workers        curl '{base}/api/workers?status=1'"
-            + f"\n  queues         curl '{base}/api/queues/length'"
-            + f"\n  metrics        curl '{base}/metrics'"
-            + f"\n  live events    python -m demo.watch ws://127.0.0.1:{API_PORTS[0]}/api/events"
-            + f"\n  logs           {RUN / 'logs'}/<process>.log"
-            + "\nCtrl-C stops everything.\n",
+            f"broker {maybe_sanitize_url(broker_url)}, "
+            f"Pollen's state in {maybe_sanitize_url(redis_url)}",
             flush=True,
         )
+
+        ready = all(wait_http(f"http://127.0.0.1:{p}/readyz", 60, stopping) for p in api_ports)
+        if not stopping.is_set():
+            print(summary(api_ports, ready, run_dir), flush=True)
         while not stopping.wait(0.5):
             dead = stack.failed()
             if dead:
-                print(f"stopping: {', '.join(dead)} exited (see .run/logs/)", file=sys.stderr)
+                print(
+                    f"stopping: {', '.join(dead)} exited (see {run_dir / 'logs'})",
+                    file=sys.stderr,
+                )
                 return 1
         return 0
     finally:

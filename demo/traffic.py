@@ -1,7 +1,8 @@
 """Demo traffic: a steady mix of successes, failures, retries, slow tasks, rejects and revokes.
 
 ``python -m demo.traffic [--rate 5]`` sends about ``rate`` tasks a second to the demo app's
-worker through ``POLLEN_BROKER_URL`` until stopped.
+worker through ``POLLEN_BROKER_URL`` until stopped. ``--check`` only checks that the broker
+answers (exit 0) or not (exit 1), for a container healthcheck.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import logging
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from types import FrameType
 
 from celery import Celery
+from kombu.utils.url import maybe_sanitize_url
 
 log = logging.getLogger("pollen.demo.traffic")
 
@@ -40,6 +43,16 @@ def client(broker_url: str) -> Celery:
     return app
 
 
+def broker_answers(broker_url: str) -> bool:
+    try:
+        with client(broker_url).connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=3)
+        return True
+    except Exception as exc:
+        print(f"broker {maybe_sanitize_url(broker_url)}: {exc}", file=sys.stderr)
+        return False
+
+
 def run(broker_url: str, rate: float, stop: threading.Event) -> None:
     app = client(broker_url)
     weights = [item[4] for item in MIX]
@@ -61,8 +74,12 @@ def run(broker_url: str, rate: float, stop: threading.Event) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rate", type=float, default=5.0, help="tasks per second (mean)")
+    parser.add_argument("--check", action="store_true", help="exit 0 if the broker answers")
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s traffic %(message)s")
+    broker = os.environ.get("POLLEN_BROKER_URL", "redis://127.0.0.1:6379/0")
+    if options.check:
+        sys.exit(0 if broker_answers(broker) else 1)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -70,8 +87,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    broker = os.environ.get("POLLEN_BROKER_URL", "redis://127.0.0.1:6379/0")
-    log.info("sending about %.1f tasks/s to %s", options.rate, broker)
+    log.info("sending about %.1f tasks/s to %s", options.rate, maybe_sanitize_url(broker))
     started = time.monotonic()
     run(broker, options.rate, stop)
     log.info("ran %.0f s", time.monotonic() - started)
