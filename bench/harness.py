@@ -87,7 +87,7 @@ FULL = Sizes(
     load_seconds=10,
 )
 
-SCENARIOS = ("micro", "memory", "scale", "ingest", "backlog", "sustained", "push")
+SCENARIOS = ("micro", "memory", "scale", "ingest", "backlog", "sustained", "push", "profile")
 
 
 class Run:
@@ -247,6 +247,7 @@ def scenario_micro(run: Run, sizes: Sizes) -> None:
             row = micro.run(tasks, batched, wd / f"m{batched}", profile=prof)
             row["profile"] = str(prof.relative_to(ROOT))
             run.add("micro", row)
+            run.add("flower_state", micro.flower_state_rate(tasks, batched))
         run.put("lua_profile", lua_profile.run(min(tasks, 20_000), True, wd))
 
 
@@ -548,6 +549,15 @@ def scenario_push(run: Run, sizes: Sizes) -> None:
         _log(row)
 
 
+def scenario_profile(run: Run, sizes: Sizes) -> None:
+    """py-spy on the collector (draining a backlog) and on the API (listing tasks)."""
+    from bench import spy
+
+    if "rabbitmq" not in brokers():
+        return
+    run.put("profiles", spy.run(sizes.backlog_tasks))
+
+
 RUNNERS: dict[str, Callable[[Run, Sizes], None]] = {
     "micro": scenario_micro,
     "ingest": scenario_ingest,
@@ -556,6 +566,7 @@ RUNNERS: dict[str, Callable[[Run, Sizes], None]] = {
     "memory": scenario_memory,
     "scale": scenario_scale,
     "push": scenario_push,
+    "profile": scenario_profile,
 }
 
 

@@ -94,6 +94,32 @@ def bodies(tasks: int, batched: bool, workers: int = 4, seed: int = 1) -> Iterat
                     yield _encode(beat)
 
 
+def flower_state_rate(tasks: int, batched: bool) -> dict[str, Any]:
+    """Flower's own event handler (``EventsState.event``: celery's State merge, its search
+    index and Prometheus metrics) on the same events, in this process, with no broker: an
+    upper bound of what one Flower process can ingest."""
+    from flower.events import EventsState
+
+    events: list[dict[str, Any]] = []
+    for body in bodies(tasks, batched):
+        decoded = msgspec.json.decode(body)
+        events.extend(decoded if isinstance(decoded, list) else [decoded])
+    state = EventsState(max_tasks_in_memory=max(tasks * 2, 10_000))
+    now = time.time()
+    t = time.perf_counter()
+    for event in events:
+        event["local_received"] = now
+        state.event(event)
+    seconds = time.perf_counter() - t
+    return {
+        "tasks": tasks,
+        "batched": batched,
+        "events": len(events),
+        "seconds": seconds,
+        "events_per_s": len(events) / seconds,
+    }
+
+
 def memory_breakdown(client: redis.Redis, namespace: str, tasks: int) -> dict[str, float]:
     """Redis bytes per task by key kind: task hashes (sampled), each index/stream/other key."""
     out: dict[str, float] = {}

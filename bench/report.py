@@ -423,6 +423,24 @@ def render(doc: dict[str, Any]) -> None:
                 f"| {s['other'] * 100:.0f} % |"
             )
         L.append("")
+        fstate = doc.get("flower_state", [])
+        if fstate:
+            L += [
+                "For scale, Flower's own handler (`EventsState.event`: celery's State merge, "
+                "its search index and metrics) on the same events in one process, no broker: "
+                + ", ".join(
+                    f"{'batched' if r['batched'] else 'unbatched'} "
+                    f"**{r['events_per_s']:,.0f} ev/s**"
+                    for r in fstate
+                )
+                + " (Pollen / Flower: "
+                + ", ".join(
+                    ratio(m["events_per_s"], f["events_per_s"])
+                    for m, f in zip(micro, fstate, strict=False)
+                )
+                + ").",
+                "",
+            ]
         if lua:
             L += [
                 f"Inside Redis (`bench/lua_profile.py`, {lua['events']:,} events): the script "
@@ -620,16 +638,36 @@ def render(doc: dict[str, Any]) -> None:
     api_q = doc.get("api_queries")
     if api_q:
         L += [
-            "## API query benchmark (`bench/api_queries.py`)",
+            "## API query benchmark (`bench/api_queries.py`, the API team's)",
             "",
-            f"Run with `--tasks {api_q['tasks']:,}` (exit {api_q['returncode']}); raw results: "
+            f"`python -m bench.api_queries --tasks {api_q['tasks']}` (exit "
+            f"{api_q['returncode']}); it seeds its own tasks through the writer and times "
+            "Flower's handler work in-process (no HTTP) for comparison. Raw: "
             + ", ".join(f"`{f}`" for f in api_q["files"]),
             "",
-            "```json",
-            *_json_lines(api_q["results"]),
-            "```",
+        ]
+        L += _api_queries_tables(api_q)
+        if api_q["returncode"] != 0:
+            L += ["```", *api_q["stderr_tail"].splitlines()[-15:], "```", ""]
+
+    profiles = doc.get("profiles")
+    if profiles and "skipped" not in profiles:
+        L += [
+            "## Profiles (py-spy on the real processes)",
+            "",
+            "Top frames by self time and by inclusive time; full text in "
+            "`bench/out/profile_*.txt`.",
             "",
         ]
+        for key, prof in profiles.items():
+            L += [f"**{prof['title']}** ({prof['samples']} samples)", "", "```"]
+            L += [f"self {share * 100:5.1f}%  {frame}" for frame, share in prof["self"][:10]]
+            L += [
+                f"incl {share * 100:5.1f}%  {frame}"
+                for frame, share in prof["inclusive"][:14]
+                if key
+            ]
+            L += ["```", ""]
 
     if doc.get("errors"):
         L += ["## Scenario errors", ""]
@@ -659,9 +697,41 @@ def _mixed() -> list[str]:
     return MIXED
 
 
-def _json_lines(value: Any) -> list[str]:
-    import json
-
-    text = json.dumps(value, indent=1, default=str)
-    lines = text.splitlines()
-    return lines[:200] + (["..."] if len(lines) > 200 else [])
+def _api_queries_tables(api_q: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for doc in api_q.get("results", []):
+        for result in doc.get("results", []):
+            systems = [
+                k
+                for k in ("pollen", "flower_in_process")
+                if isinstance(result.get(k), dict) and result[k]
+            ]
+            if not systems:
+                continue
+            out += [
+                f"At {result.get('tasks', 0):,} tasks (ms, p50 / p99):",
+                "",
+                "| query | " + " | ".join(systems) + " |",
+                "|---|" + "---|" * len(systems),
+            ]
+            for label in result[systems[0]]:
+                cells = []
+                for s in systems:
+                    v = result[s].get(label)
+                    cells.append(
+                        f"{v.get('p50_ms', '-')} / {v.get('p99_ms', '-')}"
+                        if isinstance(v, dict)
+                        else "-"
+                    )
+                out.append(f"| `{label}` | " + " | ".join(cells) + " |")
+            ws = result.get("websocket")
+            if isinstance(ws, dict) and ws:
+                out += [
+                    "",
+                    f"WebSocket: {ws.get('clients')} clients at {ws.get('events_per_second')} "
+                    f"events/s: p50 {ws.get('p50_ms', '-')} ms, p99 {ws.get('p99_ms', '-')} ms, "
+                    f"{ws.get('deliveries', 0):,} of {ws.get('deliveries_expected', 0):,} "
+                    f"deliveries, {ws.get('clients_cut', 0)} clients cut.",
+                ]
+            out.append("")
+    return out
