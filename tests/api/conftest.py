@@ -29,7 +29,11 @@ class Api:
         self.port = free_port()
         self.env = {"POLLEN_API_PORT": str(self.port), "POLLEN_API_HOST": "127.0.0.1", **env}
         self.process: Process = service("api", self.env, log)
-        wait_for(self._up, timeout=20, message=f"API on port {self.port}")
+        try:
+            wait_for(self._up, timeout=20, message=f"API on port {self.port}")
+        except BaseException:
+            self.process.stop()
+            raise
 
     def _up(self) -> bool:
         if not self.process.alive():
