@@ -1,0 +1,405 @@
+"""What the fault tests share: a varied event stream published through celery's own
+EventDispatcher, a full snapshot of a namespace's state for comparing a faulty run with a
+no-fault run of the same stream, a private RabbitMQ node that can be restarted, and reading a
+process's memory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid as uuidlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+
+from shared.keys import Keys
+from tests.support import free_port, wait_for
+
+# --- a varied stream -------------------------------------------------------------------------
+
+#: What happens to each task of ``publish_mixed`` (weights): every state a task can end in,
+#: and tasks left unfinished.
+OUTCOMES = (
+    ("success", 6),
+    ("failure", 2),
+    ("retry", 1),
+    ("revoked", 1),
+    ("progress", 1),
+    ("started", 1),
+    ("received", 1),
+    ("rejected", 1),
+)
+MIXED_WORKERS = ("w1@faults", "w2@faults")
+MIXED_CLIENT = "client@faults"
+
+
+def mixed_plan(count: int, seed: int) -> list[tuple[str, str, str]]:
+    """``(uuid, outcome, worker)`` per task, the same for the same ``count`` and ``seed``."""
+    rng = random.Random(seed)
+    kinds = [k for k, w in OUTCOMES for _ in range(w)]
+    return [
+        (
+            str(uuidlib.UUID(int=rng.getrandbits(128), version=4)),
+            rng.choice(kinds),
+            rng.choice(MIXED_WORKERS),
+        )
+        for _ in range(count)
+    ]
+
+
+def _task_events(i: int, uuid: str, outcome: str) -> list[tuple[str, dict[str, Any]]]:
+    """A task's events after task-sent: ``(type, fields)`` in emission order."""
+    name = f"faults.task{i % 7}"
+    out: list[tuple[str, dict[str, Any]]] = [
+        (
+            "task-received",
+            {
+                "uuid": uuid,
+                "name": name,
+                "args": f"({i},)",
+                "kwargs": "{}",
+                "retries": 0,
+                "eta": None,
+                "expires": None,
+                "root_id": uuid,
+                "parent_id": None,
+            },
+        )
+    ]
+    if outcome == "received":
+        return out
+    if outcome == "rejected":
+        return [*out, ("task-rejected", {"uuid": uuid, "requeue": False})]
+    if outcome == "revoked":
+        revoked = {"uuid": uuid, "terminated": False, "signum": None, "expired": False}
+        return [*out, ("task-revoked", revoked)]
+    out.append(("task-started", {"uuid": uuid}))
+    if outcome == "started":
+        return out
+    if outcome == "progress":
+        out.append(("task-progress", {"uuid": uuid, "result": "50%"}))
+    if outcome == "retry":
+        retried = {"uuid": uuid, "exception": "Retry('later')", "traceback": "Traceback ..."}
+        out.append(("task-retried", retried))
+        out.append(("task-received", {**out[0][1], "retries": 1}))
+        out.append(("task-started", {"uuid": uuid}))
+    if outcome == "failure":
+        failed = {"uuid": uuid, "exception": "ValueError('boom')", "traceback": "Traceback ..."}
+        out.append(("task-failed", failed))
+    else:
+        runtime = 0.001 * (i % 997)
+        out.append(("task-succeeded", {"uuid": uuid, "result": str(i), "runtime": runtime}))
+    return out
+
+
+def publish_mixed(
+    broker_url: str, count: int, seed: int = 1, per_second: float | None = None, start: int = 0
+) -> int:
+    """Publish ``count`` tasks of ``mixed_plan(start + count, seed)[start:]`` (task-sent from a
+    client, the rest from two workers, worker heartbeats in between) through celery's
+    EventDispatcher, as clients and workers do; returns the number of events sent."""
+    plan = mixed_plan(start + count, seed)[start:]
+    app = Celery(broker=broker_url)
+    sent = 0
+    began = time.monotonic()
+    with app.connection_for_write() as conn:
+        buffered = {"buffer_group": ["task"], "buffer_limit": 24}
+        client = app.events.Dispatcher(conn, hostname=MIXED_CLIENT, enabled=True, **buffered)
+        workers = {
+            h: app.events.Dispatcher(conn, hostname=h, enabled=True, **buffered)
+            for h in MIXED_WORKERS
+        }
+        for n, (uuid, outcome, worker) in enumerate(plan):
+            i = start + n
+            client.send(
+                "task-sent",
+                uuid=uuid,
+                name=f"faults.task{i % 7}",
+                args=f"({i},)",
+                kwargs="{}",
+                retries=0,
+                eta=None,
+                expires=None,
+                queue="celery",
+                exchange="",
+                routing_key="celery",
+                root_id=uuid,
+                parent_id=None,
+            )
+            sent += 1
+            for kind, fields in _task_events(i, uuid, outcome):
+                workers[worker].send(kind, **fields)
+                sent += 1
+            if n % 100 == 99:
+                for dispatcher in workers.values():
+                    dispatcher.flush()
+                    dispatcher.send(
+                        "worker-heartbeat",
+                        freq=2.0,
+                        active=i % 4,
+                        processed=i,
+                        loadavg=[0.5, 0.25, 0.1],
+                        sw_ident="py-celery",
+                        sw_ver="5.7.0",
+                        sw_sys="Linux",
+                    )
+                    sent += 1
+            if per_second and n % 50 == 0:
+                ahead = (n / per_second) - (time.monotonic() - began)
+                if ahead > 0:
+                    time.sleep(ahead)
+        for dispatcher in (client, *workers.values()):
+            dispatcher.flush()
+            dispatcher.close()
+    return sent
+
+
+# --- state snapshots -------------------------------------------------------------------------
+
+#: Global keys that describe the collectors themselves, not the Celery cluster.
+_OWN_KEYS = ("collector:", "collectors", "malformed")
+
+
+def applied_events(r: redis.Redis, keys: Keys) -> int:
+    """Events applied (Flower's event counter, summed)."""
+    return sum(int(v) for shard in keys.all_shards for v in r.hvals(shard.counts))
+
+
+def snapshot(r: redis.Redis, namespace: str, fold_names: bool = False) -> dict[str, Any]:
+    """Every key of ``namespace`` with its full value, keyed by its name without the
+    namespace, leaving out only what depends on when or by whom an event was received: the
+    collectors' own health, heartbeat receive times (``_hb`` and the ``workers`` scores) and
+    stream entry ids (the stream is compared as the multiset of its events' identities).
+
+    ``fold_names`` sums the event counters (``counts``, ``minute:*``, ``runtime``) over their
+    task-name label. Those are labelled, as Flower does, with the task's name when the event
+    was applied, so an event redelivered ahead of its task's task-received counts under an
+    empty name: the totals are the same, the labels depend on arrival order."""
+    shard_prefix = f"{namespace}:{{{namespace}}}:"
+    out: dict[str, Any] = {}
+    for raw in r.scan_iter(match=f"{namespace}:*", count=1000):
+        key = raw.decode()
+        if key.startswith(shard_prefix):
+            rel = "S:" + key[len(shard_prefix) :]
+        else:
+            rel = key[len(namespace) + 1 :]
+            if rel.startswith(_OWN_KEYS):
+                continue
+        kind = r.type(key).decode()
+        value: Any
+        if kind == "hash":
+            h = {k.decode(): v.decode() for k, v in r.hgetall(key).items()}
+            h.pop("_hb", None)
+            if rel == "S:runtime":
+                # float sums added in a different order differ in their last bits
+                h = {k: (_rounded(v) if k.endswith("\x1fsum") else v) for k, v in h.items()}
+            if fold_names and (rel in ("S:counts", "S:runtime") or rel.startswith("S:minute:")):
+                h = _fold(rel, h)
+            value = h
+        elif kind == "zset":
+            pairs = r.zrange(key, 0, -1, withscores=True)
+            if rel in ("S:workers",) or rel.startswith("S:wdedup:"):
+                value = sorted(m.decode() for m, _ in pairs)
+            else:
+                value = {m.decode(): s for m, s in pairs}
+        elif kind == "set" and rel == "S:states":
+            # states seen, transient ones included (a task-rejected redelivered ahead of its
+            # task-received makes the task REJECTED for a moment): compare those with tasks
+            value = sorted(
+                m.decode()
+                for m in r.smembers(key)
+                if r.zcard(f"{shard_prefix}idx:state:{m.decode()}")
+            )
+        elif kind == "set":
+            value = sorted(m.decode() for m in r.smembers(key))
+        elif kind == "stream":
+            value = stream_identities(r, key)
+        elif kind == "string":
+            value = r.get(key)
+        else:
+            value = kind
+        out[rel] = value
+    return out
+
+
+def _fold(rel: str, h: dict[str, str]) -> dict[str, str]:
+    """Counter fields without their task-name part, values summed."""
+    drop = {"S:counts": 2, "S:runtime": 1}.get(rel, 0)  # minute fields: "<name>\x1f<STATE>"
+    folded: dict[str, float] = {}
+    for field, value in h.items():
+        parts = field.split("\x1f")
+        del parts[drop]
+        short = "\x1f".join(parts)
+        folded[short] = folded.get(short, 0.0) + float(value)
+    return {k: f"{v:.6f}" for k, v in folded.items()}
+
+
+def _rounded(text: str) -> str:
+    value = float(text)
+    return text if not math.isfinite(value) else f"{value:.6f}"
+
+
+def stream_identities(r: redis.Redis, key: str) -> Counter[tuple[Any, ...]]:
+    """The stream's events as ``(type, uuid, hostname, timestamp, clock)`` with counts."""
+    found: Counter[tuple[Any, ...]] = Counter()
+    last = "-"
+    while True:
+        entries = r.xrange(key, min=last, count=5000)
+        if last != "-":
+            entries = entries[1:]
+        if not entries:
+            return found
+        for _sid, fields in entries:
+            e = json.loads(fields[b"e"])
+            found[(e["type"], e.get("uuid"), e["hostname"], e["timestamp"], e.get("clock"))] += 1
+        last = entries[-1][0].decode()
+
+
+def differences(a: dict[str, Any], b: dict[str, Any], limit: int = 8) -> list[str]:
+    """Readable differences between two snapshots (empty when equal)."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            left, right = a.get(key, "<absent>"), b.get(key, "<absent>")
+            if isinstance(left, dict) and isinstance(right, dict):
+                fields = sorted(k for k in set(left) | set(right) if left.get(k) != right.get(k))[
+                    :5
+                ]
+                detail = {f: (left.get(f), right.get(f)) for f in fields}
+                out.append(f"{key}: {detail}")
+            else:
+                out.append(f"{key}: {str(left)[:200]} != {str(right)[:200]}")
+            if len(out) >= limit:
+                break
+    return out
+
+
+def assert_same_state(
+    faulty: redis.Redis,
+    faulty_ns: str,
+    reference: redis.Redis,
+    reference_ns: str,
+    fold_names: bool = False,
+) -> int:
+    """The faulty run's state equals the no-fault run's, key by key; returns the key count."""
+    a = snapshot(faulty, faulty_ns, fold_names)
+    b = snapshot(reference, reference_ns, fold_names)
+    diff = differences(a, b)
+    assert not diff, "state differs from the no-fault run:\n" + "\n".join(diff)
+    return len(a)
+
+
+# --- a private RabbitMQ node -----------------------------------------------------------------
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+
+
+def private_rabbitmq_possible() -> bool:
+    return os.path.exists(RABBITMQ_SERVER) and shutil.which("erl") is not None
+
+
+class RabbitNode:
+    """A RabbitMQ node of its own (own node name, ports, data and log dirs, cookie in its own
+    HOME), so a test can stop and restart a broker without touching the shared one."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.name = f"pollen-{uuidlib.uuid4().hex[:8]}@localhost"
+        self.proc: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "rabbitmq.conf").write_text("loopback_users = none\n")
+        (workdir / "rabbitmq-env.conf").write_text("")
+        (workdir / "enabled_plugins").write_text("[].\n")
+        self.env = {
+            **os.environ,
+            "HOME": str(workdir),
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(workdir / "log"),
+            "RABBITMQ_CONFIG_FILE": str(workdir / "rabbitmq.conf"),
+            "RABBITMQ_CONF_ENV_FILE": str(workdir / "rabbitmq-env.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(workdir / "rabbitmq.pid"),
+            "RABBITMQ_PLUGINS_EXPAND_DIR": str(workdir / "plugins-expand"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def start(self) -> RabbitNode:
+        log = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - the child keeps it
+        self.proc = subprocess.Popen(
+            [RABBITMQ_SERVER],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
+        log.close()
+
+        def accepting() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited: {self.log_tail()}")
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+
+        wait_for(accepting, timeout=120, interval=0.2, message=f"RabbitMQ node {self.name}")
+        return self
+
+    def log_tail(self) -> str:
+        return (self.workdir / "server.log").read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        """A clean stop (as ``systemctl restart`` does): SIGTERM, wait for the node to exit."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        # the node's children (erl_child_setup, inet_gethost) go with its process group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def rss_kb(pid: int) -> int:
+    """VmRSS of a process, in kB (from /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def log_problems(text: str) -> list[str]:
+    """Lines of a service log that report an error or a traceback."""
+    return [
+        line
+        for line in text.splitlines()
+        if " ERROR " in line or "Traceback" in line or " CRITICAL " in line
+    ]
