@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from demo.launcher import answers, port_free, private_redis_port
 from tests.support import PYTHON, ROOT, free_port, wait_for
 
 #: What the launcher starts (a substring of each command line).
@@ -267,3 +268,20 @@ def test_make_run_launcher_end_to_end(launcher: Launcher) -> None:
     assert set(logs) == {"redis", "worker", "collector", "enabler", "api1", "api2", "traffic"}
     assert "demo.app.add" in logs["worker"]
     assert "sending about 20.0 tasks/s" in logs["traffic"]
+
+
+def test_private_redis_port() -> None:
+    """The URL's own port when nothing listens there; another free one when something that is
+    not a Redis does; none for a Redis on another machine."""
+    port = free_port()
+    assert private_redis_port(f"redis://127.0.0.1:{port}/1") == port
+    assert private_redis_port(f"redis://localhost:{port}") == port
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        assert not answers(f"redis://127.0.0.1:{taken}/1")
+        other = private_redis_port(f"redis://127.0.0.1:{taken}/1")
+        assert other is not None and other != taken and port_free(other)
+    assert private_redis_port("redis://redis.example:6379/1") is None
+    assert private_redis_port("rediss://127.0.0.1:6380/1") is None
