@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from services.collector.decode import Decoded, Decoder
 from services.collector.health import Health
 from services.collector.sources import AmqpSource, Incoming, Source, open_source
-from services.collector.writer import Writer
+from services.collector.writer import Prepared, Writer
 from shared.backoff import Backoff
 from shared.connections import REDIS_ERRORS, sync_client
 from shared.keys import Keys
@@ -27,6 +29,14 @@ log = logging.getLogger("pollen.collector")
 
 HEALTH_INTERVAL = 1.0
 AGE_CHECK_INTERVAL = 1.0
+
+
+@dataclass(slots=True)
+class _Job:
+    """Messages fetched together and the script calls that commit their events."""
+
+    messages: list[Incoming]
+    prepared: list[Prepared]
 
 
 class Collector:
@@ -70,6 +80,12 @@ class Collector:
         broker_errors: tuple[type[BaseException], ...] = (OSError, ConnectionError)
         if isinstance(source, AmqpSource):
             broker_errors = source.connection_errors
+        # The writer thread runs the Redis scripts of one batch while this thread fetches,
+        # decodes and prepares the next; acknowledgements stay on this (the broker's) thread.
+        pending: queue.Queue[_Job | None] = queue.Queue(maxsize=2)
+        done: queue.Queue[_Job] = queue.Queue()
+        writer = threading.Thread(target=self._write, args=(pending, done), name="writer")
+        writer.start()
         try:
             while not self.stopping.is_set():
                 try:
@@ -81,23 +97,85 @@ class Collector:
                     source.close()
                     self.stopping.wait(broker.delay())
                     continue
-                if isinstance(source, AmqpSource) is False:
-                    health.dropped = getattr(source, "dropped", 0)
-                if not self._commit(batch):
-                    break  # stopping during a Redis outage: leave the batch unacknowledged
-                try:
-                    source.ack(batch)
-                except broker_errors as exc:
-                    # the batch is in Redis; the broker will redeliver it, and a redelivered
-                    # event is recognised and skipped
-                    broker.failed(exc)
-                    health.error("broker")
-                    source.close()
+                health.dropped = getattr(source, "dropped", 0)
+                job = self._prepare(batch)
+                if job is not None:
+                    while not self.stopping.is_set():
+                        try:
+                            pending.put(job, timeout=0.2)
+                            break
+                        except queue.Full:
+                            self._ack_done(done, source, broker_errors, broker)
+                self._ack_done(done, source, broker_errors, broker)
                 self._flush_health()
         finally:
+            pending.put(None)
+            writer.join()
+            self._ack_done(done, source, broker_errors, broker)
             source.close()
             self._flush_health(force=True)
             log.info("collector %s stopped", self.id)
+
+    def _prepare(self, batch: list[Incoming]) -> _Job | None:
+        """Decode and prepare a batch; None when there is nothing to do."""
+        events = self._decode(batch)
+        now = time.time()
+        age_check = now - self._last_age_check >= AGE_CHECK_INTERVAL
+        if age_check:
+            self._last_age_check = now
+        if not events and not age_check:
+            return _Job(batch, []) if batch else None
+        size = self.settings.batch_size
+        chunks = [events[i : i + size] for i in range(0, len(events), size)] or [[]]
+        prepared = [
+            self.writer.prepare(chunk, now, age_check=age_check and i == 0)
+            for i, chunk in enumerate(chunks)
+        ]
+        return _Job(batch, prepared)
+
+    def _write(self, pending: queue.Queue[_Job | None], done: queue.Queue[_Job]) -> None:
+        """Writer thread: run each job's scripts until Redis takes them, in order."""
+        assert self.health is not None
+        backoff = Backoff("redis", log)
+        while (job := pending.get()) is not None:
+            for prepared in job.prepared:
+                while True:
+                    try:
+                        result = self.writer.execute(prepared)
+                        backoff.recovered()
+                        break
+                    except REDIS_ERRORS as exc:
+                        backoff.failed(exc)
+                        self.health.error("redis")
+                        if self.stopping.wait(backoff.delay()):
+                            return  # stopping during an outage: leave the rest unacknowledged
+                self.health.batch(
+                    result.applied, result.duplicates, result.evicted, prepared.newest
+                )
+            done.put(job)
+
+    def _ack_done(
+        self,
+        done: queue.Queue[_Job],
+        source: Source,
+        broker_errors: tuple[type[BaseException], ...],
+        broker: Backoff,
+    ) -> None:
+        """Acknowledge the batches Redis has taken (on the broker's thread)."""
+        assert self.health is not None
+        while True:
+            try:
+                job = done.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                source.ack(job.messages)
+            except broker_errors as exc:
+                # the batch is in Redis; the broker will redeliver it, and a redelivered
+                # event is recognised and skipped
+                broker.failed(exc)
+                self.health.error("broker")
+                source.close()
 
     def _decode(self, batch: list[Incoming]) -> list[Decoded]:
         assert self.health is not None
@@ -112,34 +190,6 @@ class Collector:
             if result.truncated:
                 self.health.truncated(result.truncated)
         return events
-
-    def _commit(self, batch: list[Incoming]) -> bool:
-        """Apply the batch (and retention) until Redis takes it; False if told to stop first."""
-        assert self.health is not None
-        events = self._decode(batch)
-        now = time.time()
-        age_check = now - self._last_age_check >= AGE_CHECK_INTERVAL
-        if not events and not age_check:
-            return True
-        size = self.settings.batch_size
-        chunks = [events[i : i + size] for i in range(0, len(events), size)] or [[]]
-        backoff = Backoff("redis", log)
-        for i, chunk in enumerate(chunks):
-            while True:
-                try:
-                    result = self.writer.apply(chunk, time.time(), age_check=age_check and i == 0)
-                    backoff.recovered()
-                    break
-                except REDIS_ERRORS as exc:
-                    backoff.failed(exc)
-                    self.health.error("redis")
-                    if self.stopping.wait(backoff.delay()):
-                        return False
-            newest = max((d.event.timestamp for d in chunk), default=0.0)
-            self.health.batch(result.applied, result.duplicates, result.evicted, newest)
-        if age_check:
-            self._last_age_check = now
-        return True
 
     def _flush_health(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -11,6 +11,7 @@ errors_redis, errors_broker, source. ``<ns>:collectors`` (zset) holds ids by hea
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -40,8 +41,14 @@ class Health:
         self._interval_start = time.monotonic()
         self._interval_applied = 0
         self.rate = 0.0
+        # the writer thread counts batches while the main thread counts bad input and flushes
+        self.lock = threading.Lock()
 
     def batch(self, applied: int, duplicates: int, evicted: int, newest: float) -> None:
+        with self.lock:
+            self._batch(applied, duplicates, evicted, newest)
+
+    def _batch(self, applied: int, duplicates: int, evicted: int, newest: float) -> None:
         self.totals["events_total"] += applied
         self.totals["duplicates_total"] += duplicates
         self.totals["evicted_total"] += evicted
@@ -51,9 +58,10 @@ class Health:
             self.lag = max(0.0, time.time() - newest)
 
     def bad(self, reason: str, sample: bytes) -> None:
-        self.malformed[reason] += 1
-        self.totals["malformed_total"] += 1
-        self.samples[reason] = sample
+        with self.lock:
+            self.malformed[reason] += 1
+            self.totals["malformed_total"] += 1
+            self.samples[reason] = sample
         if reason not in self.logged_reasons:
             self.logged_reasons.add(reason)
             log.warning(
@@ -63,13 +71,28 @@ class Health:
             )
 
     def truncated(self, count: int) -> None:
-        self.totals["truncated_total"] += count
+        with self.lock:
+            self.totals["truncated_total"] += count
 
     def error(self, kind: str) -> None:
-        self.totals[f"errors_{kind}"] += 1
+        with self.lock:
+            self.totals[f"errors_{kind}"] += 1
 
     def flush(self, client: Any) -> None:
         """Write the figures; raises Redis errors (the caller retries later)."""
+        with self.lock:
+            malformed, self.malformed = self.malformed, Counter()
+            samples, self.samples = self.samples, {}
+            pipe = self._pipeline(client, malformed, samples)
+        try:
+            pipe.execute()
+        except Exception:
+            with self.lock:  # not written: count them again next time
+                self.malformed.update(malformed)
+                self.samples = samples | self.samples
+            raise
+
+    def _pipeline(self, client: Any, malformed: Counter[str], samples: dict[str, bytes]) -> Any:
         now = time.time()
         elapsed = time.monotonic() - self._interval_start
         if elapsed > 0:
@@ -90,12 +113,10 @@ class Health:
         pipe.expire(key, HEALTH_TTL)
         pipe.zadd(self.keys.collectors, {self.id: now})
         pipe.zremrangebyscore(self.keys.collectors, "-inf", now - HEALTH_TTL)
-        for reason, count in self.malformed.items():
+        for reason, count in malformed.items():
             pipe.hincrby(self.keys.malformed, reason, count)
-        for reason, sample in self.samples.items():
+        for reason, sample in samples.items():
             pipe.set(self.keys.malformed_sample(reason), sample, ex=SAMPLE_TTL)
-        pipe.execute()
-        self.malformed.clear()
-        self.samples.clear()
         self._interval_start = time.monotonic()
         self._interval_applied = 0
+        return pipe

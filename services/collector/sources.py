@@ -78,6 +78,7 @@ class AmqpSource:
         self.prefetch = prefetch
         self.conn: Connection | None = None
         self.consumer: Consumer | None = None
+        self.channel: Any = None
         self.pending: list[Incoming] = []
 
     def _connect(self) -> None:
@@ -115,7 +116,7 @@ class AmqpSource:
             channel, queues=[q], callbacks=[self._on_message], no_ack=False, accept=None
         )
         consumer.consume()
-        self.conn, self.consumer = conn, consumer
+        self.conn, self.consumer, self.channel = conn, consumer, channel
 
     def _on_message(self, body: Any, message: Any) -> None:
         raw = message.body
@@ -150,6 +151,8 @@ class AmqpSource:
     def ack(self, batch: list[Incoming]) -> None:
         if batch:
             last = batch[-1].delivery
+            if last.channel is not self.channel:
+                return  # received on a connection since lost: the broker redelivers them
             last.channel.basic_ack(last.delivery_tag, multiple=True)
 
     def close(self) -> None:
@@ -159,7 +162,7 @@ class AmqpSource:
                 self.conn.release()
             except Exception:  # closing a broken connection may fail; nothing to keep
                 log.debug("closing the AMQP connection failed", exc_info=True)
-        self.conn = self.consumer = None
+        self.conn = self.consumer = self.channel = None
 
     @property
     def connection_errors(self) -> tuple[type[BaseException], ...]:

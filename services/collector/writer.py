@@ -13,7 +13,7 @@ from msgspec import UNSET
 from services.collector.decode import Decoded
 from shared import events as ev
 from shared import scripts
-from shared.keys import RUNTIME_BUCKETS, Keys
+from shared.keys import RUNTIME_BUCKETS, Keys, Shard
 from shared.settings import Settings
 
 _json = msgspec.json.encode
@@ -22,6 +22,16 @@ _pack = msgspec.msgpack.encode
 #: celery's merge rule keeps only these fields of a task-received (Task.merge_rules).
 RECEIVED_FIELDS = ("name", "args", "kwargs", "parent_id", "root_id", "retries", "eta", "expires")
 _BUCKET_LABELS = [repr(b) for b in RUNTIME_BUCKETS]
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A batch ready for Redis: one ``(shard, config, events)`` script call per shard."""
+
+    calls: list[tuple[Shard, bytes, bytes]]
+    events: int
+    #: Newest sender timestamp in the batch (for the lag figure).
+    newest: float
 
 
 @dataclass(slots=True)
@@ -61,6 +71,8 @@ def task_args(event: ev.TaskEvent, open_json: bytes) -> dict[str, Any]:
         args["n"] = event.name
     if "parent_id" in fields and isinstance(event.parent_id, str):
         args["p"] = event.parent_id
+    if subject in ("sent", "received") and isinstance(event.retries, int):
+        args["r"] = str(event.retries)
     if subject == "succeeded" and isinstance(event.runtime, float | int):
         runtime = float(event.runtime)
         i = bisect.bisect_left(RUNTIME_BUCKETS, runtime)
@@ -112,11 +124,15 @@ class Writer:
             }
         )
 
-    def apply(self, batch: list[Decoded], now: float, age_check: bool = False) -> Applied:
-        """Apply ``batch`` (all shards) atomically per shard; raise on Redis errors."""
+    def prepare(self, batch: list[Decoded], now: float, age_check: bool = False) -> Prepared:
+        """The script calls for ``batch``: pure Python, so it can overlap the previous batch's
+        Redis work."""
         per_shard: dict[int, list[dict[str, Any]]] = {}
+        newest = 0.0
         for item in batch:
             event = item.event
+            if event.timestamp > newest:
+                newest = event.timestamp
             if isinstance(event, ev.TaskEvent):
                 identity = event.uuid
                 args = task_args(event, item.open_json)
@@ -128,19 +144,27 @@ class Writer:
             for each in self.keys.all_shards:
                 per_shard.setdefault(each.index, [])
         config = self.config(now, age_check)
+        calls = [
+            (self.keys.all_shards[index], config, _pack(items))
+            for index, items in per_shard.items()
+        ]
+        return Prepared(calls, len(batch), newest)
+
+    def execute(self, prepared: Prepared) -> Applied:
+        """Run the prepared calls, atomically per shard; raises on Redis errors (then the whole
+        batch may be executed again: applying an event twice changes nothing)."""
         total = Applied()
-        if not per_shard:
+        if not prepared.calls:
             return total
-        calls = [(self.keys.all_shards[index], _pack(items)) for index, items in per_shard.items()]
         if self.cluster:
             # redis-py refuses EVALSHA in cluster pipelines: one call per shard (per node)
             results = [
                 self.script(keys=[shard.stream], args=[shard.prefix, config, packed])
-                for shard, packed in calls
+                for shard, config, packed in prepared.calls
             ]
         else:
             pipe = self.client.pipeline(transaction=False)
-            for shard, packed in calls:
+            for shard, config, packed in prepared.calls:
                 self.script(keys=[shard.stream], args=[shard.prefix, config, packed], client=pipe)
             results = pipe.execute()
         for applied, duplicates, evicted in results:
@@ -148,3 +172,7 @@ class Writer:
             total.duplicates += duplicates
             total.evicted += evicted
         return total
+
+    def apply(self, batch: list[Decoded], now: float, age_check: bool = False) -> Applied:
+        """``prepare`` then ``execute``."""
+        return self.execute(self.prepare(batch, now, age_check))

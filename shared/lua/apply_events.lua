@@ -9,7 +9,8 @@
 --          minute_ttl, evict_batch, age_check (bool)
 -- ARGV[3]  msgpack array of events (maps; values that are JSON text end in 'j'):
 --   task:   k='t', u=uuid, uj, s=subject, tj=timestamp, cj=clock, h=hostname, hj, f={field=json},
---           n=raw name (when carried), p=raw parent_id (when carried), e=normalized event JSON
+--           n=raw name (when carried), p=raw parent_id (when carried), r=retries (sent and
+--           received), e=normalized event JSON
 --           without its closing brace, rb=runtime bucket, rj=runtime (task-succeeded)
 --   worker: k='w', h=hostname, s=subject, tj=timestamp, cj=clock, lj=local_received,
 --           f={field=json}, e=as above
@@ -18,7 +19,7 @@
 --   P task:<uuid>          hash: public fields as JSON text; hidden merge state:
 --                            _1.._N  the task's events, sorted, one per field (short values
 --                                    keep small hashes in Redis's compact listpack encoding):
---                                    'timestamp,clock,subject,mask'; _hn = N
+--                                    'timestamp,clock,subject,mask,retries'; _hn = N
 --                            _s/_n/_w/_p  raw state, name, worker, parent_id (index keys)
 --   P idx:ts, idx:received, idx:started, idx:state:<S>, idx:name:<n>, idx:worker:<w>,
 --     idx:sn:<S>:<n>, idx:sw:<S>:<w>           zsets of uuids
@@ -73,25 +74,49 @@ local function has_bit(mask, bit)
   return math.floor(mask / bit) % 2 == 1
 end
 
-local function new_entry(tj, cj, subject, mask)
-  return { tj = tj, ts = tonumber(tj), cj = cj, clock = tonumber(cj), subject = subject,
-           rank = RANK[subject] or 3, mask = mask }
+-- r: the retries of a task-sent/task-received ('' otherwise)
+local function new_entry(tj, cj, subject, mask, r)
+  local ts = tonumber(tj)
+  return { tj = tj, ts = ts, at = ts, cj = cj, clock = tonumber(cj), subject = subject,
+           rank = RANK[subject] or 3, mask = mask, r = r or '' }
 end
 
 local function parse_entry(text)
-  local tj, cj, subject, mask = string.match(text, '^([^,]+),([^,]+),([^,]+),(%d+)$')
-  return new_entry(tj, cj, subject, tonumber(mask))
+  local tj, cj, subject, mask, r =
+    string.match(text, '^([^,]+),([^,]+),([^,]+),(%d+),?([^,]*)$')
+  return new_entry(tj, cj, subject, tonumber(mask), r)
 end
 
 local function format_entry(e)
-  return e.tj .. ',' .. e.cj .. ',' .. e.subject .. ',' .. e.mask
+  return e.tj .. ',' .. e.cj .. ',' .. e.subject .. ',' .. e.mask .. ',' .. e.r
 end
 
+-- The order of a task's events: by sender time, except that a task-sent counts as happening
+-- just before the task-received of the same attempt (same retries) when that one is stamped
+-- earlier (a client stamps task-sent after publishing, so a fast worker may be first).
 local function sorts_before(a, b)
-  if a.ts ~= b.ts then return a.ts < b.ts end
+  if a.at ~= b.at then return a.at < b.at end
   if a.rank ~= b.rank then return a.rank < b.rank end
   if a.clock ~= b.clock then return a.clock < b.clock end
-  return a.subject < b.subject
+  if a.subject ~= b.subject then return a.subject < b.subject end
+  return a.ts < b.ts
+end
+
+local function sort_history(history)
+  local received_at = {}
+  for _, h in ipairs(history) do
+    if h.subject == 'received' and h.r ~= '' then
+      local seen_at = received_at[h.r]
+      if not seen_at or h.ts < seen_at then received_at[h.r] = h.ts end
+    end
+  end
+  for _, h in ipairs(history) do
+    h.at = h.ts
+    if h.subject == 'sent' and received_at[h.r] and received_at[h.r] < h.ts then
+      h.at = received_at[h.r]
+    end
+  end
+  table.sort(history, sorts_before)
 end
 
 -- celery's fold: Task.event over the sorted history.
@@ -180,19 +205,24 @@ local function apply_task(t, ev)
     local bit = FIELD_BIT[f]
     if bit then mask = mask + bit end
   end
-  local e = new_entry(ev.tj, ev.cj, ev.s, mask)
+  local e = new_entry(ev.tj, ev.cj, ev.s, mask, ev.r)
 
-  -- duplicate (the same event delivered twice) and position in the sorted history
-  local pos = #history + 1
-  for i = #history, 1, -1 do
-    local h = history[i]
+  -- duplicate (the same event delivered twice), then the new sorted order
+  local before = {}
+  for i, h in ipairs(history) do
     if h.ts == e.ts and h.clock == e.clock and h.subject == e.subject then
       return false
     end
-    if sorts_before(e, h) then pos = i end
+    before[i] = h
   end
-  table.insert(history, pos, e)
-  t.history_changed_from = math.min(t.history_changed_from or pos, pos)
+  history[#history + 1] = e
+  sort_history(history)
+  local pos, changed = nil, nil
+  for i, h in ipairs(history) do
+    if h == e then pos = i end
+    if not changed and h ~= before[i] then changed = i end
+  end
+  t.history_changed_from = math.min(t.history_changed_from or changed, changed)
 
   -- which fields this event writes: those no later event (in sorted order) also carries
   local later_mask, later_worker, later_client, later_same = 0, false, false, false
