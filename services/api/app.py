@@ -13,7 +13,7 @@ from types import ModuleType
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
-from services.api import events_ws, health, metrics, openapi, tasks, workers
+from services.api import events_ws, health, metrics, openapi, stats, tasks, ui, workers
 from services.api.auth import auth_middleware
 from services.api.context import CONTEXT, make_context
 from services.api.errors import Handler, error_middleware
@@ -92,11 +92,13 @@ def make_app(settings: Settings) -> web.Application:
     app.add_routes(events_ws.routes)
     app.add_routes(metrics.routes)
     app.add_routes(health.routes)
-    extra_spec: openapi.Spec = {}
+    app.add_routes(stats.routes)  # aggregates for frontends (the dashboard)
+    app.add_routes(ui.routes)  # the dashboard at /
+    extra_spec: openapi.Spec = {**stats.openapi_paths, **ui.openapi_paths}
     control = _control_module()
     if control is not None:  # worker/task control endpoints (services/api/control.py)
         app.add_routes(control.routes)
-        extra_spec = getattr(control, "openapi_paths", {})
+        extra_spec.update(getattr(control, "openapi_paths", {}))
         for hook, handlers in (("on_startup", app.on_startup), ("on_cleanup", app.on_cleanup)):
             if callable(getattr(control, hook, None)):
                 handlers.append(getattr(control, hook))

@@ -22,12 +22,14 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
 from services.api.errors import ApiError, Handler, forbidden
+from services.api.ui import SHELL_PATHS
 from shared.settings import Settings
 
 #: Paths served without credentials when ``POLLEN_OPEN_HEALTH`` is on.
 HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/healthcheck"})
-#: Paths always served without credentials (they reveal nothing about the cluster).
-PUBLIC_PATHS = frozenset({"/api/openapi.json"})
+#: Paths always served without credentials (they reveal nothing about the cluster): the API's
+#: description and the dashboard's own files (its data comes from the API, with credentials).
+PUBLIC_PATHS = frozenset({"/api/openapi.json", *SHELL_PATHS})
 
 
 @dataclass(frozen=True, slots=True)

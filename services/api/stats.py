@@ -1,0 +1,287 @@
+"""Aggregates for frontends (the dashboard's charts and worker cards), read from what the
+collector already keeps; nothing here loads tasks.
+
+- ``GET /api/stats/workers``: every known worker's event fields (celery's ``Worker``), liveness,
+  tasks executing now (``idx:sw:STARTED:<w>``) and its events by type (``counts``).
+- ``GET /api/stats/tasks-per-minute``: the ``minute:<m>`` hashes as dense series, one per
+  (task name, state): events whose subject gives that state, by the event's own minute.
+- ``GET /api/stats/runtime``: the ``runtime`` histogram per task name (summed over workers, or
+  one worker) with percentiles estimated as Prometheus' ``histogram_quantile`` does.
+- ``GET /api/whoami``: who the caller is and whether it may use control endpoints, so a
+  frontend can hide what would answer 403.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from services.api import params
+from services.api.auth import principal
+from services.api.context import ctx
+from services.api.errors import bad_param
+from services.api.workers import event_state, known_workers
+from shared.keys import RUNTIME_BUCKETS, SEP
+from shared.records import worker_from_hash
+
+_encode = msgspec.json.encode
+JSON = "application/json"
+_BUCKET_LABELS = [repr(b) for b in RUNTIME_BUCKETS]
+#: Percentiles given per task name by ``/api/stats/runtime``.
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+def _json(body: Any) -> web.Response:
+    return web.Response(body=_encode(body), content_type=JSON)
+
+
+async def workers_stats(request: web.Request) -> web.Response:
+    c = ctx(request)
+    hosts = await known_workers(c)
+    states = await event_state(c, hosts)
+    shards = c.keys.all_shards
+    pipe = c.redis.pipeline(transaction=False)
+    for shard in shards:
+        pipe.hgetall(shard.counts)
+    for host in hosts:
+        for shard in shards:
+            pipe.zcard(shard.by_state_worker("STARTED", host))
+    pipe.zrange(c.keys.inspected, 0, -1)
+    replies = await pipe.execute()
+    events: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    for counts in replies[: len(shards)]:
+        for field, count in counts.items():
+            worker, kind, _ = field.decode().split(SEP, 2)
+            events[worker][kind] += int(count)
+    executing = replies[len(shards) : -1]
+    inspected = {m.decode() for m in replies[-1]}
+    now = time.time()
+    out = []
+    for i, (host, (h, seen)) in enumerate(zip(hosts, states, strict=True)):
+        worker = worker_from_hash(host, h, seen, now)
+        worker["executing"] = sum(executing[i * len(shards) : (i + 1) * len(shards)])
+        worker["events"] = dict(sorted(events[host].items()))
+        worker["inspected"] = host in inspected
+        out.append(worker)
+    return _json({"time": now, "workers": out})
+
+
+async def tasks_per_minute(request: web.Request) -> web.Response:
+    c = ctx(request)
+    most = c.settings.chart_retention_days * 1440
+    minutes = params.integer(request, "minutes", 60, minimum=1)
+    assert minutes is not None
+    if minutes > most:
+        raise bad_param("minutes", f"at most {most} (POLLEN_CHART_RETENTION_DAYS)")
+    now = time.time()
+    last = int(now // 60)
+    first = last - minutes + 1
+    shards = c.keys.all_shards
+    pipe = c.redis.pipeline(transaction=False)
+    for m in range(first, last + 1):
+        for shard in shards:
+            pipe.hgetall(shard.minute(m))
+    replies = await pipe.execute()
+    series: dict[tuple[str, str], list[int]] = {}
+    for i, counts in enumerate(replies):
+        slot = i // len(shards)
+        for field, count in counts.items():
+            name, _, state = field.decode().rpartition(SEP)
+            row = series.get((name, state))
+            if row is None:
+                row = series[(name, state)] = [0] * minutes
+            row[slot] += int(count)
+    return _json(
+        {
+            "start": first * 60,
+            "step": 60,
+            "minutes": minutes,
+            "time": now,
+            "series": [
+                {"task": name, "state": state, "counts": row}
+                for (name, state), row in sorted(series.items())
+            ],
+        }
+    )
+
+
+def quantile(q: float, counts: list[float]) -> float | None:
+    """Prometheus' ``histogram_quantile`` over per-bucket (not cumulative) ``counts`` of
+    ``RUNTIME_BUCKETS`` plus a last ``+Inf`` bucket: linear inside the bucket holding the
+    rank, the first bucket starting at 0; a rank in ``+Inf`` gives the highest finite bound."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    cumulative = 0.0
+    for i, count in enumerate(counts):
+        if cumulative + count >= rank and count > 0:
+            if i >= len(RUNTIME_BUCKETS):
+                return RUNTIME_BUCKETS[-1]
+            lower = RUNTIME_BUCKETS[i - 1] if i > 0 else 0.0
+            upper = RUNTIME_BUCKETS[i]
+            return lower + (upper - lower) * (rank - cumulative) / count
+        cumulative += count
+    return RUNTIME_BUCKETS[-1]
+
+
+async def runtime_stats(request: web.Request) -> web.Response:
+    c = ctx(request)
+    only_worker = params.text(request, "workername")
+    only_task = params.text(request, "taskname")
+    pipe = c.redis.pipeline(transaction=False)
+    for shard in c.keys.all_shards:
+        pipe.hgetall(shard.runtime)
+    labels = {label: i for i, label in enumerate([*_BUCKET_LABELS, "+Inf"])}
+    buckets: dict[str, list[float]] = {}
+    sums: defaultdict[str, float] = defaultdict(float)
+    for runtime in await pipe.execute():
+        for field, value in runtime.items():
+            worker, name, bucket = field.decode().split(SEP, 2)
+            if (only_worker and worker != only_worker) or (only_task and name != only_task):
+                continue
+            row = buckets.setdefault(name, [0.0] * len(labels))
+            if bucket in labels:
+                row[labels[bucket]] += float(value)
+            elif bucket == "sum":
+                sums[name] += float(value)
+    tasks = []
+    for name, row in sorted(buckets.items()):
+        count = sum(row)
+        entry: dict[str, Any] = {
+            "task": name,
+            "count": int(count),
+            "sum": sums[name],
+            "mean": sums[name] / count if count else None,
+            "counts": [int(n) for n in row],
+        }
+        for q in QUANTILES:
+            value = quantile(q, row)
+            entry[f"p{round(q * 100)}"] = None if value is None or math.isnan(value) else value
+        tasks.append(entry)
+    return _json({"buckets": list(RUNTIME_BUCKETS), "tasks": tasks})
+
+
+async def whoami(request: web.Request) -> web.Response:
+    c = ctx(request)
+    who = principal(request)
+    read_only = c.settings.read_only or not who.can_control
+    return _json({"name": who.name, "can_control": not read_only, "read_only": read_only})
+
+
+routes: list[Any] = [
+    web.get("/api/stats/workers", workers_stats),
+    web.get("/api/stats/tasks-per-minute", tasks_per_minute),
+    web.get("/api/stats/runtime", runtime_stats),
+    web.get("/api/whoami", whoami),
+]
+
+
+def _param(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
+
+
+def _ok(description: str, properties: dict[str, Any]) -> dict[str, Any]:
+    schema = {"type": "object", "properties": properties}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ERROR = {
+    "description": "an error",
+    "content": {
+        "application/json": {
+            "schema": {"type": "object", "properties": {"error": {"type": "string"}}}
+        }
+    },
+}
+_ERRORS = {"400": _ERROR, "401": _ERROR, "503": _ERROR}
+
+#: OpenAPI paths of these endpoints (merged into ``/api/openapi.json`` by the app factory).
+openapi_paths: dict[str, Any] = {
+    "/api/stats/workers": {
+        "get": {
+            "summary": "Workers' event fields, liveness, tasks executing and events by type",
+            "responses": {
+                "200": _ok(
+                    "workers sorted by hostname: hostname, pid, freq, clock, active, processed, "
+                    "loadavg, sw_ident, sw_ver, sw_sys, last_heartbeat, alive, executing, "
+                    "events ({type: count}), inspected (the enabler has inspect answers)",
+                    {"time": {"type": "number"}, "workers": {"type": "array"}},
+                ),
+                **_ERRORS,
+            },
+        }
+    },
+    "/api/stats/tasks-per-minute": {
+        "get": {
+            "summary": "Task events per minute by task name and state (charts)",
+            "parameters": [
+                _param(
+                    "minutes",
+                    "minutes up to now (default 60, at most POLLEN_CHART_RETENTION_DAYS days)",
+                    {"type": "integer", "minimum": 1},
+                )
+            ],
+            "responses": {
+                "200": _ok(
+                    "series[i].counts[j]: events of that task name whose subject gives that "
+                    "state (task-succeeded: SUCCESS...), in the minute start + j * step "
+                    "(epoch seconds, by the event's own timestamp)",
+                    {
+                        "start": {"type": "number"},
+                        "step": {"type": "integer"},
+                        "minutes": {"type": "integer"},
+                        "time": {"type": "number"},
+                        "series": {"type": "array"},
+                    },
+                ),
+                **_ERRORS,
+            },
+        }
+    },
+    "/api/stats/runtime": {
+        "get": {
+            "summary": "Runtime histogram and percentiles per task name (succeeded tasks)",
+            "parameters": [
+                _param("workername", "only this worker's runtimes"),
+                _param("taskname", "only this task name"),
+            ],
+            "responses": {
+                "200": _ok(
+                    "per task name: count, sum, mean, counts per bucket (buckets' upper "
+                    "bounds in seconds, then +Inf), p50/p90/p99 estimated like Prometheus' "
+                    "histogram_quantile (a rank in +Inf gives the highest finite bound)",
+                    {"buckets": {"type": "array"}, "tasks": {"type": "array"}},
+                ),
+                **_ERRORS,
+            },
+        }
+    },
+    "/api/whoami": {
+        "get": {
+            "summary": "The caller's credential name and whether control endpoints are allowed",
+            "responses": {
+                "200": _ok(
+                    "can_control is false in read-only mode or for a read-only credential",
+                    {
+                        "name": {"type": "string"},
+                        "can_control": {"type": "boolean"},
+                        "read_only": {"type": "boolean"},
+                    },
+                ),
+                "401": _ERROR,
+            },
+        }
+    },
+}

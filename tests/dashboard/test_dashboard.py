@@ -1,0 +1,273 @@
+"""The dashboard in a real headless Chromium against a real stack (see conftest.py).
+
+Each test opens the page the way a person does and waits (with timeouts) for what they would
+see; the only timing promise checked is the issue's "a finishing task shows up within a
+second". Screenshots of each view are written to docs/screenshots/.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import redis
+from playwright.sync_api import expect
+
+from shared.keys import Keys
+from tests.dashboard.conftest import IDLE_QUEUE, NAMESPACE, WORKER, Stack, screenshot
+from tests.support import wait_for
+
+ROW = "#tasks tbody tr[data-uuid]"
+
+
+def no_errors(page: Any, *expected: str) -> None:
+    """No console errors but the ``expected`` ones (substrings), e.g. a 400 the test caused."""
+    errors = [e for e in page.console.errors if not any(x in e for x in expected)]
+    assert errors == [], errors
+
+
+def open_view(page: Any, base: str, hash_: str) -> None:
+    page.goto(f"{base}/{hash_}")
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=10_000)
+
+
+def test_workers_view(page: Any, stack: Stack) -> None:
+    open_view(page, stack.api.url, "")
+    row = page.locator(f'#workers tr[data-worker="{WORKER}"]')
+    expect(row.locator("[data-status]")).to_have_attribute("data-status", "online")
+    expect(row.locator("td.ev-task-succeeded")).not_to_have_text("0")
+    expect(row).to_contain_text("prefork")  # pool, from the enabler's inspect data
+    expect(page.locator("#summary")).to_contain_text("1 of 1 worker online")
+    screenshot(page, "workers")
+
+    row.get_by_role("link", name=WORKER).click()
+    expect(page.locator("#registered")).to_contain_text("demo.app.add")
+    expect(page.locator("#worker-queues")).to_contain_text("celery")
+    expect(page.locator("#pool-grow")).to_be_visible()
+    screenshot(page, "worker")
+
+    # a control action goes through a confirmation: cancel sends nothing, confirm sends it
+    page.locator("#pool-grow").click()
+    expect(page.locator("#confirm")).to_be_visible()
+    expect(page.locator("#confirm-text")).to_contain_text(WORKER)
+    page.locator("#confirm button[value=cancel]").click()
+    expect(page.locator("#confirm")).to_be_hidden()
+    expect(page.locator(".toast")).to_have_count(0)
+    page.locator("#pool-grow").click()
+    page.locator("#confirm-ok").click()
+    expect(page.locator(".toast-ok")).to_contain_text("grow", ignore_case=True)
+    no_errors(page)
+
+
+def test_tasks_filters_search_and_columns(page: Any, stack: Stack) -> None:
+    needle = f"needle-{uuid.uuid4().hex[:10]}"
+    marked = stack.send("demo.app.fail", needle)
+    wait_for(
+        lambda: (
+            stack.api.get(f"/api/tasks?search={needle}").get(marked, {}).get("state") == "FAILURE"
+        ),
+        timeout=30,
+        message="the marked task failed",
+    )
+    open_view(page, stack.api.url, "#/tasks")
+    rows = page.locator(ROW)
+    expect(rows.first).to_be_visible()
+    assert rows.count() >= 10
+    screenshot(page, "tasks")
+
+    # state filter: server-side, every row FAILURE
+    page.locator("#f-state").select_option("FAILURE")
+    expect(page.locator(f"{ROW}:not([data-state=FAILURE])")).to_have_count(0)
+    expect(rows.first).to_be_visible()
+    assert "state=FAILURE" in page.url  # the filters are in the address (shareable)
+
+    # task name filter on top
+    page.locator("#f-taskname").select_option("demo.app.fail")
+    expect(page.locator(f"{ROW} td[data-col=name]:not(:text-is('demo.app.fail'))")).to_have_count(0)
+
+    # Flower's search syntax narrows to the one task
+    page.locator("#f-state").select_option("")
+    page.locator("#f-taskname").select_option("")
+    page.locator("#f-search").fill(f"args:{needle}")
+    page.locator("#f-search").press("Enter")
+    expect(rows).to_have_count(1)
+    expect(page.locator(f'{ROW}[data-uuid="{marked}"]')).to_be_visible()
+    page.locator("#f-search").fill("args:")  # a bad query: the API's 400 is shown (and logged)
+    page.locator("#f-search").press("Enter")
+    expect(page.locator("#tasks-error")).to_contain_text("search")
+    page.locator("#f-search").fill("")
+    page.locator("#f-search").press("Enter")
+    expect(page.locator("#tasks-error")).to_be_hidden()
+
+    # a time range ending two hours ago leaves only tasks never received (Flower's rule: they
+    # pass a received filter): the ones waiting in the queue no worker consumes
+    past = time.strftime("%Y-%m-%dT%H:%M", time.localtime(time.time() - 7200))
+    page.locator("#f-to").fill(past)
+    page.locator("#f-to").dispatch_event("change")
+    expect(page.locator(f"{ROW}:not([data-state=PENDING])")).to_have_count(0)
+    expect(rows.first).to_be_visible()
+    assert "received_end=" in page.url
+    page.locator("#f-to").fill("")
+    page.locator("#f-to").dispatch_event("change")
+    expect(page.locator(f"{ROW}[data-state=SUCCESS]").first).to_be_visible()
+
+    # paging with the API's cursor
+    page.locator("#f-limit").select_option("10")
+    expect(rows).to_have_count(10)
+    first_page = rows.evaluate_all("rs => rs.map(r => r.dataset.uuid)")
+    page.locator("#page-older").click()
+    expect(page.locator("#page-label")).to_have_text("page 2")
+    expect(rows.first).to_be_visible()
+    second_page = rows.evaluate_all("rs => rs.map(r => r.dataset.uuid)")
+    assert not set(first_page) & set(second_page)
+
+    # columns chosen by the user are remembered
+    page.locator("#columns-button").click()
+    page.locator("#column-picker input[value=exception]").check()
+    page.locator("#column-picker input[value=args]").uncheck()
+    page.reload()
+    expect(page.locator("#tasks th[data-col=exception]")).to_be_visible()
+    expect(page.locator("#tasks th[data-col=args]")).to_have_count(0)
+    page.locator("#columns-button").click()
+    page.locator("#column-picker input[value=args]").check()
+    page.locator("#column-picker input[value=exception]").uncheck()
+    no_errors(page, "status of 400 (Bad Request)")
+
+
+def test_finishing_task_shows_up_within_a_second(page: Any, stack: Stack) -> None:
+    open_view(page, stack.api.url, "#/tasks")
+    expect(page.locator(ROW).first).to_be_visible()
+    page.evaluate("window.__notReloaded = true")
+    task_id = stack.send("demo.app.slow", 1.5)
+    row = page.locator(f'{ROW}[data-uuid="{task_id}"]')
+    expect(row).to_have_attribute("data-state", "STARTED", timeout=15_000)
+
+    def finished() -> bool:
+        found = stack.api.get(f"/api/task/info/{task_id}")
+        return bool(found["state"] == "SUCCESS")
+
+    wait_for(finished, timeout=30, interval=0.02, message="the task succeeded in the API")
+    expect(row).to_have_attribute("data-state", "SUCCESS", timeout=1000)
+    assert page.evaluate("window.__notReloaded") is True
+    no_errors(page)
+
+
+def test_task_detail(page: Any, stack: Stack) -> None:
+    from demo.traffic import client
+
+    app = client(stack.broker_url)
+    try:
+        chain = app.signature("demo.app.add", (1, 2)) | app.signature("demo.app.mul", (10,))
+        child_result = chain.apply_async()
+        child = str(child_result.id)
+        parent = str(child_result.parent.id)
+    finally:
+        app.close()
+    wait_for(
+        lambda: stack.api.get(f"/api/task/info/{child}")["state"] == "SUCCESS",
+        timeout=30,
+        message="the chain finished",
+    )
+    open_view(page, stack.api.url, f"#/task/{parent}")
+    expect(page.locator("#children")).to_contain_text(child)
+    expect(page.locator("#task-events")).to_contain_text("task-succeeded")
+    page.locator("#children a").click()
+    fields = page.locator("#task-fields")
+    expect(fields.locator("tr[data-field=parent]")).to_contain_text(parent)
+    expect(fields.locator("tr[data-field=root]")).to_contain_text(parent)
+    expect(fields.locator("tr[data-field=result]")).to_contain_text("30")
+
+    failed = next(iter(stack.api.get("/api/tasks?state=FAILURE&taskname=demo.app.fail&limit=1")))
+    open_view(page, stack.api.url, f"#/task/{failed}")
+    expect(page.locator("#traceback")).to_contain_text("ValueError")
+    for kind in ("task-received", "task-started", "task-failed"):
+        expect(page.locator(f'#task-events tr[data-type="{kind}"]')).to_have_count(1)
+    for field in ("uuid", "name", "state", "args", "kwargs", "exception", "worker", "runtime"):
+        expect(fields.locator(f"tr[data-field={field}]")).to_be_visible()
+    expect(page.locator("#revoke")).to_be_visible()
+    expect(page.locator("#terminate")).to_be_visible()
+    screenshot(page, "task")
+
+    # revoke a task that cannot run yet (its queue has no consumer): confirmed, it turns REVOKED
+    waiting = stack.send("demo.app.add", 5, 5, queue=IDLE_QUEUE)
+    wait_for(lambda: stack.api.get(f"/api/task/info/{waiting}"), timeout=20, message="sent task")
+    open_view(page, stack.api.url, f"#/task/{waiting}")
+    page.locator("#revoke").click()
+    page.locator("#confirm-ok").click()
+    expect(page.locator(".toast-ok")).to_contain_text("Revoked")
+    no_errors(page)
+
+
+def test_live_feed_pauses_and_resumes_without_gap(page: Any, stack: Stack) -> None:
+    open_view(page, stack.api.url, "#/feed")
+    rows = page.locator("#feed tbody tr")
+    expect(rows.first).to_be_visible(timeout=10_000)
+    screenshot(page, "feed")
+
+    # pause: rows stop moving while events are held; resume shows them
+    page.locator("#feed-pause").click()
+    count = rows.count()
+    expect(page.locator("#feed-status")).to_contain_text("paused")
+    expect(page.locator("#feed-status")).not_to_contain_text("paused: 0 new events")
+    assert rows.count() == count
+    page.locator("#feed-pause").click()
+    expect(page.locator("#feed-status")).not_to_contain_text("paused")
+    expect(rows).not_to_have_count(count)
+
+    # cut the connection: the API replica is killed, events keep coming, then it is back
+    shown_before = rows.evaluate_all("rs => rs.map(r => r.dataset.sid)")
+    client = redis.Redis(port=stack.redis.port, db=1)
+    stream = Keys(NAMESPACE).all_shards[0].stream
+    try:
+        stack.api.kill()
+        expect(page.locator("#conn")).not_to_have_attribute("data-state", "live")
+        length = client.xlen(stream)
+        wait_for(lambda: client.xlen(stream) >= length + 15, timeout=30, message="more events")
+        stack.api.start()
+        expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=15_000)
+        last_before_restart = client.xrevrange(stream, count=1)[0][0].decode()
+        # the feed catches up past what was written while it was away
+        wait_for(
+            lambda: rows.first.get_attribute("data-sid") > last_before_restart,
+            timeout=20,
+            message="the feed past the outage",
+        )
+        shown = rows.evaluate_all("rs => rs.map(r => r.dataset.sid)")
+        assert len(shown) == len(set(shown)), "an event shown twice"
+        assert set(shown_before) <= set(shown)
+        oldest, newest = shown[-1], shown[0]
+        expected = [sid.decode() for sid, _ in client.xrevrange(stream, max=newest, min=oldest)]
+        assert shown == expected, "the feed is not the stream: a gap or a reordering"
+    finally:
+        client.close()
+        if not stack.api.process.alive():
+            stack.api.start()
+
+
+def test_charts(page: Any, stack: Stack) -> None:
+    open_view(page, stack.api.url, "#/charts?minutes=15")
+    expect(page.locator("#chart-by-state svg rect").first).to_be_attached()
+    expect(page.locator("#chart-by-state .legend")).to_contain_text("SUCCESS")
+    expect(page.locator("#chart-by-state .legend")).to_contain_text("FAILURE")
+    expect(page.locator("#chart-by-name .legend")).to_contain_text("demo.app.add")
+    expect(page.locator("#chart-failure-rate svg path.line")).to_be_attached()
+    expect(page.locator("#chart-runtime svg")).to_contain_text("demo.app.slow")
+    expect(page.locator("#chart-queues .legend")).to_contain_text(IDLE_QUEUE)
+    expect(page.locator("#chart-totals")).to_contain_text("failure rate")
+    screenshot(page, "charts")
+    no_errors(page)
+
+
+def test_read_only_hides_controls(page: Any, stack: Stack) -> None:
+    open_view(page, stack.read_only.url, f"#/worker/{WORKER}")
+    expect(page.locator("#registered")).to_contain_text("demo.app.add")
+    expect(page.locator("#who")).to_have_text("read-only")
+    for control in ("#pool-grow", "#shutdown", "#add-consumer", "#worker-controls"):
+        expect(page.locator(control)).to_have_count(0)
+    failed = next(iter(stack.read_only.get("/api/tasks?state=FAILURE&limit=1")))
+    open_view(page, stack.read_only.url, f"#/task/{failed}")
+    expect(page.locator("#task-fields")).to_contain_text(failed)
+    expect(page.locator("#revoke")).to_have_count(0)
+    expect(page.locator("#terminate")).to_have_count(0)
+    no_errors(page)
