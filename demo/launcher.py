@@ -244,12 +244,70 @@ def start_redis(stack: Stack, binary: str, port: int) -> None:
     )
 
 
+def use_or_start_redis(stack: Stack, redis_url: str, broker_url: str) -> tuple[str, str] | None:
+    """(Pollen's Redis URL, broker URL, empty if unset) once a Redis answers there: the one at
+    ``redis_url``, or a private one started for it; None, having said why, when neither."""
+    shown = maybe_sanitize_url(redis_url)
+    again = "then run `make run` again."
+    if answers(redis_url):
+        print(f"using the Redis at {shown}", flush=True)
+        return redis_url, broker_url
+    if private_redis_port(redis_url) is None:
+        print(
+            f"No Redis answers at POLLEN_REDIS_URL ({shown}), which is not on this machine.\n"
+            f"Start that Redis, or unset POLLEN_REDIS_URL to use a private one, {again}",
+            file=sys.stderr,
+        )
+        return None
+    binary = redis_server_binary()
+    if binary is None:
+        print(
+            f"No Redis answers at POLLEN_REDIS_URL ({shown}) and redis-server is not installed."
+            "\nInstall it (Debian/Ubuntu: sudo apt-get install redis-server) or point "
+            f"POLLEN_REDIS_URL at a Redis, {again}",
+            file=sys.stderr,
+        )
+        return None
+    if answers(redis_url):  # the package just installed started its service there
+        print(f"using the Redis at {shown}", flush=True)
+        return redis_url, broker_url
+    port = private_redis_port(redis_url)
+    assert port is not None
+    start_redis(stack, binary, port)
+    private = with_port_db(redis_url, port, redis_db(redis_url))
+    if broker_url and urlsplit(broker_url).netloc == urlsplit(redis_url).netloc:
+        broker_url = with_port_db(broker_url, port, redis_db(broker_url))
+    deadline = time.monotonic() + 10
+    while not answers(private):
+        if stack.failed() or time.monotonic() > deadline:
+            print(f"redis-server did not start: see {stack.run_dir / 'logs'}", file=sys.stderr)
+            return None
+        time.sleep(0.1)
+    print(
+        f"started a private Redis on 127.0.0.1:{port} (data in {stack.run_dir / 'redis'})",
+        flush=True,
+    )
+    return private, broker_url
+
+
+def serves_page(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
 def summary(ports: tuple[int, int], ready: bool, run_dir: Path) -> str:
     base = f"http://127.0.0.1:{ports[0]}"
     lines = [
         "",
         "Pollen is running" + ("." if ready else " (the API is not ready yet: see the logs)."),
         f"  API replicas   {base}  and  http://127.0.0.1:{ports[1]}",
+    ]
+    if serves_page(f"{base}/"):
+        lines.append(f"  dashboard      {base}/  (open it in a browser)")
+    lines += [
         f"  tasks          curl '{base}/api/tasks?limit=5'",
         f"  failures       curl '{base}/api/tasks?state=FAILURE&limit=5'",
         f"  search         curl '{base}/api/tasks?search=name:flaky&limit=5'",
@@ -311,40 +369,10 @@ def main() -> int:
     redis_url = os.environ.get("POLLEN_REDIS_URL") or defaults.redis_url
     broker_url = os.environ.get("POLLEN_BROKER_URL") or ""
     try:
-        if answers(redis_url):
-            print(f"using the Redis at {maybe_sanitize_url(redis_url)}", flush=True)
-        else:
-            port = private_redis_port(redis_url)
-            binary = redis_server_binary() if port is not None else None
-            if port is None or binary is None:
-                print(
-                    f"No Redis answers at POLLEN_REDIS_URL ({maybe_sanitize_url(redis_url)})"
-                    + (
-                        " and redis-server is not installed.\nInstall it (Debian/Ubuntu: "
-                        "sudo apt-get install redis-server) or point POLLEN_REDIS_URL at a Redis"
-                        if port is not None
-                        else ", which is not on this machine.\nStart that Redis, or unset "
-                        "POLLEN_REDIS_URL to use a private one"
-                    )
-                    + ", then run `make run` again.",
-                    file=sys.stderr,
-                )
-                return 1
-            start_redis(stack, binary, port)
-            original = redis_url
-            redis_url = with_port_db(original, port, redis_db(original))
-            if broker_url and urlsplit(broker_url).netloc == urlsplit(original).netloc:
-                broker_url = with_port_db(broker_url, port, redis_db(broker_url))
-            deadline = time.monotonic() + 10
-            while not answers(redis_url) and time.monotonic() < deadline:
-                if stack.failed():
-                    print("redis-server exited: see its log", file=sys.stderr)
-                    return 1
-                time.sleep(0.1)
-            print(
-                f"started a private Redis on 127.0.0.1:{port} (data in {run_dir / 'redis'})",
-                flush=True,
-            )
+        found = use_or_start_redis(stack, redis_url, broker_url)
+        if found is None:
+            return 1
+        redis_url, broker_url = found
         if not broker_url:
             # the demo's broker: the same Redis, another database
             broker_db = 0 if redis_db(redis_url) != 0 else 1

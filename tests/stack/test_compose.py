@@ -406,3 +406,35 @@ def test_nginx_conf_path_is_the_mounted_one() -> None:
     assert Path(proxy_service(base()["services"])[1]["volumes"][0].split(":")[0]) == Path(
         "./deploy/nginx.conf"
     )
+
+
+def test_the_image_gets_every_file_the_packages_need() -> None:
+    """``pip install .`` (the Dockerfile's) installs .py files and declared package data only:
+    every other file in the packages must be declared, or the image lacks it."""
+    import fnmatch
+
+    from setuptools import find_packages
+
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        tool = tomllib.load(f)["tool"]["setuptools"]
+    package_data: dict[str, list[str]] = tool.get("package-data", {})
+    packages = find_packages(str(ROOT), include=tool["packages"]["find"]["include"])
+    assert {"services.api", "shared", "demo"} <= set(packages)
+    missing = []
+    for package in packages:
+        directory = ROOT / package.replace(".", "/")
+        patterns = package_data.get(package, []) + package_data.get("*", [])
+        for path in directory.iterdir():
+            if path.is_dir():
+                if path.name == "__pycache__" or (path / "__init__.py").exists():
+                    continue
+                files = [p for p in path.rglob("*") if p.is_file()]
+            else:
+                files = [path]
+            for file in files:
+                relative = file.relative_to(directory).as_posix()
+                if file.suffix in (".py", ".pyc", ".pyi") and "/" not in relative:
+                    continue
+                if not any(fnmatch.fnmatch(relative, p) for p in patterns):
+                    missing.append(f"{package}: {relative}")
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
