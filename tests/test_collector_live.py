@@ -30,11 +30,11 @@ from tests.test_oracle import celery_task
 
 
 class Recorder:
-    """celery's EventReceiver + State in a thread: the oracle for live events."""
+    """celery's EventReceiver in a thread, keeping the events as celery hands them over."""
 
     def __init__(self, broker_url: str) -> None:
         self.app = Celery(broker=broker_url)
-        self.state = State()
+        self.events: list[dict[str, Any]] = []
         self.ready = threading.Event()
         self.receiver: Any = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -43,13 +43,43 @@ class Recorder:
 
     def _run(self) -> None:
         with self.app.connection_for_read() as conn:
-            self.receiver = self.app.events.Receiver(conn, handlers={"*": self.state.event})
+            self.receiver = self.app.events.Receiver(conn, handlers={"*": self.events.append})
             self.ready.set()
             self.receiver.capture(limit=None, timeout=None, wakeup=False)
 
     def close(self) -> None:
         self.receiver.should_stop = True
         self.thread.join(10)
+
+    @property
+    def state(self) -> State:
+        """celery's State over the events in emission order.
+
+        The receiver hands events over in arrival order, which for one task can differ from
+        the order they happened in: a client stamps and publishes task-sent after publishing
+        the task, and a fast worker's events may overtake it. Emission order puts each
+        task-sent before the task-received of the same attempt; everything else stays in
+        arrival order (each sender's events arrive in the order it sent them).
+        """
+        ordered = [dict(e) for e in list(self.events)]
+        for sent in [e for e in ordered if e["type"] == "task-sent"]:
+            i = next(k for k, e in enumerate(ordered) if e is sent)
+            j = next(
+                (
+                    k
+                    for k, e in enumerate(ordered[:i])
+                    if e["type"] == "task-received"
+                    and e.get("uuid") == sent["uuid"]
+                    and e.get("retries") == sent.get("retries")
+                ),
+                None,
+            )
+            if j is not None:
+                ordered.insert(j, ordered.pop(i))
+        state = State()
+        for event in ordered:
+            state.event(event)
+        return state
 
 
 def _client(broker_url: str) -> Celery:
@@ -121,7 +151,8 @@ def run_scenario(broker_url: str, redis_url: str, tmp: Path, extra_env: dict[str
         # listeners receive at their own pace: wait until both have everything)
         def differences() -> list[str]:
             out = []
-            for uuid, expected in list(recorder.state.tasks.items()):
+            oracle = recorder.state
+            for uuid, expected in list(oracle.tasks.items()):
                 ours = readback.task(state_redis, keys, uuid)
                 if ours != celery_task(expected):
                     out.append(
