@@ -4,10 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest run bench soak clean
+.PHONY: install services test lint typecheck pytest run bench soak clean
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	bash .ci/venv $(PYTHON) $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
@@ -21,7 +21,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+# redis-server and a running RabbitMQ (Debian's packages, installed when missing)
+services:
+	@bash .ci/services
+
+pytest: $(STAMP) services
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest
