@@ -131,39 +131,39 @@ class _TaskFields(Envelope, kw_only=True):
     parent_id: str | Opt | None = UNSET
 
 
-def _task(tag: str) -> dict[str, Any]:
+def _tagged(tag: str) -> dict[str, Any]:
     return {"tag_field": "type", "tag": tag}
 
 
-class TaskSent(_TaskFields, **_task("task-sent")):
+class TaskSent(_TaskFields, **_tagged("task-sent")):
     queue: str | Opt | None = UNSET
 
 
-class TaskReceived(_TaskFields, **_task("task-received")):
+class TaskReceived(_TaskFields, **_tagged("task-received")):
     pass
 
 
-class TaskStarted(_TaskFields, **_task("task-started")):
+class TaskStarted(_TaskFields, **_tagged("task-started")):
     pass
 
 
-class TaskSucceeded(_TaskFields, **_task("task-succeeded")):
+class TaskSucceeded(_TaskFields, **_tagged("task-succeeded")):
     pass
 
 
-class TaskFailed(_TaskFields, **_task("task-failed")):
+class TaskFailed(_TaskFields, **_tagged("task-failed")):
     pass
 
 
-class TaskRetried(_TaskFields, **_task("task-retried")):
+class TaskRetried(_TaskFields, **_tagged("task-retried")):
     pass
 
 
-class TaskRejected(_TaskFields, **_task("task-rejected")):
+class TaskRejected(_TaskFields, **_tagged("task-rejected")):
     requeue: bool | Opt | None = UNSET
 
 
-class TaskRevoked(_TaskFields, **_task("task-revoked")):
+class TaskRevoked(_TaskFields, **_tagged("task-revoked")):
     terminated: bool | Opt | None = UNSET
     signum: Any | Opt = UNSET
     expired: bool | Opt | None = UNSET
@@ -185,15 +185,15 @@ class _WorkerFields(Envelope, kw_only=True):
     sw_sys: str | Opt | None = UNSET
 
 
-class WorkerOnline(_WorkerFields, **_task("worker-online")):
+class WorkerOnline(_WorkerFields, **_tagged("worker-online")):
     pass
 
 
-class WorkerHeartbeat(_WorkerFields, **_task("worker-heartbeat")):
+class WorkerHeartbeat(_WorkerFields, **_tagged("worker-heartbeat")):
     pass
 
 
-class WorkerOffline(_WorkerFields, **_task("worker-offline")):
+class WorkerOffline(_WorkerFields, **_tagged("worker-offline")):
     pass
 
 
@@ -203,7 +203,7 @@ class WorkerCustom(_WorkerFields, kw_only=True):
     type: str
 
 
-TaskEvent = (
+_StandardTaskEvent = (
     TaskSent
     | TaskReceived
     | TaskStarted
@@ -212,23 +212,12 @@ TaskEvent = (
     | TaskRetried
     | TaskRejected
     | TaskRevoked
-    | TaskCustom
 )
-WorkerEvent = WorkerOnline | WorkerHeartbeat | WorkerOffline | WorkerCustom
+_StandardWorkerEvent = WorkerOnline | WorkerHeartbeat | WorkerOffline
+TaskEvent = _StandardTaskEvent | TaskCustom
+WorkerEvent = _StandardWorkerEvent | WorkerCustom
 #: The tagged union a JSON event is decoded into first; other types fall back to the customs.
-KnownEvent = (
-    TaskSent
-    | TaskReceived
-    | TaskStarted
-    | TaskSucceeded
-    | TaskFailed
-    | TaskRetried
-    | TaskRejected
-    | TaskRevoked
-    | WorkerOnline
-    | WorkerHeartbeat
-    | WorkerOffline
-)
+KnownEvent = _StandardTaskEvent | _StandardWorkerEvent
 
 
 def event_type(event: TaskEvent | WorkerEvent) -> str:

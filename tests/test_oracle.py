@@ -12,28 +12,24 @@ from typing import Any
 import msgspec
 import pytest
 import redis
-from celery.events.state import State
+from celery.events.state import State, Task, Worker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.collector.writer import Writer
+from shared.events import TASK_FIELDS, WORKER_EVENT_FIELDS
 from shared.keys import Keys
 from shared.settings import Settings
 from tests import readback
 from tests.lifecycles import BASE_TS, chunks, cluster_stream, with_local_received
 
-WORKER_FIELDS = (
-    "hostname",
-    "pid",
-    "freq",
-    "clock",
-    "active",
-    "processed",
-    "loadavg",
-    "sw_ident",
-    "sw_ver",
-    "sw_sys",
-)
+# the fields celery's own Worker and Task define, so a field Pollen forgets cannot pass
+WORKER_FIELDS = tuple(f for f in Worker._fields if f != "heartbeats")
+
+
+def test_task_fields_are_celerys() -> None:
+    assert Task._fields == TASK_FIELDS
+    assert set(WORKER_EVENT_FIELDS) == set(WORKER_FIELDS)
 
 
 def celery_answer(events: list[dict[str, Any]]) -> State:
