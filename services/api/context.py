@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from services.api.query import QueryEngine
 from shared import scripts
+from shared.connections import async_client
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -40,14 +40,12 @@ def ctx(request: web.Request) -> Context:
 def make_redis(settings: Settings) -> Any:
     """A client that fails fast when Redis is away (short timeouts, one immediate retry, so a
     connection dropped by a Redis restart is replaced) and recovers by itself."""
-    options: dict[str, Any] = {
-        "socket_timeout": settings.api_redis_timeout,
-        "socket_connect_timeout": settings.api_redis_timeout,
-        "retry": Retry(NoBackoff(), 1),
-    }
-    if settings.redis_cluster:
-        return RedisCluster.from_url(settings.redis_url, **options)
-    return Redis.from_url(settings.redis_url, **options)
+    return async_client(
+        settings,
+        socket_timeout=settings.api_redis_timeout,
+        socket_connect_timeout=settings.api_redis_timeout,
+        retry=Retry(NoBackoff(), 1),
+    )
 
 
 def make_context(settings: Settings, client: Any | None = None) -> Context:
