@@ -15,8 +15,15 @@ import redis
 from playwright.sync_api import expect
 
 from shared.keys import Keys
-from tests.dashboard.conftest import IDLE_QUEUE, NAMESPACE, WORKER, Stack, screenshot
-from tests.support import wait_for
+from tests.dashboard.conftest import (
+    IDLE_QUEUE,
+    NAMESPACE,
+    WORKER,
+    Stack,
+    screenshot,
+    start_api,
+)
+from tests.support import PYTHON, Process, wait_for
 
 ROW = "#tasks tbody tr[data-uuid]"
 
@@ -105,8 +112,12 @@ def test_tasks_filters_search_and_columns(page: Any, stack: Stack) -> None:
     past = time.strftime("%Y-%m-%dT%H:%M", time.localtime(time.time() - 7200))
     page.locator("#f-to").fill(past)
     page.locator("#f-to").dispatch_event("change")
-    expect(page.locator(f"{ROW}:not([data-state=PENDING])")).to_have_count(0)
+    expect(page.locator(f"{ROW}[data-state=SUCCESS]")).to_have_count(0)
     expect(rows.first).to_be_visible()
+    received = page.locator(f"{ROW} td[data-col=received]").evaluate_all(
+        "cells => cells.map(c => c.textContent)"
+    )
+    assert received and set(received) == {""}, received
     assert "received_end=" in page.url
     page.locator("#f-to").fill("")
     page.locator("#f-to").dispatch_event("change")
@@ -187,7 +198,7 @@ def test_task_detail(page: Any, stack: Stack) -> None:
         expect(fields.locator(f"tr[data-field={field}]")).to_be_visible()
     expect(page.locator("#revoke")).to_be_visible()
     expect(page.locator("#terminate")).to_be_visible()
-    screenshot(page, "task")
+    screenshot(page, "task", full_page=True)
 
     # revoke a task that cannot run yet (its queue has no consumer): confirmed, it turns REVOKED
     waiting = stack.send("demo.app.add", 5, 5, queue=IDLE_QUEUE)
@@ -270,4 +281,74 @@ def test_read_only_hides_controls(page: Any, stack: Stack) -> None:
     expect(page.locator("#task-fields")).to_contain_text(failed)
     expect(page.locator("#revoke")).to_have_count(0)
     expect(page.locator("#terminate")).to_have_count(0)
+    no_errors(page)
+
+
+def test_token_sign_in(page: Any, stack: Stack) -> None:
+    """With tokens configured the page's data needs one: the page asks, then uses it for REST
+    and the WebSocket; a read-only token gives a read-only dashboard."""
+    secured = start_api(
+        stack.env, stack.workdir / "api-token.log", POLLEN_API_TOKENS="full-token,ro-token:ro"
+    )
+    try:
+        page.goto(f"{secured.url}/#/worker/{WORKER}")
+        expect(page.locator("#signin")).to_be_visible()
+        page.locator("#signin-token").fill("ro-token")
+        page.locator("#signin button[value=ok]").click()
+        expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=10_000)
+        expect(page.locator("#registered")).to_contain_text("demo.app.add")
+        expect(page.locator("#who")).to_have_text("read-only")
+        expect(page.locator("#pool-grow")).to_have_count(0)
+        page.locator("#signout").click()
+        expect(page.locator("#signin")).to_be_visible()
+        no_errors(page, "status of 401 (Unauthorized)")
+    finally:
+        secured.stop()
+
+
+def test_responsive_at_1k_events_per_second(page: Any, stack: Stack) -> None:
+    """Synthetic workers publish about 1,000 events/s through celery's EventDispatcher; the
+    page keeps up (the API never cuts it as too slow) and answers clicks within a second."""
+    open_view(page, stack.api.url, "#/feed")
+    expect(page.locator("#feed tbody tr").first).to_be_visible(timeout=10_000)
+    generator = Process(
+        [
+            PYTHON,
+            "-m",
+            "bench.generator",
+            "--broker",
+            stack.broker_url,
+            "--tasks",
+            "2500",
+            "--rate",
+            "1000",
+            "--batched",
+            "--workers",
+            "2",
+            "--tag",
+            "load",
+        ],
+        stack.workdir / "generator.log",
+    )
+    try:
+        wait_for(
+            lambda: int(page.locator("#rate").inner_text().split()[0]) >= 500,
+            timeout=30,
+            message="the page receiving 500+ events/s",
+        )
+        for _ in range(3):
+            page.locator("#feed-pause").click()
+            expect(page.locator("#feed-status")).to_contain_text("paused", timeout=1000)
+            page.locator("#feed-pause").click()
+            expect(page.locator("#feed-status")).not_to_contain_text("paused", timeout=1000)
+        page.locator("nav a[data-view=tasks]").click()
+        expect(page.locator(ROW).first).to_be_visible(timeout=1000)
+        page.locator("nav a[data-view=feed]").click()
+        expect(page.locator("#feed tbody tr").first).to_be_visible(timeout=1000)
+        assert page.locator("#feed tbody tr").count() <= 1000
+        wait_for(lambda: not generator.alive(), timeout=60, message="the generator done")
+    finally:
+        generator.stop()
+    assert page.locator("#conn").get_attribute("data-connects") == "1", "reconnected"
+    assert "too slow" not in stack.api.process.output()
     no_errors(page)
