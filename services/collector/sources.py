@@ -22,6 +22,7 @@ import msgspec
 import redis
 from celery.events.event import get_exchange
 from kombu import Connection, Consumer, Queue
+from kombu.exceptions import OperationalError
 
 from shared.backoff import Backoff
 
@@ -167,7 +168,8 @@ class AmqpSource:
     @property
     def connection_errors(self) -> tuple[type[BaseException], ...]:
         conn = self.conn or Connection(self.url)
-        return tuple(conn.connection_errors) + tuple(conn.channel_errors)
+        # ensure_connection() raises a refused connection (broker restarting) as OperationalError
+        return (*conn.connection_errors, *conn.channel_errors, OperationalError)
 
 
 class _KombuEnvelope(msgspec.Struct):
