@@ -298,6 +298,14 @@ def serves_page(url: str) -> bool:
         return False
 
 
+def shown_python() -> str:
+    """This Python as the user would type it from the repository (``.venv/bin/python``)."""
+    path = Path(PYTHON)
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(ROOT))
+    return str(path)
+
+
 def summary(ports: tuple[int, int], ready: bool, run_dir: Path) -> str:
     base = f"http://127.0.0.1:{ports[0]}"
     lines = [
@@ -317,7 +325,7 @@ def summary(ports: tuple[int, int], ready: bool, run_dir: Path) -> str:
         f"  metrics        curl '{base}/metrics'",
         f"  readiness      curl 'http://127.0.0.1:{ports[1]}/readyz'",
         f"  API reference  curl '{base}/api/openapi.json'",
-        f"  live events    {PYTHON} -m demo.watch ws://127.0.0.1:{ports[1]}/api/events",
+        f"  live events    {shown_python()} -m demo.watch ws://127.0.0.1:{ports[1]}/api/events",
         f"  logs           {run_dir / 'logs'}/<process>.log",
         "Ctrl-C stops everything.",
         "",
