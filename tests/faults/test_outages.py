@@ -1,59 +1,186 @@
-"""Outages of Redis and of the broker during a stream: the collector waits them out and
-loses nothing (RabbitMQ redelivers what was not acknowledged)."""
+"""Outages of Redis and of the broker during a stream: the collector, the API and the enabler
+wait them out and reconnect by themselves, and nothing is lost (RabbitMQ redelivers what was
+not acknowledged; the state after the outage equals a no-fault run of the same stream)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import aiohttp
+import pytest
 import redis
+from celery import Celery
 
 from shared.keys import Keys
+from tests.api.conftest import Api
+from tests.faults.helpers import (
+    RabbitNode,
+    applied_events,
+    assert_same_state,
+    private_rabbitmq_possible,
+    publish_mixed,
+)
 from tests.streams import publish_tasks
-from tests.support import RedisServer, pollen_env, rabbitmqctl, service, wait_for
+from tests.support import (
+    Process,
+    RedisServer,
+    celery_worker,
+    pollen_env,
+    rabbitmqctl,
+    service,
+    wait_for,
+)
 
 
 def applied(r: redis.Redis, keys: Keys) -> int:
-    return sum(int(v) for shard in keys.all_shards for v in r.hvals(shard.counts))
+    return applied_events(r, keys)
+
+
+class WsReader(threading.Thread):
+    """A WebSocket client of ``/api/events`` in a thread of its own, keeping every message."""
+
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.timeout = timeout
+        self.messages: list[dict[str, Any]] = []
+        self.connected = threading.Event()
+        self.closed: str | None = None
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._read())
+
+    async def _read(self) -> None:
+        async with aiohttp.ClientSession() as session, session.ws_connect(self.url) as ws:
+            self.connected.set()
+            deadline = time.monotonic() + self.timeout
+            while not self.stop_flag.is_set() and time.monotonic() < deadline:
+                try:
+                    msg = await ws.receive(timeout=0.5)
+                except TimeoutError:
+                    continue
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    self.closed = f"{msg.type} {msg.data!r} {msg.extra!r}"
+                    return
+                self.messages.append(json.loads(msg.data))
+
+
+def ws_status(url: str) -> int:
+    """The status of a WebSocket handshake: 101 when it succeeds (then closed at once)."""
+
+    async def attempt() -> int:
+        async with aiohttp.ClientSession() as session:
+            try:
+                async with session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=5)):
+                    return 101
+            except aiohttp.WSServerHandshakeError as exc:
+                return exc.status
+
+    return asyncio.run(asyncio.wait_for(attempt(), 15))
 
 
 def test_redis_killed_and_restarted_mid_stream(amqp_url: str, tmp_path: Path) -> None:
+    """Redis (with AOF) is killed mid-stream under a collector and an API: the API answers
+    503 at once while Redis is away (never hangs), both reconnect by themselves, and the state
+    afterwards equals a no-fault run of the same events."""
     # appendfsync always: what Redis acknowledged survives kill -9, so an exact count is fair
     state = RedisServer(
         tmp_path / "state", None, "--appendonly", "yes", "--appendfsync", "always"
     ).start()
+    ref_server = RedisServer(tmp_path / "ref").start()
     redis_url = f"redis://127.0.0.1:{state.port}/0"
     keys = Keys("outage")
     env = pollen_env(amqp_url, redis_url, "outage", event_queue="pollen-outage", batch_size="100")
     collector = service("collector", env, tmp_path / "collector.log")
-    tasks = 3000
+    # the no-fault run: the same events through a queue of its own into a Redis left alone
+    ref_env = pollen_env(amqp_url, ref_server.url, "outage", event_queue="pollen-outage-ref")
+    reference = service("collector", ref_env, tmp_path / "reference.log")
+    api: Api | None = None
+    tasks, seed = 4000, 21
+    sent: list[int] = []
     try:
+        api = Api(
+            pollen_env(amqp_url, redis_url, "outage", api_redis_timeout="1"), tmp_path / "api.log"
+        )
         r = redis.Redis.from_url(redis_url)
+        ref = redis.Redis.from_url(ref_server.url)
         wait_for(lambda: r.zcard(keys.collectors), timeout=20, message="collector up")
+        wait_for(lambda: ref.zcard(keys.collectors), timeout=20, message="reference up")
         sender = threading.Thread(
-            target=publish_tasks, args=(amqp_url, tasks), kwargs={"per_second": 1500.0}
+            target=lambda: sent.append(publish_mixed(amqp_url, tasks, seed, per_second=1000.0))
         )
         sender.start()
-        wait_for(lambda: applied(r, keys) > 1000, timeout=30, message="events flowing")
+        wait_for(lambda: applied(r, keys) > 4000, timeout=30, message="events flowing")
+        assert api.get("/api/tasks?limit=5")[0] == 200
         state.kill()
-        time.sleep(2.0)  # the stream goes on into RabbitMQ meanwhile
-        assert collector.alive()
+
+        # while Redis is away every read answers 503 at once (the client would time out
+        # after 10 s: a hang fails the test), liveness stays up
+        for path in (
+            "/api/tasks?limit=5",
+            "/api/task/info/00000000-0000-4000-8000-000000000000",
+            "/api/task/types",
+            "/api/workers",
+            "/api/workers?status=1",
+            "/api/queues/length",
+            "/metrics",
+        ):
+            status, _, body = api.request("GET", path, timeout=10)
+            assert status == 503, (path, status, body[:300])
+            assert b"state store unavailable" in body, body[:300]
+        assert api.request("GET", "/readyz", timeout=10)[0] == 503
+        assert api.request("GET", "/healthz", timeout=10)[0] == 200
+        # the event relay notices the lost subscription and refuses new clients with a 503
+        ws_url = f"{api.url.replace('http', 'ws')}/api/events"
+        wait_for(lambda: ws_status(ws_url) == 503, timeout=15, message="the relay answering 503")
+        time.sleep(1.0)  # the stream goes on into RabbitMQ meanwhile
+        assert collector.alive() and api.process.alive()
         state.start()
         sender.join(60)
+        assert sent, "the publisher failed"
+        total = sent[0]
         r = redis.Redis.from_url(redis_url)
-        wait_for(lambda: applied(r, keys) >= tasks * 3, timeout=60, message="all applied")
+        wait_for(lambda: applied(r, keys) >= total, timeout=60, message="all applied")
+        wait_for(lambda: applied(ref, keys) >= total, timeout=60, message="reference applied")
         time.sleep(1.0)
-        assert applied(r, keys) == tasks * 3
-        assert r.zcard(keys.all_shards[0].by_state("SUCCESS")) == tasks
+        assert applied(r, keys) == total
+        assert assert_same_state(r, "outage", ref, "outage") > tasks
+
+        # the API is back by itself: reads, readiness and live events
+        wait_for(lambda: api.get("/readyz")[0] == 200, timeout=20, message="API ready again")
+        status, _, body = api.get("/api/tasks?limit=1000")
+        assert status == 200 and len(json.loads(body)) == 1000
+        wait_for(lambda: ws_status(ws_url) == 101, timeout=20, message="the relay back")
+        reader = WsReader(f"{ws_url}?type=task-sent")
+        reader.start()
+        assert reader.connected.wait(20)
+        more = 50
+        publish_mixed(amqp_url, more, seed, start=tasks)
+        wait_for(lambda: len(reader.messages) >= more, timeout=30, message="live events after it")
+        reader.stop_flag.set()
+        reader.join(10)
+        assert reader.closed is None, reader.closed
+        assert len(reader.messages) == more
     finally:
         collector.stop()
+        reference.stop()
+        if api is not None:
+            api.stop()
         state.stop()
+        ref_server.stop()
     log = collector.output()
     assert log.count("redis unavailable") == 1, log  # one line per outage, no crash loop
     assert "redis is back" in log
     assert "Traceback" not in log
+    api_log = api.process.output() if api is not None else ""
+    assert "Traceback" not in api_log, api_log[-3000:]
 
 
 def test_rabbitmq_connection_dropped_mid_stream(amqp_url: str, tmp_path: Path) -> None:
@@ -97,3 +224,114 @@ def test_rabbitmq_connection_dropped_mid_stream(amqp_url: str, tmp_path: Path) -
     log = collector.output()
     assert "broker unavailable" in log
     assert "Traceback" not in log
+
+
+def task_state(r: redis.Redis, keys: Keys, uuid: str) -> str | None:
+    raw = r.hget(keys.shard_for(uuid).task(uuid), "state")
+    return json.loads(raw) if raw else None
+
+
+def queue_sample_time(r: redis.Redis, keys: Keys, queue: str) -> float:
+    raw = r.hget(keys.queues, queue)
+    return float(json.loads(raw)["time"]) if raw else 0.0
+
+
+@pytest.mark.skipif(
+    not private_rabbitmq_possible(),
+    reason="no /usr/lib/rabbitmq/bin/rabbitmq-server to start a private node "
+    "(test_rabbitmq_connection_dropped_mid_stream covers reconnection on the shared node)",
+)
+def test_rabbitmq_restarted_under_collector_enabler_and_worker(tmp_path: Path) -> None:
+    """A RabbitMQ node of the test's own is stopped and started again between two parts of a
+    stream. The collector, the enabler and a Celery worker reconnect by themselves: the
+    durable named queue keeps what is published while the collector is still reconnecting,
+    every event is applied once, the enabler samples queues again and turns task events back
+    on for the worker (which forgets them when it reconnects)."""
+    node = RabbitNode(tmp_path / "rabbit").start()
+    state = RedisServer(tmp_path / "state").start()
+    keys = Keys("restart")
+    r = redis.Redis.from_url(state.url)
+    settings = {"event_queue": "pollen-restart", "batch_size": "200"}
+    env = pollen_env(node.url, state.url, "restart", **settings)
+    procs: list[Process] = []
+    app = Celery("restart-client", broker=node.url)
+    try:
+        collector = service("collector", env, tmp_path / "collector.log")
+        enabler = service(
+            "enabler",
+            pollen_env(
+                node.url,
+                state.url,
+                "restart",
+                enable_interval="1",
+                queue_interval="0.5",
+                inspect_interval="5",
+            ),
+            tmp_path / "enabler.log",
+        )
+        # a worker started without task events: only the enabler turns them on
+        worker = celery_worker(
+            node.url,
+            tmp_path / "worker.log",
+            "rr@faults",
+            events=False,
+            env={"DEMO_TASK_EVENTS": "0"},
+        )
+        procs += [collector, enabler, worker]
+        wait_for(lambda: r.zcard(keys.collectors), timeout=30, message="collector up")
+
+        def run_task(x: int) -> None:
+            """Tasks on the worker until one is seen succeeding: the worker sends task events
+            only once the enabler has turned them on (tasks before that are not seen)."""
+
+            def seen() -> bool:
+                result = app.send_task("demo.app.add", (x, x))
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    if task_state(r, keys, result.id) == "SUCCESS":
+                        return True
+                    time.sleep(0.2)
+                return False
+
+            wait_for(seen, timeout=90, interval=0, message=f"a task seen succeeding ({x})")
+
+        run_task(1)
+        first = publish_mixed(node.url, 1500, seed=31)
+        wait_for(lambda: applied(r, keys) >= first + 3, timeout=60, message="part one applied")
+
+        node.stop()
+        time.sleep(1.0)
+        assert collector.alive() and enabler.alive()
+        node.start()
+        back = time.time()
+        # published while the collector is still reconnecting: the durable queue keeps them
+        second = publish_mixed(node.url, 1500, seed=31, start=1500)
+        total = first + second
+        wait_for(lambda: applied(r, keys) >= total + 3, timeout=90, message="part two applied")
+        wait_for(
+            lambda: queue_sample_time(r, keys, "celery") > back,
+            timeout=60,
+            message="the enabler sampling queues again",
+        )
+        run_task(2)
+        time.sleep(1.0)
+        worker_events = sum(
+            int(v)
+            for f, v in r.hgetall(keys.all_shards[0].counts).items()
+            if f.decode().startswith("rr@faults")
+        )
+        # every event of the stream applied once (the rest are the worker's own)
+        assert applied(r, keys) - worker_events == total
+        assert collector.alive() and enabler.alive() and worker.alive()
+    finally:
+        app.close()
+        for p in reversed(procs):
+            p.stop()
+        node.stop()
+        state.stop()
+    for name, proc in (("collector", procs[0]), ("enabler", procs[1])):
+        log = proc.output()
+        assert "broker unavailable" in log, f"{name}: {log[-2000:]}"
+        assert "Traceback" not in log, f"{name}: {log[-3000:]}"
+        # every outage the service reported has ended
+        assert log.rindex("broker is back") > log.rindex("broker unavailable"), log[-3000:]
