@@ -35,6 +35,11 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+# Soak (about 15 minutes): 1M tasks through a private RabbitMQ node, collector, enabler and API
+# with POLLEN_MAX_TASKS=200000; checks Redis memory, process RSS and logs (SOAK_ARGS=--help).
+soak: $(STAMP) services
+	$(BIN)/python -m tests.faults.soak $(SOAK_ARGS)
+
 run: $(STAMP)
 	$(BIN)/python -m demo.launcher
 
