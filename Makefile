@@ -4,7 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install services test lint typecheck pytest run bench soak clean
+SCREENSHOTS_DIR ?= docs/screenshots
+
+.PHONY: install services test lint typecheck pytest run bench soak screenshots clean
 
 $(STAMP): pyproject.toml
 	bash .ci/venv $(PYTHON) $(VENV)
@@ -45,3 +47,7 @@ run: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# Refresh the README's dashboard screenshots from a real stack.
+screenshots: $(STAMP)
+	SCREENSHOTS_DIR=$(CURDIR)/$(SCREENSHOTS_DIR) $(BIN)/pytest -q tests/dashboard

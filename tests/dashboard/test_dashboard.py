@@ -2,7 +2,8 @@
 
 Each test opens the page the way a person does and waits (with timeouts) for what they would
 see; the only timing promise checked is the issue's "a finishing task shows up within a
-second". Screenshots of each view are written to docs/screenshots/.
+second". Screenshots of each view are written to .run/screenshots/
+(`make screenshots` refreshes docs/screenshots/).
 """
 
 from __future__ import annotations
