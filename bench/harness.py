@@ -570,6 +570,14 @@ RUNNERS: dict[str, Callable[[Run, Sizes], None]] = {
 }
 
 
+#: The result keys each scenario writes (others write their own name).
+SCENARIO_KEYS = {
+    "micro": ("micro", "flower_state", "lua_profile"),
+    "scale": ("scale", "api_queries"),
+    "profile": ("profiles",),
+}
+
+
 def _log(row: dict[str, Any]) -> None:
     print(json.dumps(row, default=str)[:400], flush=True)
 
@@ -582,6 +590,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, help="override the number of repeats")
     p.add_argument("--out", type=Path, default=OUT / "results.json")
     p.add_argument("--report-only", action="store_true", help="re-render from --out")
+    p.add_argument(
+        "--resume", action="store_true", help="continue --out: skip the scenarios it has"
+    )
     a = p.parse_args(argv)
     from bench import report
 
@@ -592,7 +603,18 @@ def main(argv: list[str] | None = None) -> None:
     if a.repeats:
         sizes = replace(sizes, repeats=a.repeats)
     run = Run(a.out, sizes, "quick" if a.quick else "full", argv)
+    done: set[str] = set()
+    if a.resume and a.out.exists():
+        previous = json.loads(a.out.read_text())
+        done = set(previous["meta"].get("scenario_seconds", {}))
+        previous["meta"]["argv"] += " ; then " + run.doc["meta"]["argv"]
+        previous["meta"]["date_resumed"] = run.doc["meta"]["date"]
+        run.doc = previous
     for name in a.only.split(","):
+        if name in done:
+            continue
+        for key in SCENARIO_KEYS.get(name, (name,)):
+            run.doc.pop(key, None)  # rows of an interrupted attempt
         started = time.monotonic()
         print(f"== {name}", flush=True)
         try:
