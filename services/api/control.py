@@ -666,7 +666,8 @@ async def queues_history(request: web.Request) -> web.StreamResponse:
 
 def _is_stream_id(text: str) -> bool:
     ms, _, seq = text.partition("-")
-    return ms.isdigit() and (seq == "" or seq.isdigit())
+    # ASCII digits only, each part within 64 bits: Redis refuses anything else (a 500)
+    return all(p.isascii() and p.isdigit() and int(p) < 2**64 for p in (ms, seq or "0"))
 
 
 #: The control endpoints, for the app factory.
