@@ -389,7 +389,17 @@ def main() -> int:
 
         if stopping.is_set():
             return 0
-        env = {"POLLEN_REDIS_URL": redis_url, "POLLEN_BROKER_URL": broker_url}
+        # task results (for /api/task/apply, result, abort): a third database of that Redis
+        used = {redis_db(redis_url), redis_db(broker_url) if broker_url.startswith("redis") else -1}
+        parts = urlsplit(redis_url)
+        result_db = min(set(range(2, 16)) - used)
+        result_url = urlunsplit((*parts[:2], f"/{result_db}", *parts[3:]))
+        env = {
+            "POLLEN_REDIS_URL": redis_url,
+            "POLLEN_BROKER_URL": broker_url,
+            "POLLEN_RESULT_BACKEND": result_url,
+            "DEMO_RESULT_BACKEND": result_url,
+        }
         stack.start(
             "worker",
             [
@@ -403,10 +413,11 @@ def main() -> int:
                 "INFO",
                 "--hostname",
                 "demo@%h",
+                # prefork, so pool grow/shrink/restart work from the dashboard and the API
                 "--pool",
-                "threads",
+                "prefork",
                 "--concurrency",
-                "4",
+                "2",
             ],
             env,
         )
