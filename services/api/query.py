@@ -36,6 +36,9 @@ from shared.keys import Keys, Shard
 CHUNK = 2000
 #: Most matches one Lua call returns.
 MAX_WANT = 5000
+#: Most values (names, states or workers) a search term may resolve to and still choose the
+#: index walked (more would merge that many zsets; the term is then checked per task instead).
+MAX_IMPLIED = 8
 
 SORT_KEYS = ("name", "state", "received", "started")
 _pack = msgspec.msgpack.encode
@@ -143,6 +146,17 @@ def _resolve(value: str | None, known: set[str]) -> tuple[str, ...] | None:
     return tuple(sorted(k for k in known if k.casefold() == folded))
 
 
+def _narrow(
+    values: tuple[str, ...] | None, implied: frozenset[str] | None
+) -> tuple[str, ...] | None:
+    """``values`` restricted to those a search requires, when that keeps few index keys."""
+    if implied is None or len(implied) > MAX_IMPLIED:
+        return values
+    if values is None:
+        return tuple(sorted(implied))
+    return tuple(v for v in values if v in implied)
+
+
 class QueryEngine:
     def __init__(self, client: Any, keys: Keys, script: Any, scan_limit: int) -> None:
         self.client = client
@@ -177,21 +191,28 @@ class QueryEngine:
 
     async def plan(self, q: TaskQuery) -> list[Segment] | None:
         """The segments of ``q`` in walk order; None when a filter matches nothing known."""
-        states = names = workers = None
+        expr = search_mod.parse_query(q.search)
+        searching = search_mod.needs_known(expr)
         known_states: set[str] = set()
         known_names: set[str] = set()
-        if q.state or q.sort == "state":
+        known_workers: set[str] = set()
+        if q.state or q.sort == "state" or searching:
             known_states = await self._members("states")
-            states = _resolve(q.state, known_states)
-        if q.name or q.sort == "name":
+        if q.name or q.sort == "name" or searching:
             known_names = await self._members("names")
-            names = _resolve(q.name, known_names)
-        if q.worker:
-            workers = _resolve(q.worker, await self._members("seen"))
-        if states == () or names == () or workers == ():
+        if q.worker or searching:
+            known_workers = await self._members("seen")
+        known = search_mod.Known(
+            frozenset(known_names), frozenset(known_states), frozenset(known_workers)
+        )
+        pre = search_mod.prefilter(expr, known)
+        # name/state/worker terms the search requires narrow the indexes walked
+        implied = search_mod.implied(pre)
+        states = _narrow(_resolve(q.state, known_states), implied.get("_s"))
+        names = _narrow(_resolve(q.name, known_names), implied.get("_n"))
+        workers = _narrow(_resolve(q.worker, known_workers), implied.get("_w"))
+        if states == () or names == () or workers == () or pre == search_mod.NEVER:
             return None
-        expr = search_mod.parse_query(q.search)
-        pre = search_mod.prefilter(expr)
         shards = self.keys.all_shards
 
         def residual(**sets: tuple[str, ...] | None) -> dict[str, Any]:

@@ -322,26 +322,103 @@ def matches(expr: Expr, doc: Document) -> bool:
 
 # --- prefilter (Lua: conservative) -------------------------------------------------------------
 
+#: Fields of the task hash whose few distinct values Python matches exactly (``Known``).
+VALUE_FIELDS = {"name": "_n", "state": "_s", "worker": "_w"}
+#: A prefilter that no task passes.
+NEVER: list[Any] = ["n"]
 
-def prefilter(expr: Expr) -> list[Any] | None:
-    """The query as nested lists for ``query_tasks.lua``: ``["and", ...]``, ``["or", ...]``,
-    ``["t", field, lowercase value]`` (substring), ``["s", value]`` (state equals) and
-    ``["m"]`` (undecidable in Lua: maybe). None for MatchAll."""
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """The raw values of the indexed fields (task names, states, worker hostnames) in Redis."""
+
+    names: frozenset[str] = frozenset()
+    states: frozenset[str] = frozenset()
+    workers: frozenset[str] = frozenset()
+
+    def values(self, field: str) -> frozenset[str]:
+        return {"name": self.names, "state": self.states, "worker": self.workers}[field]
+
+
+def needs_known(expr: Expr) -> bool:
+    """Whether ``prefilter`` reads ``Known`` for this query (a term on name, state, worker or
+    on no field)."""
+    if isinstance(expr, And | Or):
+        return any(needs_known(c) for c in expr.children)
+    return isinstance(expr, Term) and (expr.field is None or expr.field in VALUE_FIELDS)
+
+
+def prefilter(expr: Expr, known: Known) -> list[Any] | None:
+    """The query as nested lists for ``query_tasks.lua`` (None for MatchAll):
+
+    - ``["and", ...]``, ``["or", ...]``;
+    - ``["v", hash field, {raw value: true}]``: the task's ``_n``/``_s``/``_w`` is one of these
+      (decided here, exactly, over the known values: few, and Flower's casefold applies);
+    - ``["t", field, lowercase value]``: a substring of ``args``, ``kwargs``, ``result`` or, with
+      field ``""``, of any of them or the uuid (Lua decides ASCII text, else answers maybe);
+    - ``["m"]``: maybe (Python decides); ``["n"]``: no task.
+    """
     if isinstance(expr, MatchAll):
         return None
-    return _pre(expr)
+    return _pre(expr, known)
 
 
-def _pre(expr: Expr) -> list[Any]:
+def implied(pre: list[Any] | None) -> dict[str, frozenset[str]]:
+    """The raw values of ``_n``/``_s``/``_w`` every task passing ``pre`` has (its ``v`` terms
+    at the top level of an AND): the query engine walks those values' indexes."""
+    if pre is None:
+        return {}
+    nodes = pre[1:] if pre[0] == "and" else [pre]
+    out: dict[str, frozenset[str]] = {}
+    for node in nodes:
+        if node[0] == "v":
+            values = frozenset(node[2])
+            out[node[1]] = out[node[1]] & values if node[1] in out else values
+    return out
+
+
+def _pre(expr: Expr, known: Known) -> list[Any]:
     if isinstance(expr, And | Or):
-        return ["and" if isinstance(expr, And) else "or", *(_pre(c) for c in expr.children)]
+        children = [_pre(c, known) for c in expr.children]
+        if isinstance(expr, And):
+            if NEVER in children:
+                return NEVER
+            return ["and", *children]
+        children = [c for c in children if c != NEVER]
+        if not children:
+            return NEVER
+        return children[0] if len(children) == 1 else ["or", *children]
     assert isinstance(expr, Term)
     value = normalize(expr.value)
-    if not value.isascii() or value != expr.value.lower():
-        # casefold and ASCII lower differ (or non-ASCII): only Python can tell
-        return ["m"]
-    if expr.field in EXACT_FIELDS:
-        return ["s", value]
+    if expr.field in VALUE_FIELDS:
+        return _values(expr.field, value, known)
     if expr.field == "kwargs" and "=" in value:
         return ["m"]
-    return ["t", expr.field or "", value]
+    text = _text(expr.field or "", value, expr.value)
+    if expr.field is not None:
+        return text
+    return _pre_or([*(_values(f, value, known) for f in VALUE_FIELDS), text])
+
+
+def _pre_or(children: list[list[Any]]) -> list[Any]:
+    children = [c for c in children if c != NEVER]
+    if not children:
+        return NEVER
+    return children[0] if len(children) == 1 else ["or", *children]
+
+
+def _values(field: str, value: str, known: Known) -> list[Any]:
+    if field in EXACT_FIELDS:
+        hits = [v for v in known.values(field) if normalize(v) and normalize(v) == value]
+    else:
+        hits = [v for v in known.values(field) if value in normalize(v)]
+    if not hits:
+        return NEVER
+    return ["v", VALUE_FIELDS[field], dict.fromkeys(sorted(hits), True)]
+
+
+def _text(field: str, value: str, raw: str) -> list[Any]:
+    # Lua compares ASCII lowercase; a quote, NUL or \x01 would meet its JSON quoting or markers
+    if not value.isascii() or value != raw.lower() or any(c in value for c in '"\x00\x01'):
+        return ["m"]
+    return ["t", field, value]

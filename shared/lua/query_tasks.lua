@@ -14,10 +14,12 @@
 --   budget   most entries examined when a filter is set (no filter: nothing is examined)
 --   filter   nil, or a map: states/names/workers = {value=true} (exact raw values), noname
 --            (bool: only tasks without a name), received/started = {min, max} (a task without
---            that time passes, as in Flower), search = prefilter tree (services/api/search.py)
+--            that time passes, as in Flower), search = prefilter tree (services/api/search.py:
+--            'and'/'or' nodes, 'v' raw values of _n/_s/_w, 't' substrings, 'm' maybe, 'n' no)
 -- Reads (P = ARGV[1]; documented in shared/keys.py):
---   KEYS[1] (zset) and, when a filter is set, P task:<uuid> (hash) fields _s, _n, _w,
---   received, started and, with a search, args, kwargs, result.
+--   KEYS[1] (zset) and, when a filter is set, P task:<uuid> (hash): one HMGET per entry
+--   examined of the fields the filter reads among _s, _n, _w, received, started, args,
+--   kwargs, result.
 -- Returns { matches, examined, done, last_score, last_member, skip }: matches is a flat list
 -- member, score, sure (1: passes; 0: the search may match, the caller decides); done is 1 when
 -- the range is exhausted; last_* is the last entry examined (where to resume); skip is what
@@ -115,59 +117,105 @@ if not filter then
   return { matches, 0, done, last_score, last_member, left }
 end
 
-local fields = { '_s', '_n', '_w', 'received', 'started' }
+-- the hash fields the filters read (one HMGET per task examined)
+local fields, at = {}, {}
+local function need(f)
+  if not at[f] then
+    fields[#fields + 1] = f
+    at[f] = #fields
+  end
+end
+if filter.states then need('_s') end
+if filter.names or filter.noname then need('_n') end
+if filter.workers then need('_w') end
+if filter.received then need('received') end
+if filter.started then need('started') end
+
+-- Search (the tree from services/api/search.py:prefilter). Name, state and worker terms come
+-- resolved into sets of raw values. 't' terms are lowercase substrings of args, kwargs, result
+-- or (field '') of any of them or the uuid. args/kwargs/result are stored as JSON: an ASCII
+-- string without a backslash is its text between quotes, which are kept (search.py sends terms
+-- holding '"' as maybes, so a term is in the quoted text exactly when it is in the text).
+-- Anything else (non-ASCII, where Flower's casefold and Lua's lower differ; escapes; a value
+-- that is not a string) is undecidable here: the term answers maybe and Python decides.
 local search = filter.search
-if search then
-  fields[#fields + 1] = 'args'
-  fields[#fields + 1] = 'kwargs'
-  fields[#fields + 1] = 'result'
+local JSON_FIELDS = { 'args', 'kwargs', 'result' }
+local function wants(node)
+  local op = node[1]
+  if op == 'and' or op == 'or' then
+    for i = 2, #node do wants(node[i]) end
+  elseif op == 'v' then
+    need(node[2])
+  elseif op == 't' then
+    if node[2] == '' then
+      for _, f in ipairs(JSON_FIELDS) do need(f) end
+    else
+      need(node[2])
+    end
+  end
 end
+if search then wants(search) end
 
-local function in_range(json, range)
-  if not range or not json or json == 'null' then return true end
-  local v = tonumber(json)
-  if not v then return true end
-  return v >= tonumber(range[1]) and v <= tonumber(range[2])
-end
+local DECIDABLE = '^[^\1\128-\255\\]*$'
+local h, member = {}, nil
+-- texts of the task being examined, computed once: cache[f] holds when fresh[f] == seq
+local cache, fresh, seq = {}, {}, 0
 
--- text of a field as Flower normalizes it, or nil when Lua cannot tell (non-ASCII, escapes,
--- non-string JSON values): then every term on it is a maybe
-local function plain(raw)
-  if not raw or raw == '' then return '' end
-  if string.find(raw, '[\128-\255]') then return nil end
-  return string.lower(raw)
-end
-
-local function json_text(raw)
-  if not raw or raw == 'null' then return '' end
-  if string.sub(raw, 1, 1) ~= '"' or string.find(raw, '\\', 1, true) then return nil end
-  return plain(string.sub(raw, 2, -2))
-end
-
-local doc
-local function field_text(f)
-  local t = doc[f]
-  if t == nil then
-    if f == 'all' then
-      local parts = {}
-      for _, g in ipairs({ 'uuid', 'name', 'state', 'worker', 'args', 'kwargs', 'result' }) do
-        local x = field_text(g)
-        if x == false then doc.all = false; return false end
-        parts[#parts + 1] = x
-      end
-      t = table.concat(parts, '\0')
+-- lowercase text of field f ('': the uuid, args, kwargs and result NUL-joined), false when
+-- undecidable
+local function text(f)
+  if fresh[f] == seq then return cache[f] end
+  local t
+  if f == '' then
+    local a, k, r = h[at.args], h[at.kwargs], h[at.result]
+    if (a and string.byte(a, 1) ~= 34) or (k and string.byte(k, 1) ~= 34)
+      or (r and string.byte(r, 1) ~= 34) then
+      t = false
+    else
+      t = member .. '\0' .. (a or '') .. '\0' .. (k or '') .. '\0' .. (r or '')
+      if string.find(t, DECIDABLE) then t = string.lower(t) else t = false end
+    end
+  else
+    t = h[at[f]]
+    if not t then
+      t = ''
+    elseif string.byte(t, 1) == 34 and string.find(t, DECIDABLE) then
+      t = string.lower(t)
     else
       t = false
     end
-    doc[f] = t
   end
+  cache[f], fresh[f] = t, seq
   return t
 end
 
 -- 0: no, 1: maybe, 2: yes
 local function eval(node)
   local op = node[1]
-  if op == 'and' then
+  if op == 't' then
+    local t = text(node[2])
+    if t == false then
+      if node[2] ~= '' then return 1 end
+      -- some part is undecidable: the others may still hold the term
+      local r = 0
+      t = string.lower(member)
+      if string.find(member, DECIDABLE) then
+        if string.find(t, node[3], 1, true) then return 2 end
+      else
+        r = 1
+      end
+      for _, f in ipairs(JSON_FIELDS) do
+        t = text(f)
+        if t == false then r = 1 elseif string.find(t, node[3], 1, true) then return 2 end
+      end
+      return r
+    end
+    if string.find(t, node[3], 1, true) then return 2 end
+    return 0
+  elseif op == 'v' then
+    if node[3][h[at[node[2]]]] then return 2 end
+    return 0
+  elseif op == 'and' then
     local r = 2
     for i = 2, #node do
       r = math.min(r, eval(node[i]))
@@ -181,59 +229,61 @@ local function eval(node)
       if r == 2 then return 2 end
     end
     return r
-  elseif op == 's' then
-    local t = field_text('state')
-    if t == false then return 1 end
-    if t ~= '' and t == node[2] then return 2 end
-    return 0
-  elseif op == 't' then
-    local f = node[2]
-    if f == '' then f = 'all' end
-    local t = field_text(f)
-    if t == false then return 1 end
-    if string.find(t, node[3], 1, true) then return 2 end
+  elseif op == 'n' then
     return 0
   end
   return 1
 end
 
+local function in_range(json, range)
+  if not json or json == 'null' then return true end
+  local v = tonumber(json)
+  if not v then return true end
+  return v >= tonumber(range[1]) and v <= tonumber(range[2])
+end
+
+-- the last rank inside [min, max] in walk order (scores are not compared per entry)
+local edge
+if asc then
+  edge = redis.call('ZCOUNT', key, '-inf', req.max) - 1
+else
+  edge = redis.call('ZCOUNT', key, '-inf', '(' .. req.min)
+end
+
+local states, names, workers = filter.states, filter.names, filter.workers
+local noname, received, started = filter.noname, filter.received, filter.started
 local done = 0
 local last_score, last_member = false, false
 local budget = req.budget
-while #matches < 3 * want and examined < budget do
-  if rank < 0 or rank >= total then done = 1; break end
-  local n = math.min(budget - examined, 200)
-  local items
+local stop = false
+while not stop do
+  local n = math.min(budget - examined, 500)
+  local lo, hi
   if asc then
-    items = redis.call('ZRANGE', key, rank, rank + n - 1, 'WITHSCORES')
+    lo, hi = rank, math.min(rank + n - 1, edge)
   else
-    items = redis.call('ZRANGE', key, math.max(0, rank - n + 1), rank, 'WITHSCORES')
+    lo, hi = math.max(rank - n + 1, edge), rank
   end
-  if #items == 0 then done = 1; break end
+  if n <= 0 or lo > hi then break end
+  local items = redis.call('ZRANGE', key, lo, hi, 'WITHSCORES')
+  if #items == 0 then break end
   local first, last, step = 1, #items - 1, 2
   if not asc then first, last, step = #items - 1, 1, -2 end
-  local stop = false
   for i = first, last, step do
-    local member, score = items[i], items[i + 1]
-    if not in_bounds(score) then done = 1; stop = true; break end
+    member = items[i]
     examined = examined + 1
-    last_score, last_member = score, member
     if asc then rank = rank + 1 else rank = rank - 1 end
-    local h = redis.call('HMGET', P .. 'task:' .. member, unpack(fields))
-    local ok = h[1] ~= false
-    if ok and filter.states and not filter.states[h[1]] then ok = false end
-    if ok and filter.noname and h[2] and h[2] ~= '' then ok = false end
-    if ok and filter.names and not filter.names[h[2] or ''] then ok = false end
-    if ok and filter.workers and not filter.workers[h[3] or ''] then ok = false end
-    if ok and not in_range(h[4] or nil, filter.received) then ok = false end
-    if ok and not in_range(h[5] or nil, filter.started) then ok = false end
+    if #fields > 0 then h = redis.call('HMGET', P .. 'task:' .. member, unpack(fields)) end
+    local ok = true
+    if states and not states[h[at._s]] then ok = false end
+    if ok and noname and h[at._n] and h[at._n] ~= '' then ok = false end
+    if ok and names and not names[h[at._n] or ''] then ok = false end
+    if ok and workers and not workers[h[at._w] or ''] then ok = false end
+    if ok and received and not in_range(h[at.received], received) then ok = false end
+    if ok and started and not in_range(h[at.started], started) then ok = false end
     local sure = 1
     if ok and search then
-      doc = {
-        uuid = plain(member), name = plain(h[2] or nil), state = plain(h[1] or nil),
-        worker = plain(h[3] or nil), args = json_text(h[6] or nil),
-        kwargs = json_text(h[7] or nil), result = json_text(h[8] or nil),
-      }
+      seq = seq + 1
       local r = eval(search)
       if r == 0 then ok = false elseif r == 1 then sure = 0 end
     end
@@ -242,14 +292,19 @@ while #matches < 3 * want and examined < budget do
         skip = skip - 1
       else
         matches[#matches + 1] = member
-        matches[#matches + 1] = score
+        matches[#matches + 1] = items[i + 1]
         matches[#matches + 1] = sure
       end
     end
-    if #matches >= 3 * want or examined >= budget then stop = true; break end
+    if #matches >= 3 * want or examined >= budget then
+      stop = true
+      break
+    end
   end
-  if done == 1 then break end
-  if not stop and #items < 2 * n then done = 1; break end
 end
-if rank < 0 or rank >= total then done = 1 end
+if examined > 0 then
+  last_member = member
+  last_score = redis.call('ZSCORE', key, member)
+end
+if (asc and rank > edge) or (not asc and rank < edge) then done = 1 end
 return { matches, examined, done, last_score, last_member, skip }

@@ -142,6 +142,17 @@ SEARCHES = [
     "alice AND kwargs:n=3",
     "nothing-matches-this",
     "boom",
+    # name/state/worker terms are resolved over the known values; the rest is decided in Lua
+    "gamma",
+    "worker:GAMMA OR args:hello",
+    "state:progress",
+    "name:ünicode",
+    "name:no.such.task",
+    "worker:nosuch AND args:hello",
+    "(name:nosuch OR result:rows) state:success",
+    "success",
+    next(e["uuid"] for e in EVENTS if "uuid" in e)[:8].upper(),
+    "'ok'",
 ]
 
 
@@ -272,3 +283,28 @@ def test_cursor_pages_cover_the_listing(api: Api) -> None:
 
 
 FlowerQuery = Callable[..., list[tuple[str, dict[str, Any]]]]
+
+
+@pytest.mark.parametrize(
+    ("search", "state", "name"),
+    [
+        ("state:failure boom", "FAILURE", None),
+        ("name:mul", None, "tasks.mul"),
+        ("reports", None, None),
+    ],
+)
+def test_search_terms_on_indexed_fields_walk_their_indexes(
+    api: Api, search: str, state: str | None, name: str | None
+) -> None:
+    """A state/name term every match must satisfy picks the index walked: only that state's or
+    those names' tasks are examined (a term on no field examines every task)."""
+    status, headers, body = api.get(f"/api/tasks?limit=1000&search={search.replace(' ', '+')}")
+    assert status == 200
+    tasks = FLOWER.state.tasks.values()
+    walked = [
+        t for t in tasks if (state is None or t.state == state) and (name is None or t.name == name)
+    ]
+    assert int(headers["X-Pollen-Examined"]) == len(walked)
+    assert [u for u, _ in json.loads(body, object_pairs_hook=list)] == [
+        u for u, _ in flower_tasks(limit=1000, search=search)
+    ]
