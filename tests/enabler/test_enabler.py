@@ -13,6 +13,7 @@ import redis
 from kombu import Exchange, Queue
 
 from services.enabler.broker import REDIS_PRIORITY_SEP
+from services.enabler.store import INSPECT_METHODS
 from tests import readback
 from tests.enabler.helpers import (
     KEYS,
@@ -83,7 +84,7 @@ def test_events_inspect_and_queues_on_redis(
             # the first round after taking the lease inspected w1
             def inspected(hostname: str) -> bool:
                 data = inspect_data(state, KEYS, hostname)
-                return all(m in data for m in ("stats", "registered", "active_queues", "conf"))
+                return all(m in data for m in INSPECT_METHODS)
 
             wait_for(lambda: inspected(host), timeout=20, message="w1 inspected")
             data = inspect_data(state, KEYS, host)
