@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from services.collector.decode import Decoder, DecodeResult
@@ -173,7 +173,10 @@ def test_decoder_mutated_events(events: list[Any], as_list: bool, msgpack: bool)
         events = events[:1]
     payload: Any = events if as_list else events[0]
     if msgpack:
-        body, content_type = msgspec.msgpack.encode(payload), "application/x-msgpack"
+        try:
+            body, content_type = msgspec.msgpack.encode(payload), "application/x-msgpack"
+        except OverflowError:  # msgpack has no ints beyond 64 bits: nothing to send
+            assume(False)
     else:
         body, content_type = json.dumps(payload).encode(), "application/json"
     result = decoder.decode(body, content_type, "binary", 1.0)
