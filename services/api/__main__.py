@@ -6,18 +6,28 @@ import logging
 import sys
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from services.api.app import make_app
 from services.api.auth import Credentials, bind_refusal
+from shared.logs import setup_logging
 from shared.settings import load_or_exit
+
+
+def _quiet_bad_requests(record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger("aiohttp.server").isEnabledFor(logging.DEBUG)
+    return True
 
 
 def main() -> None:
     settings = load_or_exit()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(settings.log_level, "api")
+    # aiohttp logs each malformed HTTP request at ERROR with a traceback, though it answers 400:
+    # that is the client's error, and a bad client must not be able to flood the log
+    logging.getLogger("aiohttp.server").addFilter(_quiet_bad_requests)
     try:
         Credentials.from_settings(settings)
     except ValueError as exc:
