@@ -37,6 +37,7 @@ from bench.systems import (
     scratch,
     wait_drained,
 )
+from shared.keys import Keys
 from tests.support import RedisServer, rabbitmq_available
 
 OUT = ROOT / "bench" / "out"
@@ -376,6 +377,10 @@ MIXED = [
 ]
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _uuids(base: str, n: int = 50) -> list[str]:
     import urllib.request
 
@@ -452,28 +457,35 @@ def scenario_scale(run: Run, sizes: Sizes) -> None:
         server = RedisServer(wd / "redis").start()
         try:
             fill = micro.run(tasks, True, wd, server=server)
+            row: dict[str, Any] = {
+                "tasks": tasks,
+                "fill": fill,
+                "bytes_per_task": fill["redis_bytes_per_task"],
+            }
+            run.put("scale", row)  # the fill alone is worth keeping if the API fails
             env = {
                 "POLLEN_REDIS_URL": server.url,
                 "POLLEN_NAMESPACE": micro.NAMESPACE,
                 "POLLEN_LOG_LEVEL": "WARNING",
             }
+            client = redis.Redis(port=server.port)
+            index = Keys(micro.NAMESPACE).all_shards[0].by_timestamp
+            members: list[bytes] = client.zrandmember(index, 50) or []  # type: ignore[assignment]
+            uuids = [_text(u) for u in members]
+            client.close()
             proc, base = api_process(env, wd, 0)
             try:
-                rss_start = rss([proc.pid])
-                uuids = _uuids(base)
-                timings = http.time_paths(base, query_paths(uuids, tasks), sizes.query_repeats)
-                rss_end = rss([proc.pid])
+                row["api_rss_start"] = rss([proc.pid])
+                row["queries"] = http.time_paths(
+                    base, query_paths(uuids, tasks), sizes.query_repeats
+                )
+                row["api_rss_after_queries"] = rss([proc.pid])
             finally:
                 proc.stop()
-            row = {
-                "tasks": tasks,
-                "fill": fill,
-                "bytes_per_task": fill["redis_bytes_per_task"],
-                "api_rss_start": rss_start,
-                "api_rss_after_queries": rss_end,
-                "queries": timings,
-            }
-            run.put("scale", row)
+                failed = any(set(q["status"]) != {"200"} for q in row.get("queries", {}).values())
+                if failed or "queries" not in row:
+                    row["api_log_tail"] = proc.output()[-4000:]
+                run.put("scale", row)
             _log({k: v for k, v in row.items() if k not in ("queries", "fill")})
         finally:
             server.stop()
@@ -593,6 +605,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue --out: skip the scenarios it has"
     )
+    p.add_argument("--redo", default="", help="with --resume: scenarios to run again anyway")
     a = p.parse_args(argv)
     from bench import report
 
@@ -606,7 +619,11 @@ def main(argv: list[str] | None = None) -> None:
     done: set[str] = set()
     if a.resume and a.out.exists():
         previous = json.loads(a.out.read_text())
-        done = set(previous["meta"].get("scenario_seconds", {}))
+        failed = {e["scenario"].split()[0] for e in previous.get("errors", [])}
+        done = set(previous["meta"].get("scenario_seconds", {})) - failed - set(a.redo.split(","))
+        previous["errors"] = [
+            e for e in previous.get("errors", []) if e["scenario"].split()[0] not in failed
+        ]
         previous["meta"]["argv"] += " ; then " + run.doc["meta"]["argv"]
         previous["meta"]["date_resumed"] = run.doc["meta"]["date"]
         run.doc = previous
