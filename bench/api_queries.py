@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
+import multiprocessing
 import os
 import random
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,7 +193,7 @@ def measure_flower(
         state.event(dict(event, local_received=event["timestamp"]))
     load_s = time.perf_counter() - started
     ns = types.SimpleNamespace(state=state)
-    kwargs = {
+    kwargs: dict[str, dict[str, Any]] = {
         "default": {"limit": 100},
         "state_filter": {"limit": 100, "state": "FAILURE"},
         "name_filter": {"limit": 100, "type": "bench.task3"},
@@ -224,77 +228,191 @@ def measure_flower(
     return out
 
 
-async def measure_ws(
-    redis_port: int, api_port: int, clients: int, rate: int, seconds: float
+class _TimeOnly(msgspec.Struct):
+    timestamp: float = 0.0
+
+
+_decode_one = msgspec.json.Decoder(_TimeOnly).decode
+_decode_many = msgspec.json.Decoder(list[_TimeOnly]).decode
+
+
+class _WsReader(asyncio.Protocol):
+    """A bare WebSocket client: counts messages (events, with ``batch=``) and times the last
+    event of each read against its timestamp. Cheap enough that 500 of them in two processes
+    are not what limits the measurement (aiohttp clients with a JSON parse per message were)."""
+
+    def __init__(self, path: str, batched: bool, stats: dict[str, Any]) -> None:
+        self.path = path
+        self.batched = batched
+        self.stats = stats
+        self.buf = bytearray()
+        self.upgraded = False
+        self.ready = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write(
+            f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end == -1:
+                return
+            assert buf.startswith(b"HTTP/1.1 101"), bytes(buf[:200])
+            del buf[: end + 4]
+            self.upgraded = True
+            self.ready.set_result(None)
+        pos, last, frames = 0, None, 0
+        while len(buf) - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            n, head = b1 & 0x7F, 2
+            if n == 126:
+                if len(buf) - pos < 4:
+                    break
+                n, head = struct.unpack_from("!H", buf, pos + 2)[0], 4
+            elif n == 127:
+                if len(buf) - pos < 10:
+                    break
+                n, head = struct.unpack_from("!Q", buf, pos + 2)[0], 10
+            if len(buf) - pos < head + n:
+                break
+            opcode = b0 & 0x0F
+            if opcode == 1:
+                frames += 1
+                if self.batched:
+                    self._timed(_decode_many(bytes(buf[pos + head : pos + head + n])))
+                else:
+                    last = (pos + head, n)
+            elif opcode == 9 and self.transport is not None:  # ping: a masked pong
+                payload = bytes(buf[pos + head : pos + head + n])
+                self.transport.write(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
+            elif opcode == 8:
+                code = struct.unpack_from("!H", buf, pos + head)[0] if n >= 2 else 1005
+                if code != 1000:
+                    self.stats["cut"] += 1
+            pos += head + n
+        if last is not None:
+            self.stats["received"] += frames
+            self._timed([_decode_one(bytes(buf[last[0] : last[0] + last[1]]))], count=False)
+        del buf[:pos]
+
+    def _timed(self, events: list[_TimeOnly], count: bool = True) -> None:
+        now = time.time()
+        if count:
+            self.stats["received"] += len(events)
+        lat = self.stats["latencies"]
+        for e in events[-1:] if not count else events:
+            lat.append((now - e.timestamp) * 1000)
+
+
+def _ws_clients(port: int, clients: int, path: str, batched: bool, pipe: Any) -> None:
+    """A process of ``clients`` WebSocket clients; says "ready", waits for "stop", reports."""
+
+    async def main() -> dict[str, Any]:
+        stats: dict[str, Any] = {"received": 0, "cut": 0, "latencies": []}
+        loop = asyncio.get_running_loop()
+        readers = []
+        for _ in range(clients):
+            _, reader = await loop.create_connection(
+                lambda: _WsReader(path, batched, stats), "127.0.0.1", port
+            )
+            readers.append(reader)
+        await asyncio.gather(*(r.ready for r in readers))
+        pipe.send("ready")
+        await loop.run_in_executor(None, pipe.recv)
+        for r in readers:
+            if r.transport is not None:
+                r.transport.close()
+        lat = stats["latencies"]
+        if len(lat) > 100_000:
+            stats["latencies"] = random.Random(1).sample(lat, 100_000)
+        return stats
+
+    pipe.send(asyncio.run(main()))
+
+
+def measure_ws(
+    redis_port: int,
+    api_port: int,
+    clients: int,
+    rate: int,
+    seconds: float,
+    batch_ms: int = 0,
+    procs: int = 2,
 ) -> dict[str, Any]:
-    latencies: list[float] = []
-    closed = 0
-    received = 0
     settings = load(
         {"POLLEN_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "POLLEN_NAMESPACE": "b"}
     )
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        sockets = []
-        for _ in range(clients):
-            sockets.append(await session.ws_connect(f"http://127.0.0.1:{api_port}/api/events"))
+    path = "/api/events" + (f"?batch={batch_ms}" if batch_ms else "")
+    ctx = multiprocessing.get_context("spawn")
+    workers = []
+    for i in range(procs):
+        share = clients // procs + (1 if i < clients % procs else 0)
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(
+            target=_ws_clients, args=(api_port, share, path, bool(batch_ms), theirs), daemon=True
+        )
+        proc.start()
+        workers.append((proc, ours))
+    for _, pipe in workers:
+        assert pipe.poll(120), "WebSocket clients did not connect"
+        assert pipe.recv() == "ready"
 
-        async def reader(ws: aiohttp.ClientWebSocketResponse) -> None:
-            nonlocal closed, received
-            async for msg in ws:
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    break
-                now = time.time()
-                # parse only the timestamp cheaply: the message starts with the event's JSON
-                data = json.loads(msg.data)
-                latencies.append((now - data["timestamp"]) * 1000)
-                received += 1
-            if ws.close_code not in (None, 1000):
-                closed += 1
-
-        readers = [asyncio.create_task(reader(ws)) for ws in sockets]
-
-        def publish() -> int:
-            client = redis.Redis(port=redis_port)
-            writer = Writer(client, settings)
-            sent = 0
-            batch = max(1, rate // 20)
-            start = time.time()
-            i = 0
-            while time.time() - start < seconds:
-                now = time.time()
-                events = [
-                    {
-                        "type": "worker-heartbeat",
-                        "hostname": f"celery@ws{(i + k) % 8}",
-                        "timestamp": now,
-                        "clock": i + k,
-                        "freq": 2.0,
-                        "active": 0,
-                    }
-                    for k in range(batch)
-                ]
-                writer.apply(readback.decode_events(events), now)
-                sent += batch
-                i += batch
-                ahead = start + sent / rate - time.time()
-                if ahead > 0:
-                    time.sleep(ahead)
-            client.close()
-            return sent
-
-        sent = await asyncio.to_thread(publish)
-        await asyncio.sleep(3)
-        for ws in sockets:
-            await ws.close()
-        await asyncio.gather(*readers, return_exceptions=True)
+    client = redis.Redis(port=redis_port)
+    writer = Writer(client, settings)
+    sent = 0
+    batch = max(1, rate // 20)
+    start = time.time()
+    i = 0
+    while time.time() - start < seconds:
+        now = time.time()
+        events = [
+            {
+                "type": "worker-heartbeat",
+                "hostname": f"celery@ws{(i + k) % 8}",
+                "timestamp": now,
+                "clock": i + k,
+                "freq": 2.0,
+                "active": 0,
+            }
+            for k in range(batch)
+        ]
+        writer.apply(readback.decode_events(events), now)
+        sent += batch
+        i += batch
+        ahead = start + sent / rate - time.time()
+        if ahead > 0:
+            time.sleep(ahead)
+    client.close()
+    time.sleep(3)
+    received, cut, latencies = 0, 0, []
+    for proc, pipe in workers:
+        pipe.send("stop")
+        assert pipe.poll(60), "WebSocket clients did not report"
+        stats = pipe.recv()
+        received += stats["received"]
+        cut += stats["cut"]
+        latencies.extend(stats["latencies"])
+        proc.join(10)
     return {
         "clients": clients,
         "events_per_second": rate,
+        "batch_ms": batch_ms,
         "seconds": seconds,
         "events_sent": sent,
         "deliveries_expected": sent * clients,
         "deliveries": received,
-        "clients_cut": closed,
+        "clients_cut": cut,
+        "latency_sampling": "per batch" if batch_ms else "last message of each socket read",
         **(summary(latencies) if latencies else {}),
     }
 
@@ -327,13 +445,18 @@ def run(count: int, args: argparse.Namespace) -> dict[str, Any]:
             "events": len(events),
             "seed_seconds": round(seed_s, 1),
         }
-        result["pollen"] = asyncio.run(measure_api(port, count, uuids, args.requests))
-        if args.flower or (count <= 100_000 and not args.no_flower):
+        if not args.no_queries:
+            result["pollen"] = asyncio.run(measure_api(port, count, uuids, args.requests))
+        if not args.no_queries and (args.flower or (count <= 100_000 and not args.no_flower)):
             result["flower_in_process"] = measure_flower(events, count, uuids, args.requests)
         if args.ws_clients:
-            result["websocket"] = asyncio.run(
-                measure_ws(server.port, port, args.ws_clients, args.ws_rate, args.ws_seconds)
+            result["websocket"] = measure_ws(
+                server.port, port, args.ws_clients, args.ws_rate, args.ws_seconds
             )
+            if args.ws_batch:
+                result["websocket_batched"] = measure_ws(
+                    server.port, port, args.ws_clients, args.ws_rate, args.ws_seconds, args.ws_batch
+                )
         return result
     finally:
         if api is not None:
@@ -351,6 +474,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ws-rate", type=int, default=1000, help="events per second")
     parser.add_argument("--ws-seconds", type=float, default=10.0)
     parser.add_argument("--ws-queue", type=int, default=1000, help="POLLEN_WS_QUEUE")
+    parser.add_argument(
+        "--ws-batch", type=int, default=100, help="also measure batch=<ms> clients (0: not)"
+    )
+    parser.add_argument("--no-queries", action="store_true", help="WebSocket part only")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     results = []
