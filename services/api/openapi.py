@@ -82,6 +82,11 @@ _WS_PARAMS = [
     _param("worker", "event hostname, repeatable"),
     _param("state", "task state after the event, repeatable"),
     _param("since", "resume after this cursor (stream id, or one per shard comma-joined)"),
+    _param(
+        "batch",
+        "milliseconds: one JSON array of the events of each period",
+        {"type": "integer", "minimum": 1, "maximum": 10000},
+    ),
     _param("token", "bearer token (for clients that cannot set headers)"),
 ]
 
