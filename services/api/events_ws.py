@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, web
 
 from services.api.context import Context, ctx
 from services.api.errors import REDIS_DOWN, ApiError, bad_param
@@ -310,10 +310,10 @@ class Client:
         if not messages:
             return
         if self.batch:
-            await self.ws.send_frame(b"[" + b",".join(messages) + b"]", WSMsgType.TEXT)
+            await self.ws.send_str((b"[" + b",".join(messages) + b"]").decode())
             return
         for m in messages:
-            await self.ws.send_frame(m, WSMsgType.TEXT)
+            await self.ws.send_str(m.decode())
 
     def replayed_message(self, shard: int, sid: StreamId, message: bytes) -> bytes:
         self.sent[shard] = sid
