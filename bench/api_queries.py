@@ -152,6 +152,7 @@ def queries(count: int, uuids: list[str]) -> dict[str, str]:
         "name_filter": "/api/tasks?limit=100&taskname=bench.task3",
         "deep_offset": f"/api/tasks?limit=100&offset={count // 2}",
         "search": "/api/tasks?limit=100&search=item-777",
+        "search_state_term": "/api/tasks?limit=100&search=state:failure+item-7",
     }
 
 
@@ -199,6 +200,7 @@ def measure_flower(
         "name_filter": {"limit": 100, "type": "bench.task3"},
         "deep_offset": {"limit": 100, "offset": count // 2},
         "search": {"limit": 100, "search": "item-777"},
+        "search_state_term": {"limit": 100, "search": "state:failure item-7"},
     }
     out: dict[str, Any] = {"load_seconds": round(load_s, 1)}
     for label, kw in kwargs.items():
