@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from services.api.context import Context, ctx
 from services.api.errors import REDIS_DOWN, ApiError, bad_param
@@ -611,13 +611,20 @@ def _frames(items: Sequence[Item]) -> bytes:
     return b"".join(it.frame for it in items)
 
 
+#: Clients only send control frames; anything larger than this is closed at once.
+MAX_CLIENT_FRAME = 4096
+
+
 async def events_ws(request: web.Request) -> web.StreamResponse:
     c = ctx(request)
     flt = parse_filter(request)
     since = parse_since(request, c.keys.shards)
     batch = parse_batch(request)
     ws = web.WebSocketResponse(
-        heartbeat=c.settings.ws_heartbeat, timeout=CLOSE_TIMEOUT, compress=False
+        heartbeat=c.settings.ws_heartbeat,
+        timeout=CLOSE_TIMEOUT,
+        compress=False,
+        max_msg_size=MAX_CLIENT_FRAME,  # larger frames are closed with 1009
     )
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "expected a WebSocket upgrade request")
@@ -638,8 +645,16 @@ async def events_ws(request: web.Request) -> web.StreamResponse:
     if since is not None:
         client.sender = asyncio.create_task(client.run(hub, c, since))
     try:
-        async for _ in ws:
-            pass  # clients have nothing to say; reading handles pings and the close
+        async for message in ws:
+            # reading handles pings and the close; clients have nothing else to say, so data
+            # from one is a broken or hostile client: close it, the others go on
+            if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                client.closing = True
+                await ws.close(
+                    code=WSCloseCode.UNSUPPORTED_DATA,
+                    message=b"this socket only sends events; clients send nothing",
+                )
+                break
     finally:
         hub.discard(client)
         if client.sender is not None:
