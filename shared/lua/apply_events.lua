@@ -21,6 +21,8 @@
 --                                    keep small hashes in Redis's compact listpack encoding):
 --                                    'timestamp,clock,subject,mask,retries'; _hn = N
 --                            _s/_n/_w/_p  raw state, name, worker, parent_id (index keys)
+--                            _u  events counted before the task's name was known, to be
+--                                moved under the name when it arrives (rare: out of order)
 --   P idx:ts, idx:received, idx:started, idx:state:<S>, idx:name:<n>, idx:worker:<w>,
 --     idx:sn:<S>:<n>, idx:sw:<S>:<w>           zsets of uuids
 --   P children:<uuid>      set     P names  set     P states  set of states seen
@@ -177,6 +179,34 @@ local function emit(open_json, extra)
   redis.call('PUBLISH', cfg.channel, open_json .. extra .. ',"stream_id":"' .. id .. '"}')
 end
 
+-- Count one event (record: hostname, subject, epoch minute, state, runtime bucket, runtime)
+-- under a task name; sign -1 takes it back.
+local function count(record, name, sign)
+  local h, subject, minute, state, rb, rj = unpack(record)
+  add(sums, P .. 'counts', h .. SEP .. 'task-' .. subject .. SEP .. name, sign)
+  local key = P .. 'minute:' .. minute
+  add(sums, key, name .. SEP .. state, sign)
+  expiring[key] = true
+  if rb ~= '' then
+    local prefix = h .. SEP .. name .. SEP
+    add(sums, P .. 'runtime', prefix .. rb, sign)
+    add(sums, P .. 'runtime', prefix .. 'count', sign)
+    add(fsums, P .. 'runtime', prefix .. 'sum', sign * tonumber(rj))
+  end
+end
+
+local RECORD_END, FIELD_SEP = '\30', '\31'
+
+local function parse_unnamed(text)
+  local out = {}
+  for rec in string.gmatch(text or '', '([^\30]*)\30') do
+    local fields = {}
+    for f in string.gmatch(rec .. FIELD_SEP, '([^\31]*)\31') do fields[#fields + 1] = f end
+    out[#out + 1] = fields
+  end
+  return out
+end
+
 -- A task as loaded by this call: its stored fields, then the writes this batch makes.
 local function load_task(u)
   local key = P .. 'task:' .. u
@@ -193,6 +223,8 @@ local function load_task(u)
     old_state = nonempty(stored._s), old_name = nonempty(stored._n),
     old_worker = nonempty(stored._w), old_parent = nonempty(stored._p),
     old_tj = stored.timestamp, name_json = stored.name,
+    -- events counted before the task's name was known (see count())
+    unnamed = parse_unnamed(stored._u), had_unnamed = stored._u ~= nil,
   }
   t.name, t.worker, t.parent = t.old_name, t.old_worker, t.old_parent
   return t
@@ -266,20 +298,14 @@ local function apply_task(t, ev)
   t.state, t.tj = state, tj
   w.state, w.timestamp, w.clock = '"' .. state .. '"', tj, cj
 
-  -- counters (by the task's name after this event, as Flower labels them)
-  local name = t.name or ''
-  add(sums, P .. 'counts', ev.h .. SEP .. 'task-' .. ev.s .. SEP .. name, 1)
-  local minute = P .. 'minute:' .. math.floor(e.ts / 60)
-  add(sums, minute, name .. SEP .. state_of(e.subject), 1)
-  expiring[minute] = true
+  -- counters (by the task's name after this event, as Flower labels them); an event that
+  -- arrives before the task's name is counted unnamed and moved under the name once known
+  local record = { ev.h, ev.s, tostring(math.floor(e.ts / 60)), state_of(e.subject),
+                   ev.rb or '', ev.rj or '' }
+  count(record, t.name or '', 1)
+  if not t.name then t.unnamed[#t.unnamed + 1] = record end
   if e.subject ~= 'sent' and (not seen[ev.h] or e.ts > tonumber(seen[ev.h])) then
     seen[ev.h] = e.tj
-  end
-  if ev.rb then
-    local prefix = ev.h .. SEP .. name .. SEP
-    add(sums, P .. 'runtime', prefix .. ev.rb, 1)
-    add(sums, P .. 'runtime', prefix .. 'count', 1)
-    add(fsums, P .. 'runtime', prefix .. 'sum', tonumber(ev.rj))
   end
   emit(ev.e, ',"task_name":' .. (t.name_json or 'null') .. ',"task_state":"' .. state .. '"')
   return true
@@ -318,6 +344,22 @@ local function save_task(t)
     hset[#hset + 1] = '_p'
     hset[#hset + 1] = t.parent or ''
   end
+  if #t.unnamed > 0 then
+    if t.name then
+      for _, record in ipairs(t.unnamed) do
+        count(record, '', -1)
+        count(record, t.name, 1)
+      end
+      if t.had_unnamed then redis.call('HDEL', t.key, '_u') end
+    else
+      local parts = {}
+      for _, record in ipairs(t.unnamed) do
+        parts[#parts + 1] = table.concat(record, FIELD_SEP) .. RECORD_END
+      end
+      hset[#hset + 1] = '_u'
+      hset[#hset + 1] = table.concat(parts)
+    end
+  end
   redis.call('HSET', unpack(hset))
 
   -- indexes
@@ -355,11 +397,19 @@ local function save_task(t)
 end
 
 local function flush_counters()
+  -- a count taken back to zero (an unnamed event moved under its name) leaves no field
   for key, fields in pairs(sums) do
-    for f, n in pairs(fields) do redis.call('HINCRBY', key, f, n) end
+    for f, n in pairs(fields) do
+      if n ~= 0 and redis.call('HINCRBY', key, f, n) == 0 then redis.call('HDEL', key, f) end
+    end
   end
   for key, fields in pairs(fsums) do
-    for f, n in pairs(fields) do redis.call('HINCRBYFLOAT', key, f, tostring(n)) end
+    for f, n in pairs(fields) do
+      if n ~= 0 then
+        local total = tonumber(redis.call('HINCRBYFLOAT', key, f, tostring(n)))
+        if math.abs(total) < 1e-9 then redis.call('HDEL', key, f) end
+      end
+    end
   end
   for key, _ in pairs(expiring) do redis.call('EXPIRE', key, cfg.minute_ttl) end
   for host, tj in pairs(seen) do redis.call('ZADD', P .. 'seen', 'GT', tj, host) end

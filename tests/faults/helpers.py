@@ -176,16 +176,11 @@ def applied_events(r: redis.Redis, keys: Keys) -> int:
     return sum(int(v) for shard in keys.all_shards for v in r.hvals(shard.counts))
 
 
-def snapshot(r: redis.Redis, namespace: str, fold_names: bool = False) -> dict[str, Any]:
+def snapshot(r: redis.Redis, namespace: str) -> dict[str, Any]:
     """Every key of ``namespace`` with its full value, keyed by its name without the
     namespace, leaving out only what depends on when or by whom an event was received: the
     collectors' own health, heartbeat receive times (``_hb`` and the ``workers`` scores) and
-    stream entry ids (the stream is compared as the multiset of its events' identities).
-
-    ``fold_names`` sums the event counters (``counts``, ``minute:*``, ``runtime``) over their
-    task-name label. Those are labelled, as Flower does, with the task's name when the event
-    was applied, so an event redelivered ahead of its task's task-received counts under an
-    empty name: the totals are the same, the labels depend on arrival order."""
+    stream entry ids (the stream is compared as the multiset of its events' identities)."""
     shard_prefix = f"{namespace}:{{{namespace}}}:"
     out: dict[str, Any] = {}
     for raw in r.scan_iter(match=f"{namespace}:*", count=1000):
@@ -204,8 +199,6 @@ def snapshot(r: redis.Redis, namespace: str, fold_names: bool = False) -> dict[s
             if rel == "S:runtime":
                 # float sums added in a different order differ in their last bits
                 h = {k: (_rounded(v) if k.endswith("\x1fsum") else v) for k, v in h.items()}
-            if fold_names and (rel in ("S:counts", "S:runtime") or rel.startswith("S:minute:")):
-                h = _fold(rel, h)
             value = h
         elif kind == "zset":
             pairs = r.zrange(key, 0, -1, withscores=True)
@@ -231,18 +224,6 @@ def snapshot(r: redis.Redis, namespace: str, fold_names: bool = False) -> dict[s
             value = kind
         out[rel] = value
     return out
-
-
-def _fold(rel: str, h: dict[str, str]) -> dict[str, str]:
-    """Counter fields without their task-name part, values summed."""
-    drop = {"S:counts": 2, "S:runtime": 1}.get(rel, 0)  # minute fields: "<name>\x1f<STATE>"
-    folded: dict[str, float] = {}
-    for field, value in h.items():
-        parts = field.split("\x1f")
-        del parts[drop]
-        short = "\x1f".join(parts)
-        folded[short] = folded.get(short, 0.0) + float(value)
-    return {k: f"{v:.6f}" for k, v in folded.items()}
 
 
 def _rounded(text: str) -> str:
@@ -290,11 +271,10 @@ def assert_same_state(
     faulty_ns: str,
     reference: redis.Redis,
     reference_ns: str,
-    fold_names: bool = False,
 ) -> int:
     """The faulty run's state equals the no-fault run's, key by key; returns the key count."""
-    a = snapshot(faulty, faulty_ns, fold_names)
-    b = snapshot(reference, reference_ns, fold_names)
+    a = snapshot(faulty, faulty_ns)
+    b = snapshot(reference, reference_ns)
     diff = differences(a, b)
     assert not diff, "state differs from the no-fault run:\n" + "\n".join(diff)
     return len(a)
