@@ -27,24 +27,24 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+#: Where each field of celery's ``Task.as_dict()`` (but ``children``, kept in sets) comes from:
+#: ``(field, hash field, JSON when absent)``, in ``as_dict()`` order.
+TASK_JSON_SOURCES: tuple[tuple[str, str, bytes], ...] = tuple(
+    (
+        field,
+        {"root": "root_id", "parent": "parent_id"}.get(field, field),
+        {"clock": b"0", "state": b'"PENDING"'}.get(field, _NULL),
+    )
+    for field in TASK_FIELDS
+    if field != "children"
+)
+
+
 def task_json_fields(h: Hash, children: Iterable[str]) -> list[tuple[str, bytes]]:
     """``(field, JSON text)`` of celery's ``Task.as_dict()`` in its order, ``worker`` being the
-    hostname; no decoding, so the API can splice the values into a response."""
-    out: list[tuple[str, bytes]] = []
-    for field in TASK_FIELDS:
-        if field == "root":
-            value = h.get(b"root_id", _NULL)
-        elif field == "parent":
-            value = h.get(b"parent_id", _NULL)
-        elif field == "children":
-            value = msgspec.json.encode(sorted(children))
-        elif field == "clock":
-            value = h.get(b"clock", b"0")
-        elif field == "state":
-            value = h.get(b"state", b'"PENDING"')
-        else:
-            value = h.get(field.encode(), _NULL)
-        out.append((field, value))
+    hostname; no decoding, so that values can be spliced into a response."""
+    out = [(field, h.get(source.encode(), default)) for field, source, default in TASK_JSON_SOURCES]
+    out.append(("children", msgspec.json.encode(sorted(children))))
     return out
 
 

@@ -27,6 +27,8 @@ class Context:
     keys: Keys
     redis: Any
     engine: QueryEngine
+    #: shared/lua/task_json.lua: tasks as spliced JSON objects
+    task_json: Any
     hub: EventHub | None = None
 
 
@@ -54,4 +56,4 @@ def make_context(settings: Settings, client: Any | None = None) -> Context:
     engine = QueryEngine(
         client, keys, scripts.register(client, "query_tasks"), settings.search_scan_limit
     )
-    return Context(settings, keys, client, engine)
+    return Context(settings, keys, client, engine, scripts.register(client, "task_json"))

@@ -8,6 +8,7 @@ is ``as_dict()`` with ``worker`` (the hostname) in place.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
@@ -18,7 +19,7 @@ from services.api.context import Context, ctx
 from services.api.errors import bad_param, not_found
 from services.api.query import SORT_KEYS, TaskQuery
 from services.api.search import QuerySyntaxError, parse_query
-from shared.records import task_json_fields
+from shared.records import TASK_JSON_SOURCES
 
 _encode = msgspec.json.encode
 JSON = "application/json"
@@ -29,47 +30,51 @@ H_SCAN_CAPPED = "X-Pollen-Scan-Capped"
 H_PAGE_CAPPED = "X-Pollen-Page-Capped"
 H_NEXT_CURSOR = "X-Pollen-Next-Cursor"
 
-Fields = list[tuple[str, bytes]]
+_SOURCES = msgspec.msgpack.encode([src for _, src, _ in TASK_JSON_SOURCES])
+_DEFAULTS = [default for _, _, default in TASK_JSON_SOURCES]
+_NAMES = [name for name, _, _ in TASK_JSON_SOURCES]
+_WORKER = _NAMES.index("worker")
+#: what precedes each value in an ``/api/task/info`` object, then in an ``/api/tasks`` item
+#: (``worker`` moved last)
+_INFO_PREFIXES = [(b'{"' if i == 0 else b',"') + n.encode() + b'":' for i, n in enumerate(_NAMES)]
+_LIST_ORDER = [i for i in range(len(_NAMES)) if i != _WORKER]
 
 
-async def fetch(c: Context, uuids: list[str]) -> list[tuple[str, Fields]]:
-    """The tasks' ``(field, JSON)`` lists, in order; tasks evicted meanwhile are left out."""
+async def fetch(c: Context, uuids: list[str], listing: bool) -> list[tuple[str, bytes]]:
+    """The tasks as JSON objects, in order (tasks evicted meanwhile are left out): Flower's
+    ``/api/tasks`` items (``listing``: ``worker`` moved last, left out when null) or its
+    ``/api/task/info`` answers, spliced from the stored JSON (one ``task_json.lua`` call per
+    shard reads them)."""
     if not uuids:
         return []
-    shards = c.keys.all_shards
-    pipe = c.redis.pipeline(transaction=False)
-    for uuid in uuids:
-        pipe.hgetall(c.keys.shard_for(uuid).task(uuid))
-        for shard in shards:
-            pipe.smembers(shard.children(uuid))
-    replies = await pipe.execute()
+    replies = await asyncio.gather(
+        *(
+            c.task_json(keys=[shard.by_timestamp], args=[shard.prefix, _SOURCES, *uuids])
+            for shard in c.keys.all_shards
+        )
+    )
     out = []
-    step = len(shards) + 1
     for i, uuid in enumerate(uuids):
-        h = replies[i * step]
-        if not h:
+        values: list[bytes | None] | None = None
+        children: list[bytes] = []
+        for reply in replies:
+            found, kids = reply[i]
+            if found:
+                values = found
+            children.extend(kids)
+        if values is None:
             continue
-        children = {m.decode() for s in replies[i * step + 1 : (i + 1) * step] for m in s}
-        out.append((uuid, task_json_fields(h, children)))
-    return out
-
-
-def _object(fields: Fields) -> bytes:
-    return b"{" + b",".join(b'"' + k.encode() + b'":' + v for k, v in fields) + b"}"
-
-
-def list_item(fields: Fields) -> bytes:
-    """Flower's ``/api/tasks`` task: ``worker`` popped, re-added last when not null."""
-    worker = b"null"
-    rest = []
-    for k, v in fields:
-        if k == "worker":
-            worker = v
+        v = [d if x is None else x for x, d in zip(values, _DEFAULTS, strict=True)]
+        kids_json = _encode(sorted(k.decode() for k in children))
+        if listing:
+            parts = [_INFO_PREFIXES[j] + v[j] for j in _LIST_ORDER]
+            worker = v[_WORKER]
+            tail = b"}" if worker == b"null" else b',"worker":' + worker + b"}"
         else:
-            rest.append((k, v))
-    if worker != b"null":
-        rest.append(("worker", worker))
-    return _object(rest)
+            parts = [p + x for p, x in zip(_INFO_PREFIXES, v, strict=True)]
+            tail = b"}"
+        out.append((uuid, b"".join(parts) + b',"children":' + kids_json + tail))
+    return out
 
 
 def parse_task_query(request: web.Request, max_page: int) -> tuple[TaskQuery, bool]:
@@ -115,8 +120,8 @@ async def list_tasks(request: web.Request) -> web.Response:
     c = ctx(request)
     query, capped = parse_task_query(request, c.settings.max_page)
     page = await c.engine.run(query)
-    tasks = await fetch(c, page.uuids)
-    body = b"{" + b",".join(_encode(u) + b":" + list_item(f) for u, f in tasks) + b"}"
+    tasks = await fetch(c, page.uuids, listing=True)
+    body = b"{" + b",".join(_encode(u) + b":" + task for u, task in tasks) + b"}"
     headers = {H_EXAMINED: str(page.examined), H_SCAN_CAPPED: "true" if page.capped else "false"}
     if capped:
         headers[H_PAGE_CAPPED] = str(c.settings.max_page)
@@ -128,10 +133,10 @@ async def list_tasks(request: web.Request) -> web.Response:
 async def task_info(request: web.Request) -> web.Response:
     c = ctx(request)
     uuid = request.match_info["uuid"]
-    found = await fetch(c, [uuid])
+    found = await fetch(c, [uuid], listing=False)
     if not found:
         raise not_found(f"Unknown task '{uuid}'")
-    return web.Response(body=_object(found[0][1]), content_type=JSON)
+    return web.Response(body=found[0][1], content_type=JSON)
 
 
 async def task_types(request: web.Request) -> web.Response:
