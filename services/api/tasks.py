@@ -55,7 +55,7 @@ async def fetch(c: Context, uuids: list[str], listing: bool) -> list[tuple[str, 
     )
     out = []
     for i, uuid in enumerate(uuids):
-        values: list[bytes | None] | None = None
+        values: bytes | None = None
         children: list[bytes] = []
         for reply in replies:
             found, kids = reply[i]
@@ -64,7 +64,7 @@ async def fetch(c: Context, uuids: list[str], listing: bool) -> list[tuple[str, 
             children.extend(kids)
         if values is None:
             continue
-        v = [d if x is None else x for x, d in zip(values, _DEFAULTS, strict=True)]
+        v = [x or d for x, d in zip(values.split(b"\0"), _DEFAULTS, strict=True)]
         kids_json = _encode(sorted(k.decode() for k in children))
         if listing:
             parts = [_INFO_PREFIXES[j] + v[j] for j in _LIST_ORDER]

@@ -8,17 +8,25 @@
 -- ARGV[3..]  task uuids
 -- Reads (P = ARGV[1]; documented in shared/keys.py): P task:<uuid> (hash), P children:<uuid>
 -- (set).
--- Returns, per uuid, {values, children}: values are the fields' JSON texts (false when absent),
--- or false when the task is not in this shard; children are its children in this shard.
+-- Returns, per uuid, {values, children}: values are the fields' JSON texts NUL-joined ('' when
+-- absent; JSON text never holds a raw NUL), or false when the task is not in this shard;
+-- children are its children in this shard.
 
 local P = ARGV[1]
 local fields = cmsgpack.unpack(ARGV[2])
+local n = #fields
 
 local out = {}
 for a = 3, #ARGV do
   local u = ARGV[a]
   local h = redis.call('HMGET', P .. 'task:' .. u, unpack(fields))
-  if not h[1] then h = false end
-  out[#out + 1] = { h, redis.call('SMEMBERS', P .. 'children:' .. u) }
+  local values = false
+  if h[1] then
+    for i = 2, n do
+      if not h[i] then h[i] = '' end
+    end
+    values = table.concat(h, '\0')
+  end
+  out[#out + 1] = { values, redis.call('SMEMBERS', P .. 'children:' .. u) }
 end
 return out
