@@ -12,6 +12,7 @@ import os
 import platform
 import random
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from bench.systems import (
     System,
     api_process,
     broker,
+    cpu_seconds,
     rss,
     scratch,
     wait_drained,
@@ -83,7 +85,7 @@ FULL = Sizes(
     fill_rate=3_000,
     scale_tasks=1_000_000,
     query_repeats=200,
-    ws_runs=((500, 100), (500, 1_000), (20, 1_000)),
+    ws_runs=((500, 100), (500, 1_000), (20, 1_000), (1, 1_000)),
     ws_seconds=10,
     load_seconds=10,
 )
@@ -489,7 +491,7 @@ def scenario_scale(run: Run, sizes: Sizes) -> None:
             _log({k: v for k, v in row.items() if k not in ("queries", "fill")})
         finally:
             server.stop()
-    _api_queries(run, tasks)
+    _api_queries(run, min(tasks, 100_000))
 
 
 def _api_queries(run: Run, tasks: int) -> None:
@@ -498,21 +500,32 @@ def _api_queries(run: Run, tasks: int) -> None:
     if not script.exists():
         return
     started = time.time()
-    out = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "bench.api_queries", "--tasks", str(tasks)],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=3600,
     )
+    try:
+        _, stderr = proc.communicate(timeout=1500)
+    except subprocess.TimeoutExpired:
+        # SIGINT, so its finally blocks stop the servers it started
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+    returncode = proc.returncode
     found = [p for p in sorted(OUT.glob("api_queries*.json")) if p.stat().st_mtime >= started - 1]
     results = [json.loads(p.read_text()) for p in found]
     run.put(
         "api_queries",
         {
             "tasks": tasks,
-            "returncode": out.returncode,
-            "stderr_tail": out.stderr[-2000:],
+            "returncode": returncode,
+            "stderr_tail": (stderr or "")[-2000:],
             "files": [str(p.relative_to(ROOT)) for p in found],
             "results": results,
         },
@@ -530,17 +543,22 @@ def scenario_push(run: Run, sizes: Sizes) -> None:
                 b.wait_consumers(1)
                 base = pollen.start_api(1)[0]
                 url = base.replace("http://", "ws://") + "/api/events"
-                listeners = http.WsListeners(url, clients)
                 tasks = max(100, int(rate * sizes.ws_seconds / events_per_task()))
                 config = GenConfig(broker=b.url, tasks=tasks, rate=float(rate), tag="ws")
                 sent: list[GenResult] = []
-                import asyncio
-
                 expected = int(tasks * events_per_task() * clients)
                 sample = max(1, expected // 200_000)
-                asyncio.run(
-                    listeners.run(lambda c=config, out=sent: out.append(generate(c)), sample)
+                api_cpu = cpu_seconds(pollen.api_pids())
+                t0 = time.monotonic()
+                # clients in 2 processes of their own, so they do not starve the generator
+                fanout = http.ws_fanout(
+                    url,
+                    clients,
+                    2,
+                    sample,
+                    lambda c=config, out=sent: out.append(generate(c)),
                 )
+                api_busy = (cpu_seconds(pollen.api_pids()) - api_cpu) / (time.monotonic() - t0)
                 api_rss = rss(pollen.api_pids())
             finally:
                 pollen.stop()
@@ -551,11 +569,9 @@ def scenario_push(run: Run, sizes: Sizes) -> None:
             "offered_rate": gen.events / gen.seconds if gen.seconds else 0.0,
             "events": gen.events,
             "expected_messages": gen.events * clients,
-            "messages": listeners.messages,
-            "closed_early": listeners.closed_early,
-            "sender_to_client": http.summary(listeners.delays_sent),
-            "collector_to_client": http.summary(listeners.delays_collected),
+            **fanout,
             "api_rss": api_rss,
+            "api_cpu_share": api_busy,
         }
         run.add("push", row)
         _log(row)
@@ -642,4 +658,5 @@ def main(argv: list[str] | None = None) -> None:
         run.doc["meta"].setdefault("scenario_seconds", {})[name] = time.monotonic() - started
         run.doc["meta"]["load_at_end"] = os.getloadavg()
         run.save()
-    report.render(run.doc)
+    if a.out == OUT / "results.json":  # a side run (--out elsewhere) leaves BENCHMARKS.md alone
+        report.render(run.doc)

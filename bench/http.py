@@ -175,3 +175,62 @@ class WsListeners:
             await asyncio.sleep(3)
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _ws_child(url: str, n: int, sample_every: int, ready: Any, go: Any, out: Any) -> None:
+    """One client process: ``n`` listeners until ``go`` is cleared again (see ``ws_fanout``)."""
+    listeners = WsListeners(url, n)
+
+    def wait_for_end() -> None:
+        ready.put(n)
+        go.wait()  # set by the parent when the stream has been sent
+
+    asyncio.run(listeners.run(wait_for_end, sample_every))
+    out.put(
+        {
+            "messages": listeners.messages,
+            "closed_early": listeners.closed_early,
+            "delays_sent": listeners.delays_sent,
+            "delays_collected": listeners.delays_collected,
+        }
+    )
+
+
+def ws_fanout(
+    url: str, clients: int, processes: int, sample_every: int, during: Any
+) -> dict[str, Any]:
+    """``clients`` WebSocket listeners spread over ``processes`` client processes; ``during()``
+    runs in this process once every client is connected."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    shares = [
+        clients // processes + (1 if i < clients % processes else 0) for i in range(processes)
+    ]
+    children = [
+        ctx.Process(target=_ws_child, args=(url, n, sample_every, ready, go, out))
+        for n in shares
+        if n
+    ]
+    for c in children:
+        c.start()
+    try:
+        for _ in children:
+            ready.get(timeout=180)
+        during()
+        go.set()
+        parts = [out.get(timeout=180) for _ in children]
+    finally:
+        for c in children:
+            c.join(30)
+            if c.is_alive():
+                c.kill()
+    sent = [d for p in parts for d in p["delays_sent"]]
+    collected = [d for p in parts for d in p["delays_collected"]]
+    return {
+        "messages": sum(p["messages"] for p in parts),
+        "closed_early": sum(p["closed_early"] for p in parts),
+        "sender_to_client": summary(sent),
+        "collector_to_client": summary(collected),
+    }

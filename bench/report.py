@@ -605,22 +605,25 @@ def render(doc: dict[str, Any]) -> None:
         L += [
             "## Push: WebSocket fan-out (Pollen; Flower 2 has no event push)",
             "",
-            "Clients of `/api/events` (all in one client process on the same machine) while "
+            "Clients of `/api/events` (in 2 client processes on the same machine) while "
             "the generator sends at a fixed rate on a Redis broker through one collector. "
             "*sender→client* includes the broker, the collector's batching "
             "(`POLLEN_BATCH_INTERVAL`, 50 ms) and the API; *collector→client* is Redis pub/sub "
             "plus the API's fan-out.",
             "",
             "| clients | events/s | messages delivered | closed early | sender→client p50 / p99 "
-            "ms | collector→client p50 / p99 ms |",
-            "|---|---|---|---|---|---|",
+            "ms | collector→client p50 / p99 ms | API CPU (cores) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in push:
             s, c = r["sender_to_client"], r["collector_to_client"]
             L.append(
                 f"| {r['clients']} | {r['offered_rate']:.0f} | {r['messages']:,} of "
                 f"{r['expected_messages']:,} | {r['closed_early']} | {ms(s['p50'])} / "
-                f"{ms(s['p99'])} | {ms(c['p50'])} / {ms(c['p99'])} |"
+                f"{ms(s['p99'])} | {ms(c['p50'])} / {ms(c['p99'])} "
+                f"| {r['api_cpu_share']:.2f} |"
+                if "api_cpu_share" in r
+                else f"{ms(s['p99'])} | {ms(c['p50'])} / {ms(c['p99'])} | - |"
             )
             if r["rate"] >= 1000:
                 targets.append(
@@ -643,12 +646,12 @@ def render(doc: dict[str, Any]) -> None:
             f"`python -m bench.api_queries --tasks {api_q['tasks']}` (exit "
             f"{api_q['returncode']}); it seeds its own tasks through the writer and times "
             "Flower's handler work in-process (no HTTP) for comparison. Raw: "
-            + ", ".join(f"`{f}`" for f in api_q["files"]),
+            + ", ".join(f"`{f}`" for f in api_q.get("files", [])),
             "",
         ]
         L += _api_queries_tables(api_q)
         if api_q["returncode"] != 0:
-            L += ["```", *api_q["stderr_tail"].splitlines()[-15:], "```", ""]
+            L += ["```", *api_q.get("stderr_tail", "").splitlines()[-15:], "```", ""]
 
     profiles = doc.get("profiles")
     if profiles and "skipped" not in profiles:
