@@ -182,6 +182,68 @@ async def measure_api(port: int, count: int, uuids: list[str], requests: int) ->
     return out
 
 
+async def profile_search(redis_port: int, search: str) -> dict[str, Any]:
+    """Where a scanning search spends Redis time: the query engine run in this process with a
+    TIME-probed copy of query_tasks.lua (``bench.lua_profile.instrumented``), per task examined:
+    the plain script's time and CPU, each Redis command's time, and the Lua logic (the rest)."""
+    import redis.asyncio
+
+    from bench.lua_profile import CALLS_KEY, PROFILE_KEY, instrumented
+    from services.api.query import QueryEngine, TaskQuery
+    from shared import scripts
+    from shared.keys import Keys
+
+    client = redis.asyncio.Redis(port=redis_port)
+    sync = redis.Redis(port=redis_port)
+    keys = Keys("b", 1)
+    query = TaskQuery(search=search, limit=100)
+    out: dict[str, Any] = {"search": search}
+    try:
+        for variant in ("plain", "instrumented"):
+            source = scripts.source("query_tasks")
+            if variant == "instrumented":
+                source = instrumented(source)
+                sync.delete(PROFILE_KEY, CALLS_KEY)
+            engine = QueryEngine(client, keys, client.register_script(source), 100_000)
+            await engine.run(query)  # loads the script
+            sync.config_resetstat()
+            cpu = sync.info("cpu")
+            page = await engine.run(query)
+            cpu_after = sync.info("cpu")
+            stats = sync.info("commandstats")
+            usec = sum(int(v["usec"]) for k, v in stats.items() if k.startswith("cmdstat_evalsha"))
+            n = max(1, page.examined)
+            out["examined"] = page.examined
+            if variant == "plain":
+                spent = sum(cpu_after[k] - cpu[k] for k in ("used_cpu_user", "used_cpu_sys"))
+                out["script_usec_per_task"] = round(usec / n, 2)
+                out["redis_cpu_usec_per_task"] = round(spent * 1e6 / n, 2)
+                plain_usec = usec
+        probe = _probe_usec(sync)
+        times = {_text(k): int(v) for k, v in sync.hgetall(PROFILE_KEY).items()}
+        calls = {_text(k): int(v) for k, v in sync.hgetall(CALLS_KEY).items()}
+        commands = {
+            name: round(max(0.0, times[name] - calls[name] * probe) / n, 2) for name in times
+        }
+        out["commands_usec_per_task"] = commands
+        out["lua_logic_usec_per_task"] = round(max(0.0, plain_usec / n - sum(commands.values())), 2)
+    finally:
+        await client.aclose()
+        sync.delete(PROFILE_KEY, CALLS_KEY)
+        sync.close()
+    return out
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _probe_usec(client: redis.Redis, n: int = 100_000) -> float:
+    client.config_resetstat()
+    client.eval(f"for i = 1, {n} do redis.call('TIME') end return 1", 0)
+    return int(client.info("commandstats")["cmdstat_eval"]["usec"]) / n
+
+
 def measure_flower(
     events: list[dict[str, Any]], count: int, uuids: list[str], requests: int
 ) -> dict[str, Any]:
@@ -449,6 +511,7 @@ def run(count: int, args: argparse.Namespace) -> dict[str, Any]:
         }
         if not args.no_queries:
             result["pollen"] = asyncio.run(measure_api(port, count, uuids, args.requests))
+            result["search_profile"] = asyncio.run(profile_search(server.port, "item-777"))
         if not args.no_queries and (args.flower or (count <= 100_000 and not args.no_flower)):
             result["flower_in_process"] = measure_flower(events, count, uuids, args.requests)
         if args.ws_clients:
