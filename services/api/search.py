@@ -354,8 +354,9 @@ def prefilter(expr: Expr, known: Known) -> list[Any] | None:
     - ``["and", ...]``, ``["or", ...]``;
     - ``["v", hash field, {raw value: true}]``: the task's ``_n``/``_s``/``_w`` is one of these
       (decided here, exactly, over the known values: few, and Flower's casefold applies);
-    - ``["t", field, lowercase value]``: a substring of ``args``, ``kwargs``, ``result`` or, with
-      field ``""``, of any of them or the uuid (Lua decides ASCII text, else answers maybe);
+    - ``["t", field, lowercase value, anchor?]``: a substring of ``args``, ``kwargs``, ``result``
+      or, with field ``""``, of any of them or the uuid (Lua decides ASCII text, else answers
+      maybe); ``anchor`` (``_anchor``) lets Lua reject most tasks with plain finds;
     - ``["m"]``: maybe (Python decides); ``["n"]``: no task.
     """
     if isinstance(expr, MatchAll):
@@ -417,8 +418,26 @@ def _values(field: str, value: str, known: Known) -> list[Any]:
     return ["v", VALUE_FIELDS[field], dict.fromkeys(sorted(hits), True)]
 
 
+#: Characters that stand for themselves in any text and in its stored JSON whatever the case:
+#: no letter (casefolding a non-ASCII character only ever yields ASCII letters), nothing JSON may
+#: escape ('"', backslash, control characters, '/').
+ANCHOR_CHARS = frozenset(" !#$%&'()*+,-.0123456789:;<=>?@[]^_`{|}~")
+
+
+def _anchor(value: str) -> str:
+    """The longest run of ``ANCHOR_CHARS`` in ``value``: a task whose raw uuid and JSON strings
+    lack it cannot match, whatever their case, encoding or escapes."""
+    best = run = ""
+    for c in value:
+        run = run + c if c in ANCHOR_CHARS else ""
+        if len(run) > len(best):
+            best = run
+    return best
+
+
 def _text(field: str, value: str, raw: str) -> list[Any]:
     # Lua compares ASCII lowercase; a quote, NUL or \x01 would meet its JSON quoting or markers
     if not value.isascii() or value != raw.lower() or any(c in value for c in '"\x00\x01'):
         return ["m"]
-    return ["t", field, value]
+    anchor = _anchor(value)
+    return ["t", field, value, anchor] if anchor else ["t", field, value]

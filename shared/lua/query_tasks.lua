@@ -189,10 +189,24 @@ local function text(f)
   return t
 end
 
+-- false when the task's raw uuid/JSON strings lack the term's anchor (search.py: characters
+-- that case, escapes and casefolding leave as they are), so it cannot match; a value that is not
+-- a JSON string (Flower matches its Python text) could
+local function holds(raw, anchor)
+  return raw and (string.byte(raw, 1) ~= 34 or string.find(raw, anchor, 1, true)) or false
+end
+
+local function may_hold(f, anchor)
+  if f ~= '' then return holds(h[at[f]], anchor) end
+  return string.find(member, anchor, 1, true) or holds(h[at.args], anchor)
+    or holds(h[at.kwargs], anchor) or holds(h[at.result], anchor)
+end
+
 -- 0: no, 1: maybe, 2: yes
 local function eval(node)
   local op = node[1]
   if op == 't' then
+    if node[4] and not may_hold(node[2], node[4]) then return 0 end
     local t = text(node[2])
     if t == false then
       if node[2] ~= '' then return 1 end

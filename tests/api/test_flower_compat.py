@@ -153,6 +153,9 @@ SEARCHES = [
     "success",
     next(e["uuid"] for e in EVENTS if "uuid" in e)[:8].upper(),
     "'ok'",
+    '"(1, 2)"',
+    "rows'",
+    "\"user': 'b\"",
 ]
 
 
