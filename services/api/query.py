@@ -10,7 +10,8 @@ ascending, as in Flower. Sorting by name or state walks the groups (names or sta
 their casefolded value) and, inside a group, newest first: Flower orders a group by uuid.
 
 Scans are bounded: filtered walks examine at most ``POLLEN_SEARCH_SCAN_LIMIT`` entries per
-request, in chunks (one short Lua call each), and report how many they examined.
+request, in chunks (one Lua call each, bounded in entries and in time), and report how many
+they examined.
 With several shards each page is a k-way merge of per-shard pages, never a scan.
 """
 
@@ -32,8 +33,10 @@ from services.api import search as search_mod
 from services.api.errors import bad_param
 from shared.keys import Keys, Shard
 
-#: Most entries one Lua call examines (keeps each call to a few milliseconds of Redis time).
-CHUNK = 2000
+#: Most entries one Lua call examines, and the time after which it stops examining: each call
+#: holds Redis for a few milliseconds at most, however costly an entry is to check.
+CHUNK = 10_000
+CHUNK_USEC = 4000
 #: Most matches one Lua call returns.
 MAX_WANT = 5000
 #: Most values (names, states or workers) a search term may resolve to and still choose the
@@ -429,6 +432,7 @@ class _Stream:
                 "skip": self.skip,
                 "want": max(1, want),
                 "budget": min(CHUNK, budget.remaining) if filtered else 0,
+                "usec": CHUNK_USEC,
                 "filter": self.seg.filter,
             }
             res = await self.engine.script(

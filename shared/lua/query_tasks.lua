@@ -12,6 +12,7 @@
 --   skip     matches to drop before the first one returned
 --   want     most matches returned
 --   budget   most entries examined when a filter is set (no filter: nothing is examined)
+--   usec     nil, or stop examining (between batches of 250) after this many microseconds
 --   filter   nil, or a map: states/names/workers = {value=true} (exact raw values), noname
 --            (bool: only tasks without a name), received/started = {min, max} (a task without
 --            that time passes, as in Flower), search = prefilter tree (services/api/search.py:
@@ -269,9 +270,16 @@ local noname, received, started = filter.noname, filter.received, filter.started
 local done = 0
 local last_score, last_member = false, false
 local budget = req.budget
+-- a time bound too (usec): Redis serves nobody else while a script runs
+local started_at = redis.call('TIME')
+local function elapsed()
+  local now = redis.call('TIME')
+  return (now[1] - started_at[1]) * 1000000 + (now[2] - started_at[2])
+end
 local stop = false
 while not stop do
-  local n = math.min(budget - examined, 500)
+  if req.usec and examined > 0 and elapsed() >= req.usec then break end
+  local n = math.min(budget - examined, 250)
   local lo, hi
   if asc then
     lo, hi = rank, math.min(rank + n - 1, edge)
