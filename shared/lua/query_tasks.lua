@@ -287,10 +287,10 @@ while not stop do
     lo, hi = math.max(rank - n + 1, edge), rank
   end
   if n <= 0 or lo > hi then break end
-  local items = redis.call('ZRANGE', key, lo, hi, 'WITHSCORES')
+  local items = redis.call('ZRANGE', key, lo, hi)
   if #items == 0 then break end
-  local first, last, step = 1, #items - 1, 2
-  if not asc then first, last, step = #items - 1, 1, -2 end
+  local first, last, step = 1, #items, 1
+  if not asc then first, last, step = #items, 1, -1 end
   for i = first, last, step do
     member = items[i]
     examined = examined + 1
@@ -314,7 +314,7 @@ while not stop do
         skip = skip - 1
       else
         matches[#matches + 1] = member
-        matches[#matches + 1] = items[i + 1]
+        matches[#matches + 1] = redis.call('ZSCORE', key, member)
         matches[#matches + 1] = sure
       end
     end
