@@ -642,6 +642,8 @@ def main(argv: list[str] | None = None) -> None:
         ]
         previous["meta"]["argv"] += " ; then " + run.doc["meta"]["argv"]
         previous["meta"]["date_resumed"] = run.doc["meta"]["date"]
+        previous["meta"]["commit_resumed"] = run.doc["meta"]["commit"]
+        previous["meta"]["sizes"] = run.doc["meta"]["sizes"]
         run.doc = previous
     for name in a.only.split(","):
         if name in done:

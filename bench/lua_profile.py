@@ -48,6 +48,33 @@ for k, v in pairs(_C) do _rc('HINCRBY', '{CALLS_KEY}', k, v) end
 """
 
 
+#: Reads run, writes answer a dummy: what is left is unpacking, reading and the Lua logic.
+_STUB_WRITES = """
+local _rc = redis.call
+local _READS = { HGETALL = 1, HMGET = 1, HGET = 1, ZCARD = 1, SMEMBERS = 1, ZRANGE = 1,
+                 ZRANGEBYSCORE = 1, ZSCORE = 1, EXISTS = 1, TIME = 1 }
+local function RC(cmd, ...)
+  local c = string.upper(cmd)
+  if _READS[c] then return _rc(cmd, ...) end
+  if c == 'XADD' then return '0-0' end
+  if c == 'ZADD' and select(2, ...) == 'NX' then return 1 end
+  return 0
+end
+"""
+_UNPACK = "local events = cmsgpack.unpack(ARGV[3])"
+
+
+def writes_stubbed(source: str) -> str:
+    return _STUB_WRITES + source.replace("redis.call(", "RC(")
+
+
+def unpack_only(source: str) -> str:
+    head, found, _ = source.partition(_UNPACK)
+    if not found:
+        raise ValueError("apply_events.lua no longer unpacks ARGV[3] as expected")
+    return head + _UNPACK + "\nreturn {#events, 0, 0}\n"
+
+
 def instrumented(source: str) -> str:
     body = source.replace("redis.call(", "RC(")
     last = body.rstrip().rfind("\nreturn ")
@@ -84,11 +111,17 @@ def run(tasks: int, batched: bool, workdir: Path) -> dict[str, Any]:
         for body in bodies(tasks, batched):
             decoded.extend(decoder.decode(body, "application/json", "utf-8", time.time()).events)
         results = {}
-        for variant in ("plain", "instrumented"):
+        source = scripts.source("apply_events")
+        variants = {
+            "writes_stubbed": writes_stubbed,
+            "unpack_only": unpack_only,
+            "instrumented": instrumented,  # last: its probe hashes are read below
+        }
+        for variant in ("plain", *variants):
             client.flushall()
             writer = Writer(client, settings)
-            if variant == "instrumented":
-                writer.script = client.register_script(instrumented(scripts.source("apply_events")))
+            if variant in variants:
+                writer.script = client.register_script(variants[variant](source))
             client.config_resetstat()
             t = time.perf_counter()
             for i in range(0, len(decoded), settings.batch_size):
@@ -122,6 +155,13 @@ def run(tasks: int, batched: bool, workdir: Path) -> dict[str, Any]:
             "commands_usec_per_event": commands_net / events,
             "lua_logic_usec_per_event": max(0.0, logic_usec) / events,
             "redis_calls_per_event": total_calls / events,
+            # ablation: the same batches with writes answered by a dummy, and unpacking alone
+            "unpack_usec_per_event": results["unpack_only"][1] / events,
+            "reads_and_logic_usec_per_event": (
+                results["writes_stubbed"][1] - results["unpack_only"][1]
+            )
+            / events,
+            "writes_usec_per_event": (plain_script - results["writes_stubbed"][1]) / events,
             "probe_usec": probe,
             "per_command": per_event,
         }

@@ -30,7 +30,9 @@ def py_spy() -> str | None:
     return found if Path(found).exists() else None
 
 
-def record(pid: int, seconds: float, raw: Path) -> subprocess.Popen[bytes]:
+def record(pid: int, seconds: float, raw: Path, gil: bool = False) -> subprocess.Popen[bytes]:
+    """py-spy on ``pid``; with ``gil``, only the thread holding the GIL is sampled (the
+    collector has a writer thread: without it, a thread waiting for the GIL looks busy)."""
     exe = py_spy()
     assert exe is not None
     return subprocess.Popen(
@@ -46,6 +48,7 @@ def record(pid: int, seconds: float, raw: Path) -> subprocess.Popen[bytes]:
             "--format",
             "raw",
             "--nonblocking",
+            *(["--gil"] if gil else []),
             "-o",
             str(raw),
         ],
@@ -107,13 +110,13 @@ def collector_profile(tasks: int, batched: bool, workdir: Path) -> dict[str, Any
             pollen.start_collectors()
             time.sleep(1.5)  # imports and connection, not profiled
             raw = workdir / "collector.raw"
-            spy = record(pollen.pids()[0], 15, raw)
+            spy = record(pollen.pids()[0], 15, raw, gil=True)
             spy.wait(60)
             counted = pollen.counted().task_events
         finally:
             pollen.stop()
     mode = "batched" if batched else "unbatched"
-    summary = summarise(raw, f"collector draining a backlog ({mode} bodies)")
+    summary = summarise(raw, f"collector draining a backlog ({mode} bodies; GIL holder only)")
     summary["events"] = gen.task_events
     summary["counted_at_end"] = counted
     write_text(summary, OUT / f"profile_collector_{mode}.txt")
