@@ -183,9 +183,11 @@ async def measure_api(port: int, count: int, uuids: list[str], requests: int) ->
 
 
 async def profile_search(redis_port: int, search: str) -> dict[str, Any]:
-    """Where a scanning search spends Redis time: the query engine run in this process with a
-    TIME-probed copy of query_tasks.lua (``bench.lua_profile.instrumented``), per task examined:
-    the plain script's time and CPU, each Redis command's time, and the Lua logic (the rest)."""
+    """Where a scanning search spends Redis time, per task examined: the query engine run in
+    this process with the plain query_tasks.lua (script time and Redis CPU), then with a
+    TIME-probed copy (``bench.lua_profile.instrumented``) whose per-command shares of the script
+    time (probes' own cost taken out) split the plain script's CPU between commands and the Lua
+    logic."""
     import redis.asyncio
 
     from bench.lua_profile import CALLS_KEY, PROFILE_KEY, instrumented
@@ -195,38 +197,44 @@ async def profile_search(redis_port: int, search: str) -> dict[str, Any]:
 
     client = redis.asyncio.Redis(port=redis_port)
     sync = redis.Redis(port=redis_port)
-    keys = Keys("b", 1)
     query = TaskQuery(search=search, limit=100)
     out: dict[str, Any] = {"search": search}
+    script_usec: dict[str, int] = {}
     try:
         for variant in ("plain", "instrumented"):
             source = scripts.source("query_tasks")
             if variant == "instrumented":
                 source = instrumented(source)
-                sync.delete(PROFILE_KEY, CALLS_KEY)
-            engine = QueryEngine(client, keys, client.register_script(source), 100_000)
+            engine = QueryEngine(client, Keys("b", 1), client.register_script(source), 100_000)
             await engine.run(query)  # loads the script
+            sync.delete(PROFILE_KEY, CALLS_KEY)
             sync.config_resetstat()
             cpu = sync.info("cpu")
             page = await engine.run(query)
             cpu_after = sync.info("cpu")
             stats = sync.info("commandstats")
-            usec = sum(int(v["usec"]) for k, v in stats.items() if k.startswith("cmdstat_evalsha"))
-            n = max(1, page.examined)
-            out["examined"] = page.examined
+            script_usec[variant] = sum(
+                int(v["usec"]) for k, v in stats.items() if k.startswith("cmdstat_evalsha")
+            )
             if variant == "plain":
                 spent = sum(cpu_after[k] - cpu[k] for k in ("used_cpu_user", "used_cpu_sys"))
-                out["script_usec_per_task"] = round(usec / n, 2)
+                n = max(1, page.examined)
+                out["examined"] = page.examined
+                out["script_usec_per_task"] = round(script_usec["plain"] / n, 2)
                 out["redis_cpu_usec_per_task"] = round(spent * 1e6 / n, 2)
-                plain_usec = usec
         probe = _probe_usec(sync)
         times = {_text(k): int(v) for k, v in sync.hgetall(PROFILE_KEY).items()}
         calls = {_text(k): int(v) for k, v in sync.hgetall(CALLS_KEY).items()}
-        commands = {
-            name: round(max(0.0, times[name] - calls[name] * probe) / n, 2) for name in times
+        # each wrapped call runs two TIME probes, one inside the interval it measures
+        net = {name: max(0.0, times[name] - calls[name] * probe) for name in times}
+        total = max(1.0, script_usec["instrumented"] - 2 * probe * sum(calls.values()))
+        cpu_per_task = out["redis_cpu_usec_per_task"]
+        out["commands_usec_per_task"] = {
+            name: round(cpu_per_task * t / total, 2) for name, t in sorted(net.items())
         }
-        out["commands_usec_per_task"] = commands
-        out["lua_logic_usec_per_task"] = round(max(0.0, plain_usec / n - sum(commands.values())), 2)
+        out["lua_logic_usec_per_task"] = round(
+            cpu_per_task * max(0.0, 1 - sum(net.values()) / total), 2
+        )
     finally:
         await client.aclose()
         sync.delete(PROFILE_KEY, CALLS_KEY)

@@ -217,7 +217,6 @@ class Client:
         self.limit = limit
         self.shards = shards
         self.batch = batch
-        self.live = False
         self.pending: list[Item] = []
         self.sent: list[StreamId | None] = [None] * shards
         self.replayed: list[StreamId | None] = [None] * shards
@@ -327,7 +326,6 @@ class Client:
             it for it in self.pending if (done := self.replayed[it.shard]) is None or it.sid > done
         ]
         self.pending = []
-        self.live = True
         self.floor = list(self.replayed)
         return items
 
@@ -482,7 +480,6 @@ class EventHub:
         if replaying:
             self.replaying.add(client)
         else:
-            client.live = True
             self.groups.setdefault(client.filter, set()).add(client)
 
     def go_live(self, client: Client) -> None:
