@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import statistics
 import struct
 import sys
@@ -535,6 +536,7 @@ def run(count: int, args: argparse.Namespace) -> dict[str, Any]:
         if api is not None:
             api.stop()
         server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
