@@ -56,6 +56,32 @@ class Exposition:
         return "\n".join(self.lines) + "\n"
 
 
+#: (field of the collector's health hash, metric, help) — see services/collector/health.py
+_COLLECTOR_FIGURES = (
+    ("rate", "pollen_collector_events_per_second", "Events applied per second"),
+    ("lag", "pollen_collector_lag_seconds", "Seconds from an event's timestamp to its commit"),
+    ("events_total", "pollen_collector_events_total", "Events applied by the collector"),
+    (
+        "duplicates_total",
+        "pollen_collector_duplicates_total",
+        "Events recognised as already applied (redeliveries, a second collector) and skipped",
+    ),
+    (
+        "dropped_total",
+        "pollen_collector_dropped_total",
+        "Redis-broker events dropped because the collector's receive buffer was full",
+    ),
+    ("evicted_total", "pollen_collector_evicted_total", "Tasks evicted by retention"),
+    (
+        "truncated_total",
+        "pollen_collector_truncated_total",
+        "Events kept with fields truncated at POLLEN_MAX_FIELD_BYTES",
+    ),
+    ("errors_redis", "pollen_collector_redis_errors_total", "Failed writes to Redis (retried)"),
+    ("errors_broker", "pollen_collector_broker_errors_total", "Broker connection failures"),
+)
+
+
 async def render(c: Context) -> str:
     shards = c.keys.all_shards
     pipe = c.redis.pipeline(transaction=False)
@@ -153,7 +179,7 @@ async def render(c: Context) -> str:
 
     pipe = c.redis.pipeline(transaction=False)
     for collector, _ in collectors:
-        pipe.hmget(c.keys.collector(collector.decode()), "rate", "lag", "events_total")
+        pipe.hmget(c.keys.collector(collector.decode()), *(f for f, _, _ in _COLLECTOR_FIGURES))
     health = await pipe.execute() if collectors else []
     out.family(
         "pollen_collector_heartbeat_age_seconds",
@@ -166,11 +192,7 @@ async def render(c: Context) -> str:
             [("collector", collector.decode())],
             max(0.0, now - float(heartbeat)),
         )
-    for metric, index, help_text in (
-        ("pollen_collector_events_per_second", 0, "Events applied per second"),
-        ("pollen_collector_lag_seconds", 1, "Seconds from an event's timestamp to its commit"),
-        ("pollen_collector_events_total", 2, "Events applied by the collector"),
-    ):
+    for index, (_, metric, help_text) in enumerate(_COLLECTOR_FIGURES):
         out.family(metric, "counter" if metric.endswith("_total") else "gauge", help_text)
         for (collector, _), values in zip(collectors, health, strict=True):
             if values[index] is not None:

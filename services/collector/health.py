@@ -20,6 +20,16 @@ from shared.keys import Keys
 
 log = logging.getLogger("pollen.collector")
 
+TOTALS = (
+    "events_total",
+    "duplicates_total",
+    "evicted_total",
+    "malformed_total",
+    "truncated_total",
+    "errors_redis",
+    "errors_broker",
+)
+
 #: A collector's hash and zset entry outlive it by this long, then vanish.
 HEALTH_TTL = 86400
 SAMPLE_TTL = 86400
@@ -31,7 +41,8 @@ class Health:
         self.id = collector_id
         self.source = source
         self.started = time.time()
-        self.totals: Counter[str] = Counter()
+        # every figure is written from the first report on, zeros included
+        self.totals: Counter[str] = Counter(dict.fromkeys(TOTALS, 0))
         self.malformed: Counter[str] = Counter()
         self.samples: dict[str, bytes] = {}
         self.logged_reasons: set[str] = set()

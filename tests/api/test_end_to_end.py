@@ -133,6 +133,16 @@ async def test_worker_collector_api(tmp_path: Path, start_api: Any) -> None:
         )
         assert f'flower_worker_online{{worker="{hostname}"}} 1.0' in metrics
         assert "pollen_collector_events_per_second{" in metrics
+        # the collector's health figures, each with a value for the running collector
+        for family in (
+            "events_total",
+            "duplicates_total",
+            "dropped_total",
+            "evicted_total",
+            "redis_errors_total",
+            "broker_errors_total",
+        ):
+            assert f"pollen_collector_{family}{{collector=" in metrics, family
     finally:
         worker.stop()
         collector.stop()
