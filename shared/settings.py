@@ -50,7 +50,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     event_queue_expires: Positive = 86400.0
     #: Most events applied to Redis in one batch.
     batch_size: PositiveInt = 1000
-    #: Longest wait (seconds) for a batch to fill before it is applied.
+    #: Seconds the collector waits for events before doing its periodic work (health report,
+    #: retention). A batch is whatever is waiting, applied at once: it grows with the load.
     batch_interval: Positive = 0.05
     #: Tasks kept (all shards together); beyond it the oldest (by last event) are evicted.
     max_tasks: PositiveInt = 1_000_000

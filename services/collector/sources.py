@@ -46,7 +46,9 @@ class Source(Protocol):
 
     def fetch(self, max_messages: int, wait: float) -> list[Incoming]:
         """Up to ``max_messages``: blocks up to ``wait`` seconds for the first, then takes
-        what else arrives within ``wait``. Raises the broker's connection errors."""
+        what else is already there, without waiting. (Batches grow by themselves when events
+        come faster than Redis takes them; a lone event is applied at once.) Raises the
+        broker's connection errors."""
 
     def ack(self, batch: list[Incoming]) -> None:
         """Acknowledge every message of ``batch`` (after it is committed to Redis)."""
@@ -114,12 +116,13 @@ class AmqpSource:
         channel = conn.default_channel
         channel.basic_qos(0, self.prefetch, False)
         consumer = Consumer(
-            channel, queues=[q], callbacks=[self._on_message], no_ack=False, accept=None
+            # on_message, not callbacks: kombu would decode every body only for us to drop it
+            channel, queues=[q], on_message=self._on_message, no_ack=False, accept=None
         )
         consumer.consume()
         self.conn, self.consumer, self.channel = conn, consumer, channel
 
-    def _on_message(self, body: Any, message: Any) -> None:
+    def _on_message(self, message: Any) -> None:
         raw = message.body
         if isinstance(raw, str):
             raw = raw.encode(message.content_encoding or "utf-8")
@@ -137,15 +140,13 @@ class AmqpSource:
         if self.conn is None:
             self._connect()
         assert self.conn is not None
-        deadline = time.monotonic() + wait
+        timeout = wait
         while len(self.pending) < max_messages:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
             try:
-                self.conn.drain_events(timeout=remaining)
+                self.conn.drain_events(timeout=timeout)
             except TimeoutError:
                 break
+            timeout = 0  # after the first: only what is already there
         batch, self.pending = self.pending[:max_messages], self.pending[max_messages:]
         return batch
 
@@ -244,18 +245,11 @@ class RedisPubSubSource:
             out.append(self.buffer.get(timeout=wait))
         except queue.Empty:
             return out
-        deadline = time.monotonic() + wait
         while len(out) < max_messages:
             try:
                 out.append(self.buffer.get_nowait())
             except queue.Empty:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    out.append(self.buffer.get(timeout=min(remaining, 0.005)))
-                except queue.Empty:
-                    continue
+                break
         return [_unwrap(item) for item in out]
 
     def ack(self, batch: list[Incoming]) -> None:
