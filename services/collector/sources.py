@@ -117,7 +117,11 @@ class AmqpSource:
         channel.basic_qos(0, self.prefetch, False)
         consumer = Consumer(
             # on_message, not callbacks: kombu would decode every body only for us to drop it
-            channel, queues=[q], on_message=self._on_message, no_ack=False, accept=None
+            channel,
+            queues=[q],
+            on_message=self._on_message,
+            no_ack=False,
+            accept=None,
         )
         consumer.consume()
         self.conn, self.consumer, self.channel = conn, consumer, channel
