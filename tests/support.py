@@ -214,10 +214,13 @@ def celery_worker(
     log: Path,
     hostname: str = "w1@%h",
     *extra: str,
-    events: bool = True,
+    pool: str = "threads",
+    concurrency: int = 4,
+    task_events: bool = True,
     env: dict[str, str] | None = None,
 ) -> Process:
-    """A real ``celery -A demo.app worker`` process (threads pool, no mingle/gossip)."""
+    """A real ``celery -A demo.app worker`` (no mingle/gossip). ``task_events=False`` starts it
+    with task events off, as a worker without ``-E`` (``DEMO_TASK_EVENTS=0``)."""
     args = [
         PYTHON,
         "-m",
@@ -230,16 +233,17 @@ def celery_worker(
         "--hostname",
         hostname,
         "--pool",
-        "threads",
+        pool,
         "--concurrency",
-        "4",
+        str(concurrency),
         "--without-mingle",
         "--without-gossip",
         *extra,
     ]
-    if events:
-        args.append("--task-events")
-    return Process(args, log, {"POLLEN_BROKER_URL": broker_url, **(env or {})})
+    full_env = {"POLLEN_BROKER_URL": broker_url, **(env or {})}
+    if not task_events:
+        full_env["DEMO_TASK_EVENTS"] = "0"
+    return Process(args, log, full_env)
 
 
 def pollen_env(

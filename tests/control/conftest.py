@@ -21,9 +21,8 @@ from tests.enabler.helpers import (
     inspect_data,
     stop_all,
     wait_worker_up,
-    worker,
 )
-from tests.support import Process, RedisServer, wait_for
+from tests.support import Process, RedisServer, celery_worker, wait_for
 
 
 @dataclass
@@ -72,10 +71,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 broker, state_url, logs / "enabler.log", enable_interval="2", queue_interval="1"
             )
         )
-        w = worker(
+        w = celery_worker(
             broker,
             logs / "worker.log",
             hostname,
+            pool="prefork",
             concurrency=2,
             env={"DEMO_RESULT_BACKEND": f"redis://127.0.0.1:{server.port}/2"},
         )

@@ -15,7 +15,8 @@ from typing import Any
 import redis
 
 from tests.control.conftest import ApiFactory, Stack
-from tests.enabler.helpers import KEYS, client, wait_worker_up, worker
+from tests.enabler.helpers import KEYS, client, wait_worker_up
+from tests.support import celery_worker
 
 
 async def eventually(
@@ -299,7 +300,9 @@ async def test_broker_down_is_503(stack: Stack, api: ApiFactory) -> None:
 
 async def test_shutdown_turns_worker_offline(stack: Stack, api: ApiFactory) -> None:
     hostname = f"doomed-{uuid.uuid4().hex[:6]}@test"
-    w = worker(stack.broker_url, stack.logs / "doomed.log", hostname, pool="threads")
+    w = celery_worker(
+        stack.broker_url, stack.logs / "doomed.log", hostname, pool="threads", concurrency=2
+    )
     try:
         await asyncio.to_thread(wait_worker_up, stack.broker_url, hostname)
         http = await api()
@@ -331,11 +334,12 @@ async def test_control_on_rabbitmq(
     en = enabler(
         amqp_url, stack.state_url, stack.logs / "amqp-enabler.log", namespace, inspect_interval="2"
     )
-    w = worker(
+    w = celery_worker(
         amqp_url,
         stack.logs / "rabbit.log",
         hostname,
         pool="threads",
+        concurrency=2,
         env={"DEMO_RESULT_BACKEND": stack.backend_url},
     )
     with running(en, w):

@@ -15,46 +15,10 @@ import redis
 from celery import Celery
 
 from shared.keys import Keys
-from tests.support import PYTHON, Process, pollen_env, service, wait_for
+from tests.support import Process, pollen_env, service, wait_for
 
 NAMESPACE = "ctl"
 KEYS = Keys(NAMESPACE)
-
-
-def worker(
-    broker_url: str,
-    log: Path,
-    hostname: str,
-    *extra: str,
-    pool: str = "prefork",
-    concurrency: int = 2,
-    task_events: bool = True,
-    env: dict[str, str] | None = None,
-) -> Process:
-    """A real ``celery -A demo.app worker``; ``task_events=False`` is a worker without -E."""
-    args = [
-        PYTHON,
-        "-m",
-        "celery",
-        "-A",
-        "demo.app",
-        "worker",
-        "--loglevel",
-        "INFO",
-        "--hostname",
-        hostname,
-        "--pool",
-        pool,
-        "--concurrency",
-        str(concurrency),
-        "--without-mingle",
-        "--without-gossip",
-        *extra,
-    ]
-    full_env = {"POLLEN_BROKER_URL": broker_url, **(env or {})}
-    if not task_events:
-        full_env["DEMO_TASK_EVENTS"] = "0"
-    return Process(args, log, full_env)
 
 
 def client(broker_url: str, backend: str | None = None) -> Celery:

@@ -26,9 +26,8 @@ from tests.enabler.helpers import (
     lease_holder,
     running,
     wait_worker_up,
-    worker,
 )
-from tests.support import RedisServer, wait_for
+from tests.support import RedisServer, celery_worker, wait_for
 
 
 def queue_sample(state: redis.Redis, name: str) -> dict[str, Any] | None:
@@ -45,7 +44,9 @@ def test_events_inspect_and_queues_on_redis(
     late = f"w2-{uuid.uuid4().hex[:6]}@test"
     app = client(broker_url)
     coll = collector(broker_url, state_url, logs / "collector.log")
-    w1 = worker(broker_url, logs / "w1.log", host, pool="threads", task_events=False)
+    w1 = celery_worker(
+        broker_url, logs / "w1.log", host, pool="threads", concurrency=2, task_events=False
+    )
     with running(coll, w1):
         wait_worker_up(broker_url, host)
         wait_for(
@@ -96,7 +97,7 @@ def test_events_inspect_and_queues_on_redis(
                 assert isinstance(data[method], list), method
 
             # a worker coming online is inspected at once
-            w2 = worker(broker_url, logs / "w2.log", late, pool="threads", concurrency=3)
+            w2 = celery_worker(broker_url, logs / "w2.log", late, pool="threads", concurrency=3)
             with running(w2):
                 wait_for(lambda: inspected(late), timeout=20, message="w2 inspected on online")
                 assert inspect_data(state, KEYS, late)["stats"]["pool"]["max-concurrency"] == 3

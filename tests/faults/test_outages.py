@@ -274,8 +274,7 @@ def test_rabbitmq_restarted_under_collector_enabler_and_worker(tmp_path: Path) -
             node.url,
             tmp_path / "worker.log",
             "rr@faults",
-            events=False,
-            env={"DEMO_TASK_EVENTS": "0"},
+            task_events=False,
         )
         procs += [collector, enabler, worker]
         wait_for(lambda: r.zcard(keys.collectors), timeout=30, message="collector up")
