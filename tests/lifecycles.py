@@ -240,7 +240,7 @@ def with_local_received(events: list[Event], delay: float = 0.01) -> list[Event]
 
 def chunks(items: list[Any], sizes: list[int]) -> list[list[Any]]:
     it = iter(items)
-    out = []
+    out: list[list[Any]] = []
     for size in itertools.cycle(sizes or [1]):
         chunk = list(itertools.islice(it, size))
         if not chunk:

@@ -11,6 +11,7 @@ from services.collector.decode import Decoded, Decoder
 from services.collector.writer import Applied, Writer
 from shared import records
 from shared.keys import Keys
+from tests.replies import raw_hash, raw_set
 
 
 def decode_events(events: list[dict[str, Any]], max_field_bytes: int = 32768) -> list[Decoded]:
@@ -34,17 +35,17 @@ def apply(writer: Writer, events: list[dict[str, Any]], now: float = 0.0) -> App
 
 
 def task(r: redis.Redis, keys: Keys, uuid: str) -> dict[str, Any] | None:
-    h = r.hgetall(keys.shard_for(uuid).task(uuid))
+    h = raw_hash(r.hgetall(keys.shard_for(uuid).task(uuid)))
     if not h:
         return None
     children: set[str] = set()
     for shard in keys.all_shards:
-        children.update(m.decode() for m in r.smembers(shard.children(uuid)))
+        children.update(m.decode() for m in raw_set(r.smembers(shard.children(uuid))))
     return records.task_from_hash(h, children)
 
 
 def worker(r: redis.Redis, keys: Keys, hostname: str, now: float) -> dict[str, Any]:
-    h = r.hgetall(keys.shard_for(hostname).worker(hostname))
+    h = raw_hash(r.hgetall(keys.shard_for(hostname).worker(hostname)))
     seen = [r.zscore(shard.seen, hostname) for shard in keys.all_shards]
     task_seen = max((s for s in seen if s is not None), default=None)
     return records.worker_from_hash(hostname, h, task_seen, now)
@@ -53,5 +54,5 @@ def worker(r: redis.Redis, keys: Keys, hostname: str, now: float) -> dict[str, A
 def task_names(r: redis.Redis, keys: Keys) -> list[str]:
     names: set[str] = set()
     for shard in keys.all_shards:
-        names.update(m.decode() for m in r.smembers(shard.names))
+        names.update(m.decode() for m in raw_set(r.smembers(shard.names)))
     return sorted(names)

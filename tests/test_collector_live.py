@@ -19,6 +19,7 @@ from celery.events.state import State
 
 from shared.keys import Keys
 from tests import readback
+from tests.replies import raw_hash, raw_list
 from tests.support import (
     RedisServer,
     celery_worker,
@@ -172,9 +173,8 @@ def run_scenario(broker_url: str, redis_url: str, tmp: Path, extra_env: dict[str
             for field in ("pid", "freq", "sw_ident", "sw_ver", "sw_sys"):
                 assert ours[field] == getattr(w, field), field
 
-        health = state_redis.hgetall(
-            keys.collector(state_redis.zrange(keys.collectors, 0, 0)[0].decode())
-        )
+        first = raw_list(state_redis.zrange(keys.collectors, 0, 0))[0].decode()
+        health = raw_hash(state_redis.hgetall(keys.collector(first)))
         assert int(health[b"events_total"]) > 0
     finally:
         worker.stop()

@@ -7,12 +7,12 @@ import json
 
 import msgspec
 
-from services.collector.decode import Decoder
+from services.collector.decode import Decoder, DecodeResult
 from services.collector.sources import Incoming, _unwrap
 from shared import events as ev
 
 
-def decode(body: bytes, limit: int = 32768, ctype: str = "application/json"):  # type: ignore[no-untyped-def]
+def decode(body: bytes, limit: int = 32768, ctype: str = "application/json") -> DecodeResult:
     return Decoder(limit).decode(body, ctype, "utf-8", 123.5)
 
 

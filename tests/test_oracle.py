@@ -22,6 +22,7 @@ from shared.keys import Keys
 from shared.settings import Settings
 from tests import readback
 from tests.lifecycles import BASE_TS, chunks, cluster_stream, with_local_received
+from tests.replies import raw_hash
 
 # the fields celery's own Worker and Task define, so a field Pollen forgets cannot pass
 WORKER_FIELDS = tuple(f for f in Worker._fields if f != "heartbeats")
@@ -40,7 +41,7 @@ def celery_answer(events: list[dict[str, Any]]) -> State:
 
 
 def celery_task(task: Any) -> dict[str, Any]:
-    d = task.as_dict()
+    d: dict[str, Any] = task.as_dict()
     d["worker"] = task.worker.hostname if task.worker is not None else None
     d["children"] = sorted(d["children"])
     return d
@@ -82,7 +83,7 @@ def counters(r: redis.Redis, keys: Keys) -> dict[str, dict[bytes, bytes]]:
             kind = key.decode()[len(shard.prefix) :]
             if kind in ("counts", "runtime") or kind.startswith("minute:"):
                 merged = out.setdefault(kind, {})
-                for field, value in r.hgetall(key).items():
+                for field, value in raw_hash(r.hgetall(key)).items():
                     total = float(merged.get(field, b"0")) + float(value)
                     merged[field] = repr(round(total, 6)).encode()
     return out

@@ -11,6 +11,7 @@ from services.collector.writer import Writer
 from shared.keys import Keys
 from shared.settings import Settings
 from tests import readback
+from tests.replies import raw_list, raw_set
 
 T0 = 1_790_000_000.0
 
@@ -50,9 +51,9 @@ def all_members(r: redis.Redis, keys: Keys) -> set[bytes]:
     out: set[bytes] = set()
     for shard in keys.all_shards:
         for key in r.scan_iter(match=shard.prefix + "idx:*"):
-            out.update(r.zrange(key, 0, -1))
+            out.update(raw_list(r.zrange(key, 0, -1)))
         for key in r.scan_iter(match=shard.prefix + "children:*"):
-            out.update(r.smembers(key))
+            out.update(raw_set(r.smembers(key)))
     return out
 
 

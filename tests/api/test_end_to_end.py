@@ -98,7 +98,7 @@ async def test_worker_collector_api(tmp_path: Path, start_api: Any) -> None:
                 return all(got.get(u) == s for u, s in expected.items())
 
             await asyncio.to_thread(wait_for, settled, 60, 0.2, "tasks settled in the API")
-            succeeded = []
+            succeeded: list[dict[str, Any]] = []
             async with asyncio.timeout(30):
                 while len(succeeded) < 2:
                     succeeded.append(json.loads((await ws.receive()).data))

@@ -18,6 +18,7 @@ import redis
 from shared.keys import Keys
 from tests.api.conftest import Api, clear_namespace, seed
 from tests.api.dataset import task_events
+from tests.replies import entries
 from tests.support import RedisServer
 
 EVENTS = task_events(40, seed=11)
@@ -69,7 +70,7 @@ def stream_entries(server: RedisServer, namespace: str, shards: int) -> list[lis
         return [
             [
                 {**json.loads(f[b"e"]), "stream_id": sid.decode()}
-                for sid, f in client.xrange(s.stream)
+                for sid, f in entries(client.xrange(s.stream))
             ]
             for s in Keys(namespace, shards).all_shards
         ]
@@ -81,7 +82,7 @@ def stream_ids(server: RedisServer, namespace: str, shards: int) -> list[list[st
     client = redis.Redis(port=server.port)
     try:
         return [
-            [sid.decode() for sid, _ in client.xrange(s.stream)]
+            [sid.decode() for sid, _ in entries(client.xrange(s.stream))]
             for s in Keys(namespace, shards).all_shards
         ]
     finally:

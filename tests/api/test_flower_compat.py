@@ -50,7 +50,7 @@ def flower_tasks(**kw: Any) -> list[tuple[str, dict[str, Any]]]:
 
 def flower_info(uuid: str) -> dict[str, Any]:
     task = FLOWER.state.tasks.data[uuid]
-    d = task.as_dict()
+    d: dict[str, Any] = task.as_dict()
     if task.worker is not None:
         d["worker"] = task.worker.hostname
     d["children"] = sorted(d["children"])

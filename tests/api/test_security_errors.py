@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -245,7 +246,7 @@ def test_search_error_message_is_flowers(open_api: Api) -> None:
     for query in ("(unclosed", "a OR", "name:", "-neg", '"open', "x" * 3000, "((((((deep))))))"):
         with pytest.raises(QuerySyntaxError) as flower_error:
             parse_query(query)
-        _, _, body = open_api.get(f"/api/tasks?search={aiohttp.helpers.quote(query)}")
+        _, _, body = open_api.get(f"/api/tasks?search={urllib.parse.quote(query)}")
         assert json.loads(body) == {"error": f"search: {flower_error.value}"}
 
 

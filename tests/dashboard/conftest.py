@@ -65,10 +65,10 @@ def chromium_executable() -> str:
 
 @dataclass
 class Api:
-    process: Process
     port: int
     env: dict[str, str]
     log: Path
+    process: Process = field(init=False)  # by start()
 
     @property
     def url(self) -> str:
@@ -88,7 +88,8 @@ class Api:
             raise RuntimeError(f"API exited:\n{self.process.output()}")
         try:
             with urllib.request.urlopen(self.url + "/healthz", timeout=2) as resp:
-                return resp.status == 200
+                status: int = resp.status
+                return status == 200
         except (urllib.error.URLError, OSError):
             return False
 
@@ -108,7 +109,7 @@ class Api:
 def start_api(env: dict[str, str], log: Path, **extra: str) -> Api:
     port = free_port()
     full = {**env, "POLLEN_API_PORT": str(port), "POLLEN_API_HOST": "127.0.0.1", **extra}
-    api = Api(process=None, port=port, env=full, log=log)  # type: ignore[arg-type]
+    api = Api(port=port, env=full, log=log)
     return api.start()
 
 

@@ -24,6 +24,7 @@ from tests.dashboard.conftest import (
     screenshot,
     start_api,
 )
+from tests.replies import entries
 from tests.support import PYTHON, Process, wait_for
 
 ROW = "#tasks tbody tr[data-uuid]"
@@ -253,7 +254,7 @@ def test_live_feed_pauses_and_resumes_without_gap(page: Any, stack: Stack) -> No
         wait_for(lambda: client.xlen(stream) >= length + 15, timeout=30, message="more events")
         stack.api.start()
         expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=15_000)
-        last_before_restart = client.xrevrange(stream, count=1)[0][0].decode()
+        last_before_restart = entries(client.xrevrange(stream, count=1))[0][0].decode()
         # the feed catches up past what was written while it was away
         wait_for(
             lambda: rows.first.get_attribute("data-sid") > last_before_restart,
@@ -264,7 +265,9 @@ def test_live_feed_pauses_and_resumes_without_gap(page: Any, stack: Stack) -> No
         assert len(shown) == len(set(shown)), "an event shown twice"
         assert set(shown_before) <= set(shown)
         oldest, newest = shown[-1], shown[0]
-        expected = [sid.decode() for sid, _ in client.xrevrange(stream, max=newest, min=oldest)]
+        expected = [
+            sid.decode() for sid, _ in entries(client.xrevrange(stream, max=newest, min=oldest))
+        ]
         assert shown == expected, "the feed is not the stream: a gap or a reordering"
     finally:
         client.close()

@@ -15,6 +15,7 @@ import redis
 from celery import Celery
 
 from shared.keys import Keys
+from tests.replies import raw_hash
 from tests.support import Process, pollen_env, service, wait_for
 
 NAMESPACE = "ctl"
@@ -39,7 +40,7 @@ def collector(broker_url: str, redis_url: str, log: Path, namespace: str = NAMES
 
 def inspect_data(r: redis.Redis, keys: Keys, hostname: str) -> dict[str, Any]:
     """The enabler's stored answers of ``hostname``: ``{field: decoded JSON}``."""
-    raw: dict[bytes, bytes] = r.hgetall(keys.inspect(hostname))  # type: ignore[assignment]
+    raw = raw_hash(r.hgetall(keys.inspect(hostname)))
     return {k.decode(): msgspec.json.decode(v) for k, v in raw.items()}
 
 

@@ -27,6 +27,7 @@ from tests.enabler.helpers import (
     running,
     wait_worker_up,
 )
+from tests.replies import entries, raw_list
 from tests.support import RedisServer, celery_worker, wait_for
 
 
@@ -108,7 +109,7 @@ def test_events_inspect_and_queues_on_redis(
                 app.send_task("demo.app.add", (0, 0), queue="backlog", priority=priority)
             broker = redis.Redis.from_url(broker_url)
             sub_queues = [
-                k.decode() for k in broker.keys("backlog*") if k != b"backlog"
+                k.decode() for k in raw_list(broker.keys("backlog*")) if k != b"backlog"
             ]  # kombu's '<queue>\x06\x16<step>' lists
             assert sub_queues and all(REDIS_PRIORITY_SEP in k for k in sub_queues)
             assert int(broker.llen("backlog")) < 3
@@ -120,7 +121,7 @@ def test_events_inspect_and_queues_on_redis(
             )
             celery_queue = queue_sample(state, "celery")  # from the workers' active_queues
             assert celery_queue is not None and celery_queue["consumers"] is None
-            history = state.xrange(KEYS.queues_history)
+            history = entries(state.xrange(KEYS.queues_history))
             assert history, "no per-minute history entry"
             assert int(history[-1][0].split(b"-")[0]) % 60_000 == 0
         assert "Traceback" not in en.output(), en.output()

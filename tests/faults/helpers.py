@@ -24,6 +24,7 @@ import redis
 from celery import Celery
 
 from shared.keys import Keys
+from tests.replies import entries, raw_hash, raw_set, scored, text
 from tests.support import free_port, wait_for
 
 # --- a varied stream -------------------------------------------------------------------------
@@ -191,17 +192,17 @@ def snapshot(r: redis.Redis, namespace: str) -> dict[str, Any]:
             rel = key[len(namespace) + 1 :]
             if rel.startswith(_OWN_KEYS):
                 continue
-        kind = r.type(key).decode()
+        kind = text(r.type(key))
         value: Any
         if kind == "hash":
-            h = {k.decode(): v.decode() for k, v in r.hgetall(key).items()}
+            h = {k.decode(): v.decode() for k, v in raw_hash(r.hgetall(key)).items()}
             h.pop("_hb", None)
             if rel == "S:runtime":
                 # float sums added in a different order differ in their last bits
                 h = {k: (_rounded(v) if k.endswith("\x1fsum") else v) for k, v in h.items()}
             value = h
         elif kind == "zset":
-            pairs = r.zrange(key, 0, -1, withscores=True)
+            pairs = scored(r.zrange(key, 0, -1, withscores=True))
             if rel in ("S:workers",) or rel.startswith("S:wdedup:"):
                 value = sorted(m.decode() for m, _ in pairs)
             else:
@@ -211,11 +212,11 @@ def snapshot(r: redis.Redis, namespace: str) -> dict[str, Any]:
             # task-received makes the task REJECTED for a moment): compare those with tasks
             value = sorted(
                 m.decode()
-                for m in r.smembers(key)
+                for m in raw_set(r.smembers(key))
                 if r.zcard(f"{shard_prefix}idx:state:{m.decode()}")
             )
         elif kind == "set":
-            value = sorted(m.decode() for m in r.smembers(key))
+            value = sorted(m.decode() for m in raw_set(r.smembers(key)))
         elif kind == "stream":
             value = stream_identities(r, key)
         elif kind == "string":
@@ -236,15 +237,15 @@ def stream_identities(r: redis.Redis, key: str) -> Counter[tuple[Any, ...]]:
     found: Counter[tuple[Any, ...]] = Counter()
     last = "-"
     while True:
-        entries = r.xrange(key, min=last, count=5000)
+        batch = entries(r.xrange(key, min=last, count=5000))
         if last != "-":
-            entries = entries[1:]
-        if not entries:
+            batch = batch[1:]
+        if not batch:
             return found
-        for _sid, fields in entries:
+        for _sid, fields in batch:
             e = json.loads(fields[b"e"])
             found[(e["type"], e.get("uuid"), e["hostname"], e["timestamp"], e.get("clock"))] += 1
-        last = entries[-1][0].decode()
+        last = batch[-1][0].decode()
 
 
 def differences(a: dict[str, Any], b: dict[str, Any], limit: int = 8) -> list[str]:

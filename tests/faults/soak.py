@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 kept = int(r.zcard(keys.all_shards[0].by_timestamp))
                 if warm_at is None and kept >= args.max_tasks:
                     warm_at = now
-                sample = {
+                sample: dict[str, Any] = {
                     "t": round(now - started, 1),
                     "applied": applied,
                     "kept": kept,

@@ -10,7 +10,7 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from kombu import Connection, Exchange, Producer
 from shared.keys import Keys
 from tests import readback
 from tests.faults.helpers import applied_events, assert_same_state, mixed_plan, publish_mixed
+from tests.replies import raw_hash, raw_list
 from tests.support import Process, RedisServer, pollen_env, service, wait_for
 
 REF = Keys("ref")
@@ -44,6 +45,11 @@ def wait_listening(r: redis.Redis, keys: Keys, count: int = 1) -> None:
         timeout=20,
         message=f"{count} collector heartbeat(s)",
     )
+
+
+def applied_at_least(r: redis.Redis, keys: Keys, total: int) -> Callable[[], bool]:
+    """A ``wait_for`` predicate: ``total`` events applied in ``keys``' namespace."""
+    return lambda: applied_events(r, keys) >= total
 
 
 @pytest.fixture
@@ -120,7 +126,7 @@ def test_malformed_events_are_counted_and_skipped(server: RedisServer, tmp_path:
         )
 
         def reasons() -> dict[str, int]:
-            return {k.decode(): int(v) for k, v in r.hgetall(keys.malformed).items()}
+            return {k.decode(): int(v) for k, v in raw_hash(r.hgetall(keys.malformed)).items()}
 
         expected = {
             "undecodable": 1,
@@ -192,7 +198,7 @@ def test_two_collectors_share_a_rabbitmq_queue_and_survive_kill_9(
         total = sent[0]
         for k in (keys, REF):
             wait_for(
-                lambda k=k: applied_events(r, k) >= total,  # type: ignore[misc]
+                applied_at_least(r, k, total),
                 timeout=60,
                 message=f"{total} events applied in {k.namespace}",
             )
@@ -204,7 +210,7 @@ def test_two_collectors_share_a_rabbitmq_queue_and_survive_kill_9(
         # both collectors took part
         totals = [
             int(r.hget(keys.collector(cid.decode()), "events_total") or 0)
-            for cid in r.zrange(keys.collectors, 0, -1)
+            for cid in raw_list(r.zrange(keys.collectors, 0, -1))
         ]
         assert sum(1 for t in totals if t > 0) >= 2
         # every task, index, counter and stream event equals the no-fault run's (a redelivered
@@ -248,7 +254,7 @@ def test_redis_broker_collectors_restart_in_turn_without_loss(
         total = sent[0]
         for k in (keys, REF):
             wait_for(
-                lambda k=k: applied_events(r, k) >= total,  # type: ignore[misc]
+                applied_at_least(r, k, total),
                 timeout=30,
                 message=f"every event applied in {k.namespace}",
             )
@@ -257,7 +263,7 @@ def test_redis_broker_collectors_restart_in_turn_without_loss(
         assert r.zcard(keys.all_shards[0].by_state("SUCCESS")) == successes(tasks, seed)
         dup = sum(
             int(r.hget(keys.collector(c.decode()), "duplicates_total") or 0)
-            for c in r.zrange(keys.collectors, 0, -1)
+            for c in raw_list(r.zrange(keys.collectors, 0, -1))
         )
         assert dup > 0  # both listened: the second copy of each event was recognised
         assert assert_same_state(r, "faults", r, "ref") > tasks

@@ -27,6 +27,7 @@ from shared.keys import Keys
 from shared.settings import Settings
 from tests import readback
 from tests.lifecycles import cluster_stream
+from tests.replies import entries, raw_list
 from tests.support import PYTHON, ROOT
 
 #: Every reason the decoder may give (docs/faults.md lists them).
@@ -214,15 +215,15 @@ def test_apply_mutated_events(
         assert (again.applied, again.duplicates) == (0, len(result.events))
     keys = Keys(settings.namespace)
     shard = keys.all_shards[0]
-    for uuid in r.zrange(shard.by_timestamp, 0, -1):
+    for uuid in raw_list(r.zrange(shard.by_timestamp, 0, -1)):
         task = readback.task(r, keys, uuid.decode())
         assert task is not None and task["uuid"] == uuid.decode()
         assert task["state"]
-    for host in r.zrange(shard.workers, 0, -1):
+    for host in raw_list(r.zrange(shard.workers, 0, -1)):
         readback.worker(r, keys, host.decode(), now=1_790_000_100.0)
-    for host in r.zrange(shard.seen, 0, -1):
+    for host in raw_list(r.zrange(shard.seen, 0, -1)):
         records.worker_alive({}, r.zscore(shard.seen, host), 1_790_000_100.0)
-    for _, fields in r.xrange(shard.stream):
+    for _, fields in entries(r.xrange(shard.stream)):
         msgspec.json.decode(fields[b"e"], type=StreamEvent)
 
 

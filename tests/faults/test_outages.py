@@ -26,6 +26,7 @@ from tests.faults.helpers import (
     private_rabbitmq_possible,
     publish_mixed,
 )
+from tests.replies import raw_hash
 from tests.streams import publish_tasks
 from tests.support import (
     Process,
@@ -316,7 +317,7 @@ def test_rabbitmq_restarted_under_collector_enabler_and_worker(tmp_path: Path) -
         time.sleep(1.0)
         worker_events = sum(
             int(v)
-            for f, v in r.hgetall(keys.all_shards[0].counts).items()
+            for f, v in raw_hash(r.hgetall(keys.all_shards[0].counts)).items()
             if f.decode().startswith("rr@faults")
         )
         # every event of the stream applied once (the rest are the worker's own)
