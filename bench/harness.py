@@ -40,6 +40,7 @@ from bench.systems import (
     wait_drained,
 )
 from shared.keys import Keys
+from tests.replies import raw_list
 from tests.support import RedisServer, rabbitmq_available
 
 OUT = ROOT / "bench" / "out"
@@ -379,8 +380,9 @@ MIXED = [
 ]
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def task_events_of(system: System) -> Callable[[], int]:
+    """``wait_drained``'s count: the task events ``system`` has counted so far."""
+    return lambda: system.counted().task_events
 
 
 def _uuids(base: str, n: int = 50) -> list[str]:
@@ -408,7 +410,7 @@ def scenario_memory(run: Run, sizes: Sizes) -> None:
                 before = system.memory()
                 gen = generate(replace(config, broker=b.url))
                 counted, _ = wait_drained(
-                    lambda s=system: s.counted().task_events,  # type: ignore[misc]
+                    task_events_of(system),
                     gen.task_events,
                     gen.finished,
                     backlog=b.backlog,
@@ -472,8 +474,7 @@ def scenario_scale(run: Run, sizes: Sizes) -> None:
             }
             client = redis.Redis(port=server.port)
             index = Keys(micro.NAMESPACE).all_shards[0].by_timestamp
-            members: list[bytes] = client.zrandmember(index, 50) or []  # type: ignore[assignment]
-            uuids = [_text(u) for u in members]
+            uuids = [u.decode() for u in raw_list(client.zrandmember(index, 50) or [])]
             client.close()
             proc, base = api_process(env, wd, 0)
             try:
