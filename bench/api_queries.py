@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import multiprocessing
 import os
 import random
 import shutil
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -35,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import msgspec
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.http import BareWsClient, new_ws_stats  # noqa: E402
 from services.collector.writer import Writer  # noqa: E402
 from shared.settings import load  # noqa: E402
 from tests import readback  # noqa: E402
@@ -301,102 +299,16 @@ def measure_flower(
     return out
 
 
-class _TimeOnly(msgspec.Struct):
-    timestamp: float = 0.0
-
-
-_decode_one = msgspec.json.Decoder(_TimeOnly).decode
-_decode_many = msgspec.json.Decoder(list[_TimeOnly]).decode
-
-
-class _WsReader(asyncio.Protocol):
-    """A bare WebSocket client: counts messages (events, with ``batch=``) and times the last
-    event of each read against its timestamp. Cheap enough that 500 of them in two processes
-    are not what limits the measurement (aiohttp clients with a JSON parse per message were)."""
-
-    def __init__(self, path: str, batched: bool, stats: dict[str, Any]) -> None:
-        self.path = path
-        self.batched = batched
-        self.stats = stats
-        self.buf = bytearray()
-        self.upgraded = False
-        self.ready = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        key = base64.b64encode(os.urandom(16)).decode()
-        transport.write(
-            f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        if not self.upgraded:
-            end = buf.find(b"\r\n\r\n")
-            if end == -1:
-                return
-            assert buf.startswith(b"HTTP/1.1 101"), bytes(buf[:200])
-            del buf[: end + 4]
-            self.upgraded = True
-            self.ready.set_result(None)
-        pos, last, frames = 0, None, 0
-        while len(buf) - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            n, head = b1 & 0x7F, 2
-            if n == 126:
-                if len(buf) - pos < 4:
-                    break
-                n, head = struct.unpack_from("!H", buf, pos + 2)[0], 4
-            elif n == 127:
-                if len(buf) - pos < 10:
-                    break
-                n, head = struct.unpack_from("!Q", buf, pos + 2)[0], 10
-            if len(buf) - pos < head + n:
-                break
-            opcode = b0 & 0x0F
-            if opcode == 1:
-                frames += 1
-                if self.batched:
-                    self._timed(_decode_many(bytes(buf[pos + head : pos + head + n])))
-                else:
-                    last = (pos + head, n)
-            elif opcode == 9 and self.transport is not None:  # ping: a masked pong
-                payload = bytes(buf[pos + head : pos + head + n])
-                self.transport.write(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
-            elif opcode == 8:
-                code = struct.unpack_from("!H", buf, pos + head)[0] if n >= 2 else 1005
-                if code != 1000:
-                    self.stats["cut"] += 1
-            pos += head + n
-        if last is not None:
-            self.stats["received"] += frames
-            self._timed([_decode_one(bytes(buf[last[0] : last[0] + last[1]]))], count=False)
-        del buf[:pos]
-
-    def _timed(self, events: list[_TimeOnly], count: bool = True) -> None:
-        now = time.time()
-        if count:
-            self.stats["received"] += len(events)
-        lat = self.stats["latencies"]
-        for e in events[-1:] if not count else events:
-            lat.append((now - e.timestamp) * 1000)
-
-
 def _ws_clients(port: int, clients: int, path: str, batched: bool, pipe: Any) -> None:
     """A process of ``clients`` WebSocket clients; says "ready", waits for "stop", reports."""
 
     async def main() -> dict[str, Any]:
-        stats: dict[str, Any] = {"received": 0, "cut": 0, "latencies": []}
+        stats = new_ws_stats()
         loop = asyncio.get_running_loop()
         readers = []
         for _ in range(clients):
             _, reader = await loop.create_connection(
-                lambda: _WsReader(path, batched, stats), "127.0.0.1", port
+                lambda: BareWsClient(path, batched, stats), "127.0.0.1", port
             )
             readers.append(reader)
         await asyncio.gather(*(r.ready for r in readers))

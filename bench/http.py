@@ -1,14 +1,22 @@
-"""HTTP and WebSocket load for the query, push and scale-out scenarios (aiohttp clients)."""
+"""HTTP and WebSocket load for the query, push and scale-out scenarios.
+
+HTTP load uses aiohttp clients; WebSocket listeners are bare asyncio protocols
+(``BareWsClient``): aiohttp clients parsing every message were what limited the first push
+measurements, not the API."""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import base64
+import os
 import statistics
+import struct
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
+import msgspec
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -117,81 +125,132 @@ def load(bases: list[str], paths: list[str], seconds: float, concurrency: int) -
     return asyncio.run(_load(bases, paths, seconds, concurrency))
 
 
-class WsListeners:
-    """``n`` WebSocket clients of ``/api/events``; records each message's arrival delay."""
+class _Times(msgspec.Struct):
+    timestamp: float = 0.0
+    local_received: float = 0.0
 
-    def __init__(self, url: str, n: int) -> None:
-        self.url = url
-        self.n = n
-        self.delays_sent: list[float] = []  # arrival - sender timestamp
-        self.delays_collected: list[float] = []  # arrival - collector receive time
-        self.messages = 0
-        self.connected = 0
-        self.closed_early = 0
-        self._sample_every = 1
 
-    async def _client(
-        self, session: aiohttp.ClientSession, index: int, ready: asyncio.Event, stop: asyncio.Event
-    ) -> None:
-        try:
-            async with session.ws_connect(self.url, heartbeat=None, max_msg_size=0) as ws:
-                self.connected += 1
-                if self.connected == self.n:
-                    ready.set()
-                while not stop.is_set():
-                    try:
-                        msg = await asyncio.wait_for(ws.receive(), timeout=0.5)
-                    except TimeoutError:
-                        continue
-                    if msg.type != aiohttp.WSMsgType.TEXT:
-                        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
-                            self.closed_early += 1
-                            return
-                        continue
-                    now = time.time()
-                    self.messages += 1
-                    # every client is timed, but only a sample is kept to bound memory
-                    if self.messages % self._sample_every == 0:
-                        event = json.loads(msg.data)
-                        if "timestamp" in event:
-                            self.delays_sent.append(now - float(event["timestamp"]))
-                        if "local_received" in event:
-                            self.delays_collected.append(now - float(event["local_received"]))
-        except aiohttp.ClientError:
-            self.closed_early += 1
+_decode_one = msgspec.json.Decoder(_Times).decode
+_decode_many = msgspec.json.Decoder(list[_Times]).decode
 
-    async def run(self, during: Any, sample_every: int = 1) -> None:
-        """Connect every client, run ``during()`` (a blocking callable, in a thread), then
-        listen 3 s more and disconnect."""
-        self._sample_every = sample_every
-        ready, stop = asyncio.Event(), asyncio.Event()
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            tasks = [
-                asyncio.create_task(self._client(session, i, ready, stop)) for i in range(self.n)
-            ]
-            await asyncio.wait_for(ready.wait(), timeout=120)
-            await asyncio.to_thread(during)
-            await asyncio.sleep(3)
-            stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
+
+class BareWsClient(asyncio.Protocol):
+    """A bare WebSocket client: counts messages (events, with ``batch=``) and times the last
+    event of each read against its timestamp. Cheap enough that 500 of them in two processes
+    are not what limits the measurement (aiohttp clients with a JSON parse per message were)."""
+
+    def __init__(self, path: str, batched: bool, stats: dict[str, Any]) -> None:
+        self.path = path
+        self.batched = batched
+        self.stats = stats
+        self.buf = bytearray()
+        self.upgraded = False
+        self.ready = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write(
+            f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end == -1:
+                return
+            assert buf.startswith(b"HTTP/1.1 101"), bytes(buf[:200])
+            del buf[: end + 4]
+            self.upgraded = True
+            self.ready.set_result(None)
+        pos, last, frames = 0, None, 0
+        while len(buf) - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            n, head = b1 & 0x7F, 2
+            if n == 126:
+                if len(buf) - pos < 4:
+                    break
+                n, head = struct.unpack_from("!H", buf, pos + 2)[0], 4
+            elif n == 127:
+                if len(buf) - pos < 10:
+                    break
+                n, head = struct.unpack_from("!Q", buf, pos + 2)[0], 10
+            if len(buf) - pos < head + n:
+                break
+            opcode = b0 & 0x0F
+            if opcode == 1:
+                frames += 1
+                if self.batched:
+                    self._timed(_decode_many(bytes(buf[pos + head : pos + head + n])))
+                else:
+                    last = (pos + head, n)
+            elif opcode == 9 and self.transport is not None:  # ping: a masked pong
+                payload = bytes(buf[pos + head : pos + head + n])
+                self.transport.write(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
+            elif opcode == 8:
+                code = struct.unpack_from("!H", buf, pos + head)[0] if n >= 2 else 1005
+                if code != 1000:
+                    self.stats["cut"] += 1
+            pos += head + n
+        if last is not None:
+            self.stats["received"] += frames
+            self._timed([_decode_one(bytes(buf[last[0] : last[0] + last[1]]))], count=False)
+        del buf[:pos]
+
+    def _timed(self, events: list[_Times], count: bool = True) -> None:
+        now = time.time()
+        if count:
+            self.stats["received"] += len(events)
+        sent, collected = self.stats["latencies"], self.stats["collected"]
+        for e in events[-1:] if not count else events:
+            sent.append((now - e.timestamp) * 1000)
+            if e.local_received:
+                collected.append((now - e.local_received) * 1000)
+
+
+def new_ws_stats() -> dict[str, Any]:
+    """What ``BareWsClient``s of one process add up: messages received, clients cut, and
+    delays in ms (event timestamp -> arrival, collector receive time -> arrival)."""
+    return {"received": 0, "cut": 0, "latencies": [], "collected": []}
 
 
 def _ws_child(url: str, n: int, sample_every: int, ready: Any, go: Any, out: Any) -> None:
-    """One client process: ``n`` listeners until ``go`` is cleared again (see ``ws_fanout``)."""
-    listeners = WsListeners(url, n)
+    """One client process: ``n`` bare clients until ``go`` is set (see ``ws_fanout``)."""
+    parts = urlsplit(url)
 
-    def wait_for_end() -> None:
+    async def main() -> dict[str, Any]:
+        stats = new_ws_stats()
+        loop = asyncio.get_running_loop()
+        clients = []
+        for _ in range(n):
+            _, client = await loop.create_connection(
+                lambda: BareWsClient(parts.path or "/", False, stats),
+                parts.hostname or "127.0.0.1",
+                parts.port or 80,
+            )
+            clients.append(client)
+        await asyncio.gather(*(c.ready for c in clients))
         ready.put(n)
-        go.wait()  # set by the parent when the stream has been sent
+        await loop.run_in_executor(None, go.wait)  # set by the parent once the stream is sent
+        await asyncio.sleep(3)  # what is still in flight
+        for c in clients:
+            if c.transport is not None:
+                c.transport.close()
+        return stats
 
-    asyncio.run(listeners.run(wait_for_end, sample_every))
+    stats = asyncio.run(main())
     out.put(
         {
-            "messages": listeners.messages,
-            "closed_early": listeners.closed_early,
-            "delays_sent": listeners.delays_sent,
-            "delays_collected": listeners.delays_collected,
+            "messages": stats["received"],
+            "closed_early": stats["cut"],
+            "delays_sent": [d / 1000 for d in stats["latencies"][::sample_every]],
+            "delays_collected": [d / 1000 for d in stats["collected"][::sample_every]],
         }
     )
 

@@ -627,11 +627,11 @@ def render(doc: dict[str, Any]) -> None:
         L += [
             "## Push: WebSocket fan-out (Pollen; Flower 2 has no event push)",
             "",
-            "Clients of `/api/events` (in 2 client processes on the same machine) while "
-            "the generator sends at a fixed rate on a Redis broker through one collector. "
-            "*sender→client* includes the broker, the collector's batching "
-            "(`POLLEN_BATCH_INTERVAL`, 50 ms) and the API; *collector→client* is Redis pub/sub "
-            "plus the API's fan-out.",
+            "Bare WebSocket clients of `/api/events` (asyncio protocols in 2 client processes on "
+            "the same machine; timed on the last event of each socket read) while the generator "
+            "sends at a fixed rate on a Redis broker through one collector. *sender→client* "
+            "includes the broker, the collector and the API; *collector→client* is the "
+            "collector's commit, Redis pub/sub and the API's fan-out.",
             "",
             "| clients | events/s | messages delivered | closed early | sender→client p50 / p99 "
             "ms | collector→client p50 / p99 ms | API CPU (cores) |",
