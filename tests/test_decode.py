@@ -10,6 +10,7 @@ import msgspec
 from services.collector.decode import Decoder, DecodeResult
 from services.collector.sources import Incoming, _unwrap
 from shared import events as ev
+from shared.events import StreamEvent
 
 
 def decode(body: bytes, limit: int = 32768, ctype: str = "application/json") -> DecodeResult:
@@ -115,3 +116,24 @@ def test_kombu_redis_envelope() -> None:
     ).encode()
     unwrapped = _unwrap(Incoming(envelope, "", "", 1.0))
     assert unwrapped.body == payload and unwrapped.content_type == "application/json"
+
+
+def test_sender_keys_that_readers_rely_on_are_dropped() -> None:
+    """A worker event carrying a stray ``uuid``, or any event carrying the keys the collector
+    adds itself, still gives a normalized event every reader can decode as StreamEvent."""
+    stray = {
+        "type": "worker-heartbeat",
+        "hostname": "h",
+        "timestamp": 1.0,
+        "uuid": 5,
+        "stream_id": 7,
+        "task_name": [],
+        "local_received": "x",
+        "freq": 2.0,
+    }
+    (d,) = decode(json.dumps(stray).encode()).events
+    normalized = msgspec.json.decode(d.open_json + b"}", type=StreamEvent)
+    assert normalized.uuid is None and normalized.local_received == 123.5
+    task = {"type": "task-started", "uuid": "u", "hostname": "h", "timestamp": 1.0, "task_state": 3}
+    (t,) = decode(json.dumps(task).encode()).events
+    assert b"task_state" not in t.open_json

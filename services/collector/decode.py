@@ -135,6 +135,11 @@ class Decoder:
         if not raw.endswith(b"}"):
             result.bad.append(Bad("not_an_object", raw[:512]))
             return
+        # keys the collector adds, or that readers filter on, must not come from the sender in
+        # another shape (a worker event carrying "uuid": 5 would fail readers' StreamEvent)
+        reserved = _RESERVED_IN_WORKER if isinstance(event, ev.WorkerEvent) else _RESERVED
+        if any(key in raw for key in reserved):
+            raw = _without(raw, reserved)
         open_json = raw[:-1] + b',"local_received":' + _encode(local_received)
         result.events.append(Decoded(event, open_json, local_received))
 
@@ -174,6 +179,19 @@ class Decoder:
                 obj[key] = shortened
                 changed = True
         return _encode(obj) if changed else raw
+
+
+#: Keys of a normalized event (shared.events.StreamEvent) that the collector sets itself.
+_RESERVED = (b'"local_received"', b'"task_name"', b'"task_state"', b'"stream_id"')
+_RESERVED_IN_WORKER = (*_RESERVED, b'"uuid"')
+
+
+def _without(raw: bytes, keys: tuple[bytes, ...]) -> bytes:
+    """The event's JSON without those keys (rare: only when the raw text mentions one)."""
+    obj = _any.decode(raw)
+    for key in keys:
+        obj.pop(key[1:-1].decode(), None)
+    return _encode(obj)
 
 
 class _Bad(Exception):
