@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from services.api.openapi import ERROR, ERRORS, Spec
+from services.api.openapi import json_body as _json
+from services.api.openapi import param as _param
 
-Spec = dict[str, Any]
-
-_ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
 _MESSAGE = {"type": "object", "properties": {"message": {"type": "string"}}}
 _RESULT = {
     "type": "object",
@@ -19,25 +18,10 @@ _RESULT = {
 }
 
 
-def _json(description: str, schema: Spec) -> Spec:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _param(name: str, description: str, schema: Spec | None = None, where: str = "query") -> Spec:
-    return {
-        "name": name,
-        "in": where,
-        "required": where == "path",
-        "description": description,
-        "schema": schema or {"type": "string"},
-    }
-
-
 _COMMON = {
-    "400": _json("a bad parameter; the message names it", _ERROR),
-    "401": _json("credentials missing or wrong", _ERROR),
-    "403": _json("read-only API or credential, or the worker refused (reason given)", _ERROR),
-    "503": _json("broker, result backend or Redis unavailable", _ERROR),
+    **ERRORS,
+    "403": _json("read-only API or credential, or the worker refused (reason given)", ERROR),
+    "503": _json("broker, result backend or Redis unavailable", ERROR),
 }
 _WORKER = _param("name", "worker hostname, known from its events or inspect answers", where="path")
 _INT = {"type": "integer"}
@@ -68,8 +52,8 @@ def _worker_op(summary: str, params: list[Spec] | None = None) -> Spec:
         [_WORKER, *(params or [])],
         _json("done", _MESSAGE),
         {
-            "404": _json("unknown worker", _ERROR),
-            "504": _json("the worker did not answer within POLLEN_INSPECT_TIMEOUT", _ERROR),
+            "404": _json("unknown worker", ERROR),
+            "504": _json("the worker did not answer within POLLEN_INSPECT_TIMEOUT", ERROR),
         },
     )
 
@@ -79,7 +63,7 @@ def _publish(summary: str, answer: str) -> Spec:
         summary,
         [_param("name", "task name", where="path")],
         _json(answer, _RESULT),
-        {"404": _json("no worker registered this task and no event named it", _ERROR)},
+        {"404": _json("no worker registered this task and no event named it", ERROR)},
     )
     spec["post"]["requestBody"] = _BODY
     return spec

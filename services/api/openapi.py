@@ -16,7 +16,7 @@ from shared.events import TASK_FIELDS
 Spec = dict[str, Any]
 
 
-def _param(name: str, description: str, schema: Spec | None = None, where: str = "query") -> Spec:
+def param(name: str, description: str, schema: Spec | None = None, where: str = "query") -> Spec:
     return {
         "name": name,
         "in": where,
@@ -26,7 +26,7 @@ def _param(name: str, description: str, schema: Spec | None = None, where: str =
     }
 
 
-def _json(description: str, schema: Spec | None = None) -> Spec:
+def json_body(description: str, schema: Spec | None = None) -> Spec:
     return {
         "description": description,
         "content": {"application/json": {"schema": schema or {"type": "object"}}},
@@ -38,10 +38,11 @@ ERROR = {
     "properties": {"error": {"type": "string"}},
     "required": ["error"],
 }
-_ERRORS = {
-    "400": _json("a bad parameter; the message names it", ERROR),
-    "401": _json("credentials missing or wrong", ERROR),
-    "503": _json("Redis (the state store) is unavailable", ERROR),
+#: Responses every read endpoint may give (others add theirs, e.g. 403 for control).
+ERRORS = {
+    "400": json_body("a bad parameter; the message names it", ERROR),
+    "401": json_body("credentials missing or wrong", ERROR),
+    "503": json_body("Redis (the state store) is unavailable", ERROR),
 }
 TASK = {
     "type": "object",
@@ -76,18 +77,18 @@ _WS = (
     "several shards); see docs/api.md."
 )
 _WS_PARAMS = [
-    _param("type", "event type, repeatable, wildcards like task-*"),
-    _param("uuid", "task uuid, repeatable"),
-    _param("taskname", "task name, repeatable"),
-    _param("worker", "event hostname, repeatable"),
-    _param("state", "task state after the event, repeatable"),
-    _param("since", "resume after this cursor (stream id, or one per shard comma-joined)"),
-    _param(
+    param("type", "event type, repeatable, wildcards like task-*"),
+    param("uuid", "task uuid, repeatable"),
+    param("taskname", "task name, repeatable"),
+    param("worker", "event hostname, repeatable"),
+    param("state", "task state after the event, repeatable"),
+    param("since", "resume after this cursor (stream id, or one per shard comma-joined)"),
+    param(
         "batch",
         "milliseconds: one JSON array of the events of each period",
         {"type": "integer", "minimum": 1, "maximum": 10000},
     ),
-    _param("token", "bearer token (for clients that cannot set headers)"),
+    param("token", "bearer token (for clients that cannot set headers)"),
 ]
 
 PATHS: Spec = {
@@ -95,47 +96,47 @@ PATHS: Spec = {
         "get": {
             "summary": "List tasks (Flower-compatible)",
             "parameters": [
-                _param(
+                param(
                     "limit",
                     "page size (default and maximum: POLLEN_MAX_PAGE)",
                     {"type": "integer", "minimum": 0},
                 ),
-                _param("offset", "tasks skipped", {"type": "integer", "minimum": 0}),
-                _param(
+                param("offset", "tasks skipped", {"type": "integer", "minimum": 0}),
+                param(
                     "sort_by",
                     "name, state, received or started; '-' prefix: descending",
                     {"type": "string"},
                 ),
-                _param("workername", "worker hostname (case-insensitive; All = any)"),
-                _param("taskname", "task name (case-insensitive; All = any)"),
-                _param("state", "task state (case-insensitive; All = any)"),
-                _param("received_start", "received at or after (tasks never received pass)", _TIME),
-                _param("received_end", "received at or before (tasks never received pass)", _TIME),
-                _param("started_start", "started at or after (tasks never started pass)", _TIME),
-                _param("started_end", "started at or before (tasks never started pass)", _TIME),
-                _param("search", "Flower's task-filter query syntax"),
-                _param("cursor", "X-Pollen-Next-Cursor of the previous page"),
+                param("workername", "worker hostname (case-insensitive; All = any)"),
+                param("taskname", "task name (case-insensitive; All = any)"),
+                param("state", "task state (case-insensitive; All = any)"),
+                param("received_start", "received at or after (tasks never received pass)", _TIME),
+                param("received_end", "received at or before (tasks never received pass)", _TIME),
+                param("started_start", "started at or after (tasks never started pass)", _TIME),
+                param("started_end", "started at or before (tasks never started pass)", _TIME),
+                param("search", "Flower's task-filter query syntax"),
+                param("cursor", "X-Pollen-Next-Cursor of the previous page"),
             ],
             "responses": {
                 "200": {
-                    **_json(
+                    **json_body(
                         "ordered object uuid -> task",
                         {"type": "object", "additionalProperties": TASK},
                     ),
                     "headers": _TASK_HEADERS,
                 },
-                **_ERRORS,
+                **ERRORS,
             },
         }
     },
     "/api/task/info/{uuid}": {
         "get": {
             "summary": "One task (Flower-compatible)",
-            "parameters": [_param("uuid", "task id", where="path")],
+            "parameters": [param("uuid", "task id", where="path")],
             "responses": {
-                "200": _json("the task", TASK),
-                "404": _json("unknown task", ERROR),
-                **_ERRORS,
+                "200": json_body("the task", TASK),
+                "404": json_body("unknown task", ERROR),
+                **ERRORS,
             },
         }
     },
@@ -143,11 +144,11 @@ PATHS: Spec = {
         "get": {
             "summary": "Task names seen",
             "responses": {
-                "200": _json(
+                "200": json_body(
                     "task names",
                     {"type": "object", "properties": {"task-types": {"type": "array"}}},
                 ),
-                **_ERRORS,
+                **ERRORS,
             },
         }
     },
@@ -155,14 +156,14 @@ PATHS: Spec = {
         "get": {
             "summary": "Workers: inspect data, or liveness with status=1 (Flower-compatible)",
             "parameters": [
-                _param("refresh", "accepted; inspect data is refreshed by the enabler", _BOOL),
-                _param("workername", "one worker (adds its active/reserved/scheduled/revoked)"),
-                _param("status", "only {hostname: alive}", _BOOL),
+                param("refresh", "accepted; inspect data is refreshed by the enabler", _BOOL),
+                param("workername", "one worker (adds its active/reserved/scheduled/revoked)"),
+                param("status", "only {hostname: alive}", _BOOL),
             ],
             "responses": {
-                "200": _json("hostname -> inspect answers (or event fields)"),
-                "404": _json("unknown worker", ERROR),
-                **_ERRORS,
+                "200": json_body("hostname -> inspect answers (or event fields)"),
+                "404": json_body("unknown worker", ERROR),
+                **ERRORS,
             },
         }
     },
@@ -170,11 +171,11 @@ PATHS: Spec = {
         "get": {
             "summary": "Queue lengths sampled by the enabler",
             "responses": {
-                "200": _json(
+                "200": json_body(
                     "queues",
                     {"type": "object", "properties": {"active_queues": {"type": "array"}}},
                 ),
-                **_ERRORS,
+                **ERRORS,
             },
         }
     },
@@ -183,15 +184,15 @@ PATHS: Spec = {
             "summary": "Live events (WebSocket) with filters and resume",
             "description": _WS,
             "parameters": _WS_PARAMS,
-            "responses": {"101": {"description": "switching to WebSocket"}, **_ERRORS},
+            "responses": {"101": {"description": "switching to WebSocket"}, **ERRORS},
         }
     },
     "/api/task/events/{event_type}/": {
         "get": {
             "summary": "Flower 1.0 task event WebSocket (one event type)",
             "description": _WS,
-            "parameters": [_param("event_type", "e.g. task-succeeded", where="path")],
-            "responses": {"101": {"description": "switching to WebSocket"}, **_ERRORS},
+            "parameters": [param("event_type", "e.g. task-succeeded", where="path")],
+            "responses": {"101": {"description": "switching to WebSocket"}, **ERRORS},
         }
     },
     "/api/task/events/{event_type}/{uuid}": {
@@ -199,10 +200,10 @@ PATHS: Spec = {
             "summary": "Flower 1.0 task event WebSocket (one event type, one task)",
             "description": _WS,
             "parameters": [
-                _param("event_type", "e.g. task-succeeded", where="path"),
-                _param("uuid", "task id", where="path"),
+                param("event_type", "e.g. task-succeeded", where="path"),
+                param("uuid", "task id", where="path"),
             ],
-            "responses": {"101": {"description": "switching to WebSocket"}, **_ERRORS},
+            "responses": {"101": {"description": "switching to WebSocket"}, **ERRORS},
         }
     },
     "/metrics": {
@@ -212,14 +213,14 @@ PATHS: Spec = {
         }
     },
     "/healthz": {
-        "get": {"summary": "Liveness", "responses": {"200": _json("the process answers")}}
+        "get": {"summary": "Liveness", "responses": {"200": json_body("the process answers")}}
     },
     "/readyz": {
         "get": {
             "summary": "Readiness: Redis answers and a collector heartbeat is fresh",
             "responses": {
-                "200": _json("ready"),
-                "503": _json("not ready, with the reason"),
+                "200": json_body("ready"),
+                "503": json_body("not ready, with the reason"),
             },
         }
     },
@@ -227,7 +228,7 @@ PATHS: Spec = {
         "get": {"summary": "Flower's health check", "responses": {"200": {"description": "OK"}}}
     },
     "/api/openapi.json": {
-        "get": {"summary": "This document", "responses": {"200": _json("OpenAPI 3.1")}}
+        "get": {"summary": "This document", "responses": {"200": json_body("OpenAPI 3.1")}}
     },
 }
 

@@ -25,6 +25,7 @@ from services.api import params
 from services.api.auth import principal
 from services.api.context import ctx
 from services.api.errors import bad_param
+from services.api.openapi import ERRORS, json_body, param
 from services.api.workers import event_state, known_workers
 from shared.keys import RUNTIME_BUCKETS, SEP
 from shared.records import worker_from_hash
@@ -182,30 +183,9 @@ routes: list[Any] = [
 ]
 
 
-def _param(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "description": description,
-        "schema": schema or {"type": "string"},
-    }
-
-
 def _ok(description: str, properties: dict[str, Any]) -> dict[str, Any]:
-    schema = {"type": "object", "properties": properties}
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+    return json_body(description, {"type": "object", "properties": properties})
 
-
-_ERROR = {
-    "description": "an error",
-    "content": {
-        "application/json": {
-            "schema": {"type": "object", "properties": {"error": {"type": "string"}}}
-        }
-    },
-}
-_ERRORS = {"400": _ERROR, "401": _ERROR, "503": _ERROR}
 
 #: OpenAPI paths of these endpoints (merged into ``/api/openapi.json`` by the app factory).
 openapi_paths: dict[str, Any] = {
@@ -219,7 +199,7 @@ openapi_paths: dict[str, Any] = {
                     "events ({type: count}), inspected (the enabler has inspect answers)",
                     {"time": {"type": "number"}, "workers": {"type": "array"}},
                 ),
-                **_ERRORS,
+                **ERRORS,
             },
         }
     },
@@ -227,7 +207,7 @@ openapi_paths: dict[str, Any] = {
         "get": {
             "summary": "Task events per minute by task name and state (charts)",
             "parameters": [
-                _param(
+                param(
                     "minutes",
                     "minutes up to now (default 60, at most POLLEN_CHART_RETENTION_DAYS days)",
                     {"type": "integer", "minimum": 1},
@@ -246,7 +226,7 @@ openapi_paths: dict[str, Any] = {
                         "series": {"type": "array"},
                     },
                 ),
-                **_ERRORS,
+                **ERRORS,
             },
         }
     },
@@ -254,8 +234,8 @@ openapi_paths: dict[str, Any] = {
         "get": {
             "summary": "Runtime histogram and percentiles per task name (succeeded tasks)",
             "parameters": [
-                _param("workername", "only this worker's runtimes"),
-                _param("taskname", "only this task name"),
+                param("workername", "only this worker's runtimes"),
+                param("taskname", "only this task name"),
             ],
             "responses": {
                 "200": _ok(
@@ -264,7 +244,7 @@ openapi_paths: dict[str, Any] = {
                     "histogram_quantile (a rank in +Inf gives the highest finite bound)",
                     {"buckets": {"type": "array"}, "tasks": {"type": "array"}},
                 ),
-                **_ERRORS,
+                **ERRORS,
             },
         }
     },
@@ -280,7 +260,7 @@ openapi_paths: dict[str, Any] = {
                         "read_only": {"type": "boolean"},
                     },
                 ),
-                "401": _ERROR,
+                "401": ERRORS["401"],
             },
         }
     },
