@@ -29,6 +29,22 @@ _any = msgspec.json.Decoder()
 _encode = msgspec.json.encode
 
 
+#: Every reason a bad event is counted under (``<ns>:malformed``, the malformed metric).
+REASONS = frozenset(
+    {
+        "undecodable",
+        "not_an_object",
+        "missing_field",
+        "wrong_type",
+        "invalid_value",
+        "unknown_type",
+        "missing_type",
+        "invalid_type",
+        "unsupported_content_type",
+    }
+)
+
+
 @dataclass(slots=True)
 class Decoded:
     """One valid event and its normalized JSON, still open (no closing brace)."""

@@ -14,21 +14,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from services.collector.decode import Decoder
+    from services.collector.decode import REASONS, Decoder
 
-REASONS = frozenset(
-    {
-        "undecodable",
-        "not_an_object",
-        "missing_field",
-        "wrong_type",
-        "invalid_value",
-        "unknown_type",
-        "missing_type",
-        "invalid_type",
-        "unsupported_content_type",
-    }
-)
 CONTENT_TYPES = (
     "application/json",
     "",

@@ -19,7 +19,7 @@ import redis
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from services.collector.decode import Decoder, DecodeResult
+from services.collector.decode import REASONS, Decoder, DecodeResult
 from services.collector.writer import Writer
 from shared import records
 from shared.events import StreamEvent
@@ -30,20 +30,6 @@ from tests.lifecycles import cluster_stream
 from tests.replies import entries, raw_list
 from tests.support import PYTHON, ROOT
 
-#: Every reason the decoder may give (docs/faults.md lists them).
-REASONS = frozenset(
-    {
-        "undecodable",
-        "not_an_object",
-        "missing_field",
-        "wrong_type",
-        "invalid_value",
-        "unknown_type",
-        "missing_type",
-        "invalid_type",
-        "unsupported_content_type",
-    }
-)
 CONTENT_TYPES = (
     "application/json",
     "",
