@@ -50,6 +50,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from services.api.context import Context, ctx
 from services.api.errors import REDIS_DOWN, ApiError, bad_param
+from services.api.websocket import WebSocket
 from shared.events import StreamEvent
 from shared.keys import shard_of
 
@@ -617,7 +618,7 @@ async def events_ws(request: web.Request) -> web.StreamResponse:
     flt = parse_filter(request)
     since = parse_since(request, c.keys.shards)
     batch = parse_batch(request)
-    ws = web.WebSocketResponse(
+    ws = WebSocket(
         heartbeat=c.settings.ws_heartbeat,
         timeout=CLOSE_TIMEOUT,
         compress=False,
@@ -658,6 +659,7 @@ async def events_ws(request: web.Request) -> web.StreamResponse:
             client.sender.cancel()
         if not ws.closed and not client.closing:
             await ws.close(code=WSCloseCode.GOING_AWAY)
+        await ws.wait_closed()
     return ws
 
 

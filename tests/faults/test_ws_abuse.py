@@ -8,6 +8,7 @@ import asyncio
 import base64
 import os
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,11 +122,40 @@ async def test_garbage_and_huge_frames_close_only_that_client(stack: tuple[Api, 
         await good.close()
 
 
-def _raw_websocket(port: int) -> socket.socket:
-    """A WebSocket client that completes the handshake and then never reads: a tiny receive
-    buffer, so the server's writes back up at once."""
+def _masked_frame_header(opcode: int, length: int) -> bytes:
+    """A client frame's header (FIN set, 64-bit length, a zero mask so the payload is plain)."""
+    return struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length) + b"\0\0\0\0"
+
+
+def test_huge_frame_gets_close_1009_then_a_clean_close(stack: tuple[Api, Writer]) -> None:
+    """RFC 6455 §7.1.1: the server that refuses a frame sends Close 1009, then closes TCP
+    cleanly (FIN, trailing bytes discarded), so the client reads the Close frame even while it
+    is still sending. A server that closed at once would answer the unread bytes with a reset
+    (the flaky 1006 of issue #11); repeated because that reset is a race."""
+    api, _ = stack
+    payload = b"y" * (2 * 1024 * 1024)
+    for _ in range(10):
+        sock = _raw_websocket(api.port, rcvbuf=None)
+        sock.settimeout(20)
+        # the whole frame goes out: a server that reset the connection fails sendall here
+        sock.sendall(_masked_frame_header(0x1, len(payload)) + payload)
+        received = b""
+        while chunk := sock.recv(65536):  # a reset raises ConnectionResetError here
+            received += chunk
+        # FIN after exactly one Close frame: code 1009 and its reason
+        assert received[:1] == b"\x88", received[:40]
+        length = received[1]
+        assert length < 126 and len(received) == 2 + length, received
+        assert struct.unpack("!H", received[2:4])[0] == 1009, received
+        sock.close()
+
+
+def _raw_websocket(port: int, rcvbuf: int | None = 4096) -> socket.socket:
+    """A WebSocket client socket after the handshake. By default it has a tiny receive buffer,
+    so the server's writes back up at once when it never reads."""
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.connect(("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(
