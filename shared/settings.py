@@ -75,13 +75,24 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_page: PositiveInt = 1000
     #: Most tasks a free-text search examines per request.
     search_scan_limit: PositiveInt = 100_000
-    #: Comma-separated bearer tokens; ``token:ro`` makes a read-only token.
+    #: Seconds of work one query (task listing, search) may take; a page cut short says so in
+    #: ``X-Pollen-Scan-Capped``.
+    query_time_limit: Positive = 5.0
+    #: Most samples one ``/metrics`` answer holds; the rest are left out and counted in
+    #: ``pollen_metrics_samples_dropped``.
+    metrics_max_samples: PositiveInt = 100_000
+    #: Comma-separated bearer tokens, each ending in ``:ro`` (read-only) or ``:rw`` (full rights,
+    #: the default for a token without ``:``).
     api_tokens: str = ""
-    #: Comma-separated ``user:password`` pairs for basic auth.
+    #: Comma-separated ``user:password`` pairs for basic auth, each may end in ``:ro`` or ``:rw``.
     basic_auth: str = ""
     #: Allow binding a non-loopback address with no credentials configured.
     unauthenticated_api: bool = False
-    #: Comma-separated origins allowed by CORS.
+    #: Comma-separated host names an API without credentials answers besides loopback ones
+    #: (DNS rebinding protection; ``*``: any).
+    allowed_hosts: str = ""
+    #: Comma-separated origins allowed by CORS; these pages may also control and open the
+    #: WebSocket (``*`` allows reading only).
     cors_origins: str = ""
     #: Serve /healthz, /readyz and /metrics without credentials.
     open_health: bool = True
@@ -126,6 +137,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     audit_maxlen: PositiveInt = 10000
 
     def __post_init__(self) -> None:
+        # the credentials are parsed once here so a bad one stops every service at start
+        parse_tokens(self.api_tokens)
+        parse_basic_auth(self.basic_auth)
         if not NAMESPACE_RE.match(self.namespace):
             raise msgspec.ValidationError(
                 "must be 1-64 characters of letters, digits, '_', '.' or '-' - at `$.namespace`"
@@ -134,6 +148,65 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise msgspec.ValidationError(
                 "must be one of DEBUG, INFO, WARNING, ERROR - at `$.log_level`"
             )
+
+
+#: Settings whose value is a secret: never shown in a message.
+SECRET_FIELDS = frozenset({"api_tokens", "basic_auth"})
+_MODES = {"ro": True, "rw": False}
+
+
+def _items(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _mode(item: str) -> tuple[str, bool | None]:
+    """``item`` without a trailing ``:ro``/``:rw`` and whether it was read-only (None: none)."""
+    head, sep, tail = item.rpartition(":")
+    if sep and tail.lower() in _MODES:
+        return head, _MODES[tail.lower()]
+    return item, None
+
+
+def parse_tokens(text: str) -> list[tuple[str, bool]]:
+    """``POLLEN_API_TOKENS`` as ``(token, read_only)``. Fails closed: a token with a ``:`` must
+    end in a mode, so a mistyped one (``tok:RO!``) is an error, not a read-write token.
+    Messages name the item's position, never the secret."""
+    out = []
+    for i, item in enumerate(_items(text), 1):
+        secret, read_only = _mode(item)
+        if read_only is None and ":" in item:
+            raise msgspec.ValidationError(
+                f"token {i} has a ':' but does not end in ':ro' or ':rw' - at `$.api_tokens`"
+            )
+        if not secret:
+            raise msgspec.ValidationError(f"token {i} is empty - at `$.api_tokens`")
+        out.append((secret, bool(read_only)))
+    return out
+
+
+def parse_basic_auth(text: str) -> list[tuple[str, str, bool]]:
+    """``POLLEN_BASIC_AUTH`` as ``(user, password, read_only)``: ``user:password[:ro|:rw]``
+    (a password that itself ends in ``:ro`` is written ``user:pass:ro:rw``)."""
+    out = []
+    for i, item in enumerate(_items(text), 1):
+        user, sep, rest = item.partition(":")
+        password, read_only = _mode(rest)
+        if not sep or not user or not password:
+            raise msgspec.ValidationError(
+                f"pair {i}: expected user:password with a non-empty user and password"
+                " - at `$.basic_auth`"
+            )
+        out.append((user, password, bool(read_only)))
+    return out
+
+
+def _shown(field: str, value: Any) -> str:
+    """A setting's value as a message may show it: secrets hidden, URL passwords masked."""
+    if field in SECRET_FIELDS:
+        return "<hidden>"
+    return repr(
+        re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", value) if isinstance(value, str) else value
+    )
 
 
 def env_name(field: str) -> str:
@@ -173,8 +246,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             raise SettingsError(f"invalid settings: {message}") from None
         name = env_name(match.group(1))
         detail = _FIELD_RE.sub("", message).rstrip(" -")
-        shown = raw.get(match.group(1))
-        raise SettingsError(f"{name}={shown!r}: {detail}") from None
+        shown = _shown(match.group(1), raw.get(match.group(1)))
+        raise SettingsError(f"{name}={shown}: {detail}") from None
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -6,10 +6,13 @@ import logging
 import sys
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
 
 from services.api.app import make_app
-from services.api.auth import Credentials, bind_refusal
+from services.api.auth import bind_refusal
 from shared.logs import setup_logging
 from shared.settings import load_or_exit
 
@@ -22,17 +25,26 @@ def _quiet_bad_requests(record: logging.LogRecord) -> bool:
     return True
 
 
+class AccessLogger(AbstractAccessLogger):
+    """Method, path and status, never the query string: a WebSocket's ``token`` is in it."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        self.logger.debug(
+            "%s %s %s %d %.1fms",
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            time * 1000,
+        )
+
+
 def main() -> None:
     settings = load_or_exit()
     setup_logging(settings.log_level, "api")
     # aiohttp logs each malformed HTTP request at ERROR with a traceback, though it answers 400:
     # that is the client's error, and a bad client must not be able to flood the log
     logging.getLogger("aiohttp.server").addFilter(_quiet_bad_requests)
-    try:
-        Credentials.from_settings(settings)
-    except ValueError as exc:
-        print(f"pollen: bad setting: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     refusal = bind_refusal(settings)
     if refusal is not None:
         print(f"pollen-api: {refusal}", file=sys.stderr)
@@ -51,6 +63,9 @@ def main() -> None:
         access_log=logging.getLogger("pollen.api.access")
         if settings.log_level == "DEBUG"
         else None,
+        access_log_class=AccessLogger,
+        # a client that leaves cancels its request's work (a search, a result wait)
+        handler_cancellation=True,
         print=None,
     )
 

@@ -20,11 +20,14 @@ from dataclasses import dataclass
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
+from multidict import CIMultiDict
 
 from services.api.errors import ApiError, Handler, forbidden
 from services.api.ui import SHELL_PATHS
-from shared.settings import Settings
+from shared.settings import Settings, parse_basic_auth, parse_tokens
 
+#: Names of the routes that are WebSocket handshakes (services/api/events_ws.py names them).
+WEBSOCKET_ROUTES = frozenset({"events", "flower-events", "flower-task-events"})
 #: Paths served without credentials when ``POLLEN_OPEN_HEALTH`` is on.
 HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/healthcheck"})
 #: Paths always served without credentials (they reveal nothing about the cluster): the API's
@@ -50,7 +53,7 @@ PRINCIPAL_KEY = web.RequestKey("pollen.principal", Principal)
 @dataclass(frozen=True, slots=True)
 class Credentials:
     tokens: tuple[tuple[bytes, bool], ...]  # (secret, read_only)
-    basic: tuple[tuple[bytes, bytes], ...]  # (user, password)
+    basic: tuple[tuple[bytes, bytes, bool], ...]  # (user, password, read_only)
 
     @property
     def configured(self) -> bool:
@@ -58,19 +61,12 @@ class Credentials:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Credentials:
-        tokens = []
-        for item in _items(settings.api_tokens):
-            secret, _, mode = item.rpartition(":")
-            if not secret or mode not in ("ro", "rw"):
-                secret, mode = item, "rw"
-            tokens.append((secret.encode(), mode == "ro"))
-        basic = []
-        for item in _items(settings.basic_auth):
-            user, sep, password = item.partition(":")
-            if not sep or not user:
-                raise ValueError("POLLEN_BASIC_AUTH: expected comma-separated user:password pairs")
-            basic.append((user.encode(), password.encode()))
-        return cls(tuple(tokens), tuple(basic))
+        # validated when the settings loaded (a bad credential stops the service there)
+        tokens = tuple((t.encode(), ro) for t, ro in parse_tokens(settings.api_tokens))
+        basic = tuple(
+            (u.encode(), p.encode(), ro) for u, p, ro in parse_basic_auth(settings.basic_auth)
+        )
+        return cls(tokens, basic)
 
     def check_token(self, presented: bytes) -> Principal | None:
         found: Principal | None = None
@@ -82,16 +78,13 @@ class Credentials:
 
     def check_basic(self, user: bytes, password: bytes) -> Principal | None:
         found: Principal | None = None
-        for known_user, known_password in self.basic:
+        for known_user, known_password, read_only in self.basic:
             same_user = hmac.compare_digest(known_user, user)
             same_password = hmac.compare_digest(known_password, password)
             if same_user and same_password and found is None:
-                found = Principal(f"user:{known_user.decode(errors='replace')}", True)
+                name = f"user:{known_user.decode(errors='replace')}{':ro' if read_only else ''}"
+                found = Principal(name, not read_only)
         return found
-
-
-def _items(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def is_loopback(host: str) -> bool:
@@ -115,13 +108,16 @@ def bind_refusal(settings: Settings) -> str | None:
     )
 
 
-def _challenge(credentials: Credentials) -> dict[str, str]:
-    schemes = []
-    if credentials.tokens:
-        schemes.append('Bearer realm="pollen"')
+def _challenge(credentials: Credentials) -> CIMultiDict[str]:
+    """One ``WWW-Authenticate`` header per scheme, Basic first: browsers prompt for basic
+    auth only when they can parse its challenge, and Chromium gives up on a single header
+    listing both schemes."""
+    challenge: CIMultiDict[str] = CIMultiDict()
     if credentials.basic:
-        schemes.append('Basic realm="pollen"')
-    return {hdrs.WWW_AUTHENTICATE: ", ".join(schemes)}
+        challenge.add(hdrs.WWW_AUTHENTICATE, 'Basic realm="pollen", charset="UTF-8"')
+    if credentials.tokens:
+        challenge.add(hdrs.WWW_AUTHENTICATE, 'Bearer realm="pollen"')
+    return challenge
 
 
 def authenticate(request: web.Request, credentials: Credentials) -> Principal | None:
@@ -140,10 +136,20 @@ def authenticate(request: web.Request, credentials: Credentials) -> Principal | 
             return None
         user, sep, password = decoded.partition(b":")
         return credentials.check_basic(user, password) if sep else None
+    # a browser cannot set headers on a WebSocket handshake: only there a query token counts
     token = request.query.get("token")
-    if token and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
+    if token and is_websocket_handshake(request):
         return credentials.check_token(token.encode())
     return None
+
+
+def is_websocket_handshake(request: web.Request) -> bool:
+    """A GET upgrading to a WebSocket on one of the relay's routes."""
+    return (
+        request.method == hdrs.METH_GET
+        and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+        and request.match_info.route.name in WEBSOCKET_ROUTES
+    )
 
 
 def auth_middleware(settings: Settings) -> Middleware:
@@ -160,7 +166,9 @@ def auth_middleware(settings: Settings) -> Middleware:
             if request.path in open_paths or request.method == hdrs.METH_OPTIONS:
                 request[PRINCIPAL_KEY] = UNAUTHENTICATED
                 return await handler(request)
-            has_credentials = hdrs.AUTHORIZATION in request.headers or "token" in request.query
+            has_credentials = hdrs.AUTHORIZATION in request.headers or (
+                "token" in request.query and is_websocket_handshake(request)
+            )
             message = "invalid credentials" if has_credentials else "authentication required"
             raise ApiError(401, message, _challenge(credentials))
         request[PRINCIPAL_KEY] = principal

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import msgspec
 from aiohttp import web
+from multidict import CIMultiDict
 from redis import exceptions as redis_errors
 
 log = logging.getLogger("pollen.api")
@@ -36,7 +37,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.headers = dict(headers or {})
+        self.headers: CIMultiDict[str] = CIMultiDict(headers or {})
 
 
 def bad_param(name: str, problem: str) -> ApiError:

@@ -58,7 +58,8 @@ log = logging.getLogger("pollen.api.events")
 
 StreamId = tuple[int, int]
 Positions = tuple[StreamId | None, ...]
-_ID_RE = re.compile(r"^(\d+)(?:-(\d+))?$")
+#: A stream id: ASCII digits, each part below 2**64 (Redis refuses anything else).
+_ID_RE = re.compile(r"^([0-9]{1,20})(?:-([0-9]{1,20}))?$")
 _decode_event = msgspec.json.Decoder(StreamEvent).decode
 _encode = msgspec.json.encode
 #: Entries read per XRANGE call during a replay.
@@ -79,7 +80,10 @@ def parse_id(text: str) -> StreamId:
     m = _ID_RE.match(text)
     if m is None:
         raise ValueError(text)
-    return int(m.group(1)), int(m.group(2) or 0)
+    ms, seq = int(m.group(1)), int(m.group(2) or 0)
+    if ms >= 2**64 or seq >= 2**64:
+        raise ValueError(text)
+    return ms, seq
 
 
 def format_id(sid: StreamId) -> str:
@@ -665,9 +669,10 @@ async def events_ws(request: web.Request) -> web.StreamResponse:
 
 def event_routes() -> Iterable[web.RouteDef]:
     return [
-        web.get("/api/events", events_ws),
-        web.get("/api/task/events/{event_type}/", events_ws),
-        web.get("/api/task/events/{event_type}/{uuid}", events_ws),
+        # auth.WEBSOCKET_ROUTES: the only routes where a ``token`` query parameter counts
+        web.get("/api/events", events_ws, name="events"),
+        web.get("/api/task/events/{event_type}/", events_ws, name="flower-events"),
+        web.get("/api/task/events/{event_type}/{uuid}", events_ws, name="flower-task-events"),
     ]
 
 
