@@ -1,4 +1,4 @@
-"""The app factory: middlewares (CORS, JSON errors, auth), routes, startup and cleanup.
+"""The app factory: middlewares (browser policy, JSON errors, auth), routes, startup and cleanup.
 
 Control endpoints live in ``services/api/control.py`` (``routes``, optional
 ``openapi_paths`` and ``on_startup``/``on_cleanup``): they are picked up below when that module
@@ -10,53 +10,14 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from aiohttp import hdrs, web
-from aiohttp.typedefs import Middleware
+from aiohttp import web
 
 from services.api import events_ws, health, metrics, openapi, stats, tasks, ui, workers
 from services.api.auth import auth_middleware
+from services.api.browser import browser_middleware, nosniff
 from services.api.context import CONTEXT, make_context
-from services.api.errors import Handler, error_middleware
+from services.api.errors import error_middleware
 from shared.settings import Settings
-
-_EXPOSED = ", ".join(
-    [tasks.H_EXAMINED, tasks.H_SCAN_CAPPED, tasks.H_PAGE_CAPPED, tasks.H_NEXT_CURSOR]
-)
-
-
-def cors_middleware(settings: Settings) -> Middleware:
-    """CORS for the origins in ``POLLEN_CORS_ORIGINS`` (``*``: any origin, no credentials)."""
-    allowed = frozenset(
-        o.strip().rstrip("/") for o in settings.cors_origins.split(",") if o.strip()
-    )
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        origin = request.headers.get(hdrs.ORIGIN)
-        ok = origin is not None and (origin in allowed or "*" in allowed)
-        preflight = (
-            request.method == hdrs.METH_OPTIONS
-            and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
-        )
-        if preflight:
-            if not ok:
-                return web.Response(status=403, text="CORS origin not allowed")
-            response: web.StreamResponse = web.Response(status=204)
-            response.headers[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = "GET, POST, OPTIONS"
-            response.headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = "Authorization, Content-Type"
-            response.headers[hdrs.ACCESS_CONTROL_MAX_AGE] = "600"
-        else:
-            response = await handler(request)
-        if ok and origin is not None and not response.prepared:
-            star = "*" in allowed and origin not in allowed
-            response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = "*" if star else origin
-            if not star:
-                response.headers[hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS] = "true"
-            response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = _EXPOSED
-            response.headers.add(hdrs.VARY, "Origin")
-        return response
-
-    return middleware
 
 
 def _control_module() -> ModuleType | None:
@@ -84,8 +45,9 @@ async def _stop(app: web.Application) -> None:
 
 def make_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[cors_middleware(settings), error_middleware, auth_middleware(settings)]
+        middlewares=[browser_middleware(settings), error_middleware, auth_middleware(settings)]
     )
+    app.on_response_prepare.append(nosniff)
     app[CONTEXT] = make_context(settings)
     app.add_routes(tasks.routes)
     app.add_routes(workers.routes)

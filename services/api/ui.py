@@ -27,10 +27,11 @@ _TYPES = {
     ".svg": "image/svg+xml",
 }
 _NAME = re.compile(r"^[a-z0-9_-]+\.(?:js|css|svg)$")
-#: The page may load its own files and talk to its own origin (REST and WebSocket) only.
+#: The page may load its own files and talk to its own origin only (CSP 3: 'self' covers the
+#: same host's ws: and wss:, so no other host's WebSocket).
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 
 
