@@ -54,6 +54,10 @@ def make_context(settings: Settings, client: Any | None = None) -> Context:
     client = client if client is not None else make_redis(settings)
     keys = Keys(settings.namespace, settings.shards)
     engine = QueryEngine(
-        client, keys, scripts.register(client, "query_tasks"), settings.search_scan_limit
+        client,
+        keys,
+        scripts.register(client, "query_tasks"),
+        settings.search_scan_limit,
+        settings.query_time_limit,
     )
     return Context(settings, keys, client, engine, scripts.register(client, "task_json"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal as signals
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -60,6 +61,15 @@ TASK_OPTIONS: dict[str, tuple[type, ...]] = {
     "soft_time_limit": (int, float),
     "shadow": (str,),
 }
+#: Largest magnitude of a delay or limit in seconds (ten years): beyond it Celery's date
+#: arithmetic overflows.
+MAX_SECONDS = 10 * 365 * 86400
+#: Largest ``n``, ``min`` or ``max`` of a pool command.
+MAX_POOL = 10_000
+#: Parameters never recorded in the audit: credentials.
+SECRET_PARAMS = frozenset({"token"})
+#: Seconds a control call waits for a free slot of its lane before answering 503.
+QUEUE_WAIT = 5.0
 #: Longest text of parameters or reply kept in one audit entry.
 AUDIT_TEXT_LIMIT = 2048
 TRUE = {"y", "yes", "t", "true", "on", "1"}
@@ -76,15 +86,21 @@ class Control:
     app: Celery = field(init=False)
     executor: ThreadPoolExecutor = field(init=False)
     semaphore: asyncio.Semaphore = field(init=False)
+    unverified: asyncio.Semaphore = field(init=False)
     errors: tuple[type[BaseException], ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.keys = Keys(self.settings.namespace, self.settings.shards)
         self.app = celery_app(self.settings, "pollen-api")
+        # workers known only from events (anyone who can publish to the broker can forge
+        # them) get a lane of their own, so calls that wait for them cannot starve the others
+        unverified = max(1, self.settings.control_concurrency // 4)
         self.executor = ThreadPoolExecutor(
-            max_workers=self.settings.control_concurrency, thread_name_prefix="control"
+            max_workers=self.settings.control_concurrency + unverified,
+            thread_name_prefix="control",
         )
         self.semaphore = asyncio.Semaphore(self.settings.control_concurrency)
+        self.unverified = asyncio.Semaphore(unverified)
         errors = broker_errors(self.app)
         if self.settings.result_backend:
             errors += tuple(getattr(self.app.backend, "connection_errors", ()) or ())
@@ -96,13 +112,27 @@ class Control:
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking Celery call off the event loop; an outage is a 503."""
-        async with self.semaphore:
+        return await self._run(self.semaphore, partial(fn, *args, **kwargs))
+
+    async def run_unverified(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``run`` in the small lane of calls to workers known only from their events."""
+        return await self._run(self.unverified, partial(fn, *args, **kwargs))
+
+    async def _run(self, lane: asyncio.Semaphore, call: Callable[[], T]) -> T:
+        try:
+            await asyncio.wait_for(lane.acquire(), QUEUE_WAIT)
+        except TimeoutError:
+            raise ApiError(
+                503, "too many control calls in progress: try again", {"Retry-After": "1"}
+            ) from None
+        try:
             loop = asyncio.get_running_loop()
-            try:
-                return await loop.run_in_executor(self.executor, partial(fn, *args, **kwargs))
-            except self.errors as exc:
-                log.warning("broker or result backend unavailable: %r", exc)
-                raise unavailable(f"broker or result backend unavailable: {exc}") from exc
+            return await loop.run_in_executor(self.executor, call)
+        except self.errors as exc:
+            log.warning("broker or result backend unavailable: %r", exc)
+            raise unavailable(f"broker or result backend unavailable: {exc}") from exc
+        finally:
+            lane.release()
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -139,26 +169,41 @@ async def arguments(request: web.Request) -> MultiDict[str]:
     return merged
 
 
-def int_arg(args: Mapping[str, str], name: str, default: int | None = None) -> int:
+def int_arg(
+    args: Mapping[str, str], name: str, default: int | None = None, maximum: int = MAX_POOL
+) -> int:
     raw = args.get(name)
     if raw is None or raw == "":
         if default is None:
             raise bad_param(name, "required")
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise bad_param(name, f"not an integer: {raw!r}") from None
+    if abs(value) > maximum:
+        raise bad_param(name, f"must be at most {maximum}")
+    return value
+
+
+def seconds(name: str, value: Any, *, negative: bool = False) -> float:
+    """A finite number of seconds within ``MAX_SECONDS`` (400 otherwise)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise bad_param(name, f"not a number: {value!r}") from None
+    if not math.isfinite(number) or abs(number) > MAX_SECONDS:
+        raise bad_param(name, f"must be a finite number of seconds within {MAX_SECONDS}")
+    if number < 0 and not negative:
+        raise bad_param(name, "must not be negative")
+    return number
 
 
 def float_arg(args: Mapping[str, str], name: str) -> float | None:
     raw = args.get(name)
     if raw is None or raw == "":
         return None
-    try:
-        return float(raw)
-    except ValueError:
-        raise bad_param(name, f"not a number: {raw!r}") from None
+    return seconds(name, raw)
 
 
 def bool_arg(args: Mapping[str, str], name: str, default: bool) -> bool:
@@ -233,10 +278,11 @@ def audited(action: str, target: str) -> Callable[[Action], Callable[[web.Reques
                 reply = {"error": f"{type(exc).__name__}: {exc}"}
                 raise
             finally:
-                params: dict[str, Any] = dict(args.items())
+                params: dict[str, Any] = {k: v for k, v in args.items() if k not in SECRET_PARAMS}
                 extra = request.get(_BODY_KEY)
                 if extra is not None:
                     params["body"] = extra
+                sent = request.get(_SENT_KEY)
                 entry = {
                     "time": started,
                     "who": principal(request).name,
@@ -247,6 +293,8 @@ def audited(action: str, target: str) -> Callable[[Action], Callable[[web.Reques
                     "status": status,
                     "reply": _clip(reply),
                 }
+                if sent is not None:
+                    entry["sent"] = _clip(sent)
                 await _record(ctl, entry)
 
         handler.__name__ = fn.__name__
@@ -256,6 +304,8 @@ def audited(action: str, target: str) -> Callable[[Action], Callable[[web.Reques
 
 
 _BODY_KEY = web.RequestKey("pollen.control.body", object)
+#: The message a publishing call really sent: task name, id, args, kwargs and options.
+_SENT_KEY = web.RequestKey("pollen.control.sent", object)
 
 
 async def _record(ctl: Control, entry: dict[str, Any]) -> None:
@@ -269,8 +319,9 @@ async def _record(ctl: Control, entry: dict[str, Any]) -> None:
 # --- workers -------------------------------------------------------------------------------------
 
 
-async def known_worker(ctl: Control, name: str) -> None:
-    """404 unless the worker is known from its events or from the enabler's inspect data."""
+async def known_worker(ctl: Control, name: str) -> bool:
+    """404 unless the worker is known from its events or from the enabler's inspect data;
+    whether it answered the enabler (verified: not only named in events)."""
     shard = ctl.keys.shard_for(name)
     pipe = ctl.redis.pipeline(transaction=False)
     pipe.exists(shard.worker(name))
@@ -278,13 +329,16 @@ async def known_worker(ctl: Control, name: str) -> None:
     from_events, inspected = await pipe.execute()
     if not from_events and inspected is None:
         raise not_found(f"Unknown worker '{name}'")
+    return inspected is not None
 
 
 async def worker_command(
     ctl: Control, name: str, command: str, arguments: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Broadcast ``command`` to one worker and return its reply; 504 when it does not answer."""
-    replies = await ctl.run(
+    """Broadcast ``command`` to one known worker and return its reply; 404 for an unknown
+    worker, 504 when it does not answer."""
+    verified = await known_worker(ctl, name)
+    replies = await (ctl.run if verified else ctl.run_unverified)(
         ctl.app.control.broadcast,
         command,
         arguments=arguments or {},
@@ -320,7 +374,6 @@ async def worker_shutdown(request: web.Request, ctl: Control, args: MultiDict[st
 @audited("worker.pool_restart", "name")
 async def pool_restart(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     name = request.match_info["name"]
-    await known_worker(ctl, name)
     answer = await worker_command(ctl, name, "pool_restart", {"reload": False})
     if "ok" not in answer:
         raise refused(answer, f"Failed to restart the '{name}' pool")
@@ -334,7 +387,6 @@ async def pool_grow(request: web.Request, ctl: Control, args: MultiDict[str]) ->
     n = int_arg(args, "n", 1)
     if n < 1:
         raise bad_param("n", "must be at least 1")
-    await known_worker(ctl, name)
     answer = await worker_command(ctl, name, "pool_grow", {"n": n})
     if "ok" not in answer:
         raise refused(answer, f"Failed to grow '{name}' worker's pool")
@@ -348,7 +400,6 @@ async def pool_shrink(request: web.Request, ctl: Control, args: MultiDict[str]) 
     n = int_arg(args, "n", 1)
     if n < 1:
         raise bad_param("n", "must be at least 1")
-    await known_worker(ctl, name)
     answer = await worker_command(ctl, name, "pool_shrink", {"n": n})
     if "ok" not in answer:
         raise refused(answer, f"Failed to shrink '{name}' worker's pool")
@@ -364,7 +415,6 @@ async def pool_autoscale(request: web.Request, ctl: Control, args: MultiDict[str
         raise bad_param("min", "must not be negative")
     if high < max(low, 1):
         raise bad_param("max", "must be at least min and at least 1")
-    await known_worker(ctl, name)
     answer = await worker_command(ctl, name, "autoscale", {"min": low, "max": high})
     if "ok" not in answer:
         raise refused(answer, f"Failed to autoscale '{name}' worker")
@@ -376,7 +426,6 @@ async def pool_autoscale(request: web.Request, ctl: Control, args: MultiDict[str
 async def add_consumer(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     name = request.match_info["name"]
     queue = str_arg(args, "queue")
-    await known_worker(ctl, name)
     answer = await worker_command(ctl, name, "add_consumer", {"queue": queue})
     if "ok" not in answer:
         raise refused(answer, f"Failed to add '{queue}' consumer to '{name}' worker")
@@ -388,7 +437,6 @@ async def add_consumer(request: web.Request, ctl: Control, args: MultiDict[str])
 async def cancel_consumer(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     name = request.match_info["name"]
     queue = str_arg(args, "queue")
-    await known_worker(ctl, name)
     answer = await worker_command(ctl, name, "cancel_consumer", {"queue": queue})
     if "ok" not in answer:
         raise refused(answer, f"Failed to cancel '{queue}' consumer from '{name}' worker")
@@ -426,7 +474,6 @@ async def task_timeout(request: web.Request, ctl: Control, args: MultiDict[str])
     task_name = request.match_info["name"]
     worker = str_arg(args, "workername")
     hard, soft = float_arg(args, "hard"), float_arg(args, "soft")
-    await known_worker(ctl, worker)
     answer = await worker_command(
         ctl, worker, "time_limit", {"task_name": task_name, "hard": hard, "soft": soft}
     )
@@ -441,7 +488,6 @@ async def task_rate_limit(request: web.Request, ctl: Control, args: MultiDict[st
     task_name = request.match_info["name"]
     worker = str_arg(args, "workername")
     rate = str_arg(args, "ratelimit")
-    await known_worker(ctl, worker)
     answer = await worker_command(
         ctl, worker, "rate_limit", {"task_name": task_name, "rate_limit": rate}
     )
@@ -481,24 +527,57 @@ def _date(name: str, value: str) -> datetime:
     raise bad_param(name, f"not a date ({DATE_FORMAT} or ISO 8601): {value!r}")
 
 
-def task_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Validated ``apply_async`` options; unknown ones are a 400 naming them."""
+#: Message headers Celery sets itself (protocol 2): a caller's ``headers`` may not replace
+#: them, or the task that runs would differ from the one audited.
+CELERY_HEADERS = frozenset(Celery(set_as_current=False).amqp.as_task_v2("id", "name").headers)
+
+
+def _event_or_control(ctl: Control, name: str) -> bool:
+    """Whether an exchange, queue or routing key carries Celery's events or control messages
+    (a published task must not reach them: a caller could forge events or commands)."""
+    event = ctl.app.conf.event_exchange
+    control = ctl.app.conf.control_exchange
+    return (
+        name in (event, f"{control}.pidbox", f"reply.{control}.pidbox")
+        or name.startswith((f"{event}.", "celeryev."))
+        or name.endswith(".pidbox")
+        or (bool(ctl.settings.event_queue) and name == ctl.settings.event_queue)
+    )
+
+
+def task_options(ctl: Control, options: dict[str, Any]) -> dict[str, Any]:
+    """Validated ``apply_async`` options; unknown or unsafe ones are a 400 naming them."""
     out: dict[str, Any] = {}
-    for name, value in options.items():
+    for name, raw in options.items():
         types = TASK_OPTIONS.get(name)
         if types is None:
             raise bad_param(name, "unknown option")
-        if value is None:
+        if raw is None:
             continue
-        if not isinstance(value, types) or isinstance(value, bool):
+        if not isinstance(raw, types) or isinstance(raw, bool):
             raise bad_param(name, f"expected {' or '.join(t.__name__ for t in types)}")
+        value: Any = raw
         if name == "eta":
             value = _date(name, str(value))
         elif name == "expires" and isinstance(value, str):
             try:
-                value = float(value)
+                value = seconds(name, float(value))
             except ValueError:
                 value = _date(name, value)
+        elif name in ("countdown", "expires"):
+            value = seconds(name, value, negative=True)
+        elif name in ("time_limit", "soft_time_limit"):
+            value = seconds(name, value)
+        elif name == "priority" and not 0 <= value <= 255:
+            raise bad_param(name, "must be between 0 and 255")
+        elif name == "headers":
+            clash = sorted(str(k) for k in value if str(k).lower() in CELERY_HEADERS)
+            if clash:
+                raise bad_param(
+                    name, f"may not set Celery's own message headers: {', '.join(clash)}"
+                )
+        elif name in ("exchange", "queue", "routing_key") and _event_or_control(ctl, str(value)):
+            raise bad_param(name, f"{value!r} carries Celery's events or control messages")
         out[name] = value
     return out
 
@@ -558,13 +637,7 @@ def _timeout(value: Any, ctl: Control) -> float:
     limit = ctl.settings.result_timeout
     if value is None or value == "":
         return limit
-    try:
-        timeout = float(value)
-    except (TypeError, ValueError):
-        raise bad_param("timeout", f"not a number: {value!r}") from None
-    if timeout < 0:
-        raise bad_param("timeout", "must not be negative")
-    return min(timeout, limit)
+    return min(seconds("timeout", value), limit)
 
 
 async def publish(
@@ -573,10 +646,19 @@ async def publish(
     name = request.match_info["name"]
     args, kwargs, raw_options = await task_body(request)
     timeout = raw_options.pop("timeout", None)
-    options = task_options(raw_options)
+    if timeout is not None:
+        _timeout(timeout, ctl)  # a bad one is a 400 before anything is sent
+    options = task_options(ctl, raw_options)
     if check_name:
         await known_task(ctl, name)
     result = await ctl.run(ctl.app.send_task, name, args=args, kwargs=kwargs, **options)
+    request[_SENT_KEY] = {
+        "task": name,
+        "task_id": result.id,
+        "args": args,
+        "kwargs": kwargs,
+        "options": {k: str(v) if isinstance(v, datetime) else v for k, v in options.items()},
+    }
     return result, {"timeout": timeout}
 
 

@@ -39,20 +39,36 @@ def _number(value: float) -> str:
 
 
 class Exposition:
-    def __init__(self) -> None:
+    """Prometheus text with at most ``limit`` samples: one answer stays bounded whatever the
+    label cardinality (task names x workers); what is left out is counted in ``dropped``."""
+
+    def __init__(self, limit: int) -> None:
         self.lines: list[str] = []
+        self.limit = limit
+        self.samples = 0
+        self.dropped = 0
 
     def family(self, name: str, kind: str, help_text: str) -> None:
         self.lines.append(f"# HELP {name} {help_text}")
         self.lines.append(f"# TYPE {name} {kind}")
 
     def sample(self, name: str, labels: Iterable[tuple[str, str]], value: float) -> None:
+        if self.samples >= self.limit:
+            self.dropped += 1
+            return
+        self.samples += 1
         inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
         self.lines.append(
             f"{name}{{{inner}}} {_number(value)}" if inner else f"{name} {_number(value)}"
         )
 
     def text(self) -> str:
+        self.family(
+            "pollen_metrics_samples_dropped",
+            "gauge",
+            "Samples left out of this answer (POLLEN_METRICS_MAX_SAMPLES)",
+        )
+        self.lines.append(f"pollen_metrics_samples_dropped {float(self.dropped)!r}")
         return "\n".join(self.lines) + "\n"
 
 
@@ -106,7 +122,7 @@ async def render(c: Context) -> str:
         tasks_stored += replies[3 * i + 2]
     collectors, malformed, queues = replies[3 * len(shards) :]
     now = time.time()
-    out = Exposition()
+    out = Exposition(c.settings.metrics_max_samples)
 
     out.family("flower_events_total", "counter", "Number of events")
     for (worker, kind, name), count in sorted(events.items()):

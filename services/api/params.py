@@ -26,16 +26,27 @@ def text(request: web.Request, name: str, *, all_is_none: bool = False) -> str |
     return value
 
 
-def integer(request: web.Request, name: str, default: int | None, minimum: int = 0) -> int | None:
+#: Largest integer a parameter takes (what JSON numbers and Redis scores hold exactly).
+MAX_INTEGER = 2**53
+
+
+def integer(
+    request: web.Request,
+    name: str,
+    default: int | None,
+    minimum: int = 0,
+    maximum: int = MAX_INTEGER,
+) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw.strip() == "":
         return default
+    expected = f"expected an integer from {minimum} to {maximum}, got {raw[:40]!r}"
     try:
         value = int(raw.strip())
     except ValueError:
-        raise bad_param(name, f"expected an integer >= {minimum}, got {raw!r}") from None
-    if value < minimum:
-        raise bad_param(name, f"expected an integer >= {minimum}, got {raw!r}")
+        raise bad_param(name, expected) from None
+    if not minimum <= value <= maximum:
+        raise bad_param(name, expected)
     return value
 
 

@@ -22,6 +22,7 @@ import base64
 import binascii
 import hashlib
 import math
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -100,6 +101,12 @@ def decode_cursor(text: str, shape: bytes) -> CursorData:
         raise bad_param("cursor", "unsupported cursor version")
     if data.shape != shape:
         raise bad_param("cursor", "was returned for a different query (filters, search or sort)")
+    try:
+        score = float(data.score)
+    except ValueError:
+        score = math.nan
+    if math.isnan(score) or len(data.member) > 512:
+        raise bad_param("cursor", "not a cursor returned by this API")
     return data
 
 
@@ -125,9 +132,18 @@ class Page:
 
 @dataclass(slots=True)
 class _Budget:
+    """What one query may still do: entries to examine (or skip) and time (monotonic)."""
+
     remaining: int
+    deadline: float
     examined: int = 0
     capped: bool = False
+
+    def spent(self) -> bool:
+        """True (and the page marked capped) once the entries or the time are used up."""
+        if self.remaining <= 0 or time.monotonic() >= self.deadline:
+            self.capped = True
+        return self.capped
 
 
 def _score_text(value: float) -> str:
@@ -161,11 +177,14 @@ def _narrow(
 
 
 class QueryEngine:
-    def __init__(self, client: Any, keys: Keys, script: Any, scan_limit: int) -> None:
+    def __init__(
+        self, client: Any, keys: Keys, script: Any, scan_limit: int, time_limit: float = 5.0
+    ) -> None:
         self.client = client
         self.keys = keys
         self.script = script
         self.scan_limit = scan_limit
+        self.time_limit = time_limit
 
     async def _members(self, attr: str) -> set[str]:
         pipe = self.client.pipeline(transaction=False)
@@ -321,7 +340,7 @@ class QueryEngine:
         if cursor is not None:
             start, after = self._resume_at(q, segments, cursor)
         expr = search_mod.parse_query(q.search)
-        budget = _Budget(self.scan_limit)
+        budget = _Budget(self.scan_limit, time.monotonic() + self.time_limit)
         skip = q.offset
         out: list[str] = []
         last: tuple[list[Any], str, bytes] | None = None
@@ -332,7 +351,7 @@ class QueryEngine:
             for score_text, member in got:
                 out.append(member.decode())
                 last = (seg.key, score_text, member)
-            if len(out) >= q.limit or budget.capped:
+            if len(out) >= q.limit or budget.capped or budget.spent():
                 break
         page.uuids = out
         page.examined = budget.examined
@@ -388,7 +407,12 @@ class QueryEngine:
                 best = max(live, key=lambda s: (s.buf[0][0], s.buf[0][2]))
             _, score_text, member = best.buf.popleft()
             if skip > 0 and not single:
+                # an offset skipped here (several shards) is work like a scan: budgeted
                 skip -= 1
+                budget.remaining -= 1
+                budget.examined += 1
+                if budget.spent():
+                    break
                 continue
             out.append((score_text, member))
         if single:
@@ -420,8 +444,7 @@ class _Stream:
     async def fill(self, want: int, expr: search_mod.Expr, budget: _Budget) -> None:
         filtered = self.seg.filter is not None
         while not self.buf and not self.done:
-            if filtered and budget.remaining <= 0:
-                budget.capped = True
+            if (filtered or self.skip) and budget.spent():
                 self.done = True
                 return
             request = {

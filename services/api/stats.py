@@ -33,6 +33,11 @@ from shared.records import worker_from_hash
 _encode = msgspec.json.encode
 JSON = "application/json"
 _BUCKET_LABELS = [repr(b) for b in RUNTIME_BUCKETS]
+#: Most (task name, state) series one ``/api/stats/tasks-per-minute`` answer holds: those
+#: with the most events; ``series_total`` says how many there were.
+MAX_SERIES = 200
+#: Minutes of counters read from Redis in one pipeline.
+MINUTES_PER_READ = 60
 #: Percentiles given per task name by ``/api/stats/runtime``.
 QUANTILES = (0.5, 0.9, 0.99)
 
@@ -83,32 +88,38 @@ async def tasks_per_minute(request: web.Request) -> web.Response:
     last = int(now // 60)
     first = last - minutes + 1
     shards = c.keys.all_shards
-    pipe = c.redis.pipeline(transaction=False)
-    for m in range(first, last + 1):
-        for shard in shards:
-            pipe.hgetall(shard.minute(m))
-    replies = await pipe.execute()
-    series: dict[tuple[str, str], list[int]] = {}
-    for i, counts in enumerate(replies):
-        slot = i // len(shards)
-        for field, count in counts.items():
-            name, _, state = field.decode().rpartition(SEP)
-            row = series.get((name, state))
-            if row is None:
-                row = series[(name, state)] = [0] * minutes
-            row[slot] += int(count)
-    return _json(
-        {
-            "start": first * 60,
-            "step": 60,
-            "minutes": minutes,
-            "time": now,
-            "series": [
-                {"task": name, "state": state, "counts": row}
-                for (name, state), row in sorted(series.items())
-            ],
-        }
-    )
+    # sparse rows read a few minutes at a time: memory follows what is stored, not
+    # minutes x names; only the largest MAX_SERIES rows are made dense
+    rows: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
+    for chunk in range(first, last + 1, MINUTES_PER_READ):
+        pipe = c.redis.pipeline(transaction=False)
+        span = range(chunk, min(chunk + MINUTES_PER_READ, last + 1))
+        for m in span:
+            for shard in shards:
+                pipe.hgetall(shard.minute(m))
+        for i, counts in enumerate(await pipe.execute()):
+            slot = chunk - first + i // len(shards)
+            for field, count in counts.items():
+                name, _, state = field.decode().rpartition(SEP)
+                row = rows[(name, state)]
+                row[slot] = row.get(slot, 0) + int(count)
+    top = sorted(rows, key=lambda k: (-sum(rows[k].values()), k))[:MAX_SERIES]
+    series = []
+    for key in sorted(top):
+        dense = [0] * minutes
+        for slot, count in rows[key].items():
+            dense[slot] = count
+        series.append({"task": key[0], "state": key[1], "counts": dense})
+    body = {
+        "start": first * 60,
+        "step": 60,
+        "minutes": minutes,
+        "time": now,
+        "series": series,
+        # series beyond MAX_SERIES (the smallest totals) are left out
+        "series_total": len(rows),
+    }
+    return _json(body)
 
 
 def quantile(q: float, counts: list[float]) -> float | None:
@@ -217,13 +228,16 @@ openapi_paths: dict[str, Any] = {
                 "200": _ok(
                     "series[i].counts[j]: events of that task name whose subject gives that "
                     "state (task-succeeded: SUCCESS...), in the minute start + j * step "
-                    "(epoch seconds, by the event's own timestamp)",
+                    "(epoch seconds, by the event's own timestamp); at most "
+                    f"{MAX_SERIES} series, those with the most events (series_total: how "
+                    "many there were)",
                     {
                         "start": {"type": "number"},
                         "step": {"type": "integer"},
                         "minutes": {"type": "integer"},
                         "time": {"type": "number"},
                         "series": {"type": "array"},
+                        "series_total": {"type": "integer"},
                     },
                 ),
                 **ERRORS,
