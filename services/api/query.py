@@ -342,6 +342,8 @@ class QueryEngine:
         expr = search_mod.parse_query(q.search)
         budget = _Budget(self.scan_limit, time.monotonic() + self.time_limit)
         skip = q.offset
+        if skip and after is None:
+            start, skip = await self._skip_whole(segments, start, skip)
         out: list[str] = []
         last: tuple[list[Any], str, bytes] | None = None
         for index in range(start, len(segments)):
@@ -359,6 +361,29 @@ class QueryEngine:
         if last is not None and len(out) >= q.limit:
             page.next_cursor = encode_cursor(CursorData(1, q.shape(), last[0], last[1], last[2]))
         return page
+
+    async def _skip_whole(self, segments: list[Segment], start: int, skip: int) -> tuple[int, int]:
+        """Skip the unfiltered segments (groups of ``sort_by=name/state``) that the offset
+        covers whole by their sizes, one pipeline of ZCARDs, instead of one walk each."""
+        whole: list[Segment] = []
+        for seg in segments[start:]:
+            if seg.filter is not None or (seg.lo, seg.hi) != ("-inf", "+inf"):
+                break
+            whole.append(seg)
+        if len(whole) < 2:
+            return start, skip
+        pipe = self.client.pipeline(transaction=False)
+        for seg in whole:
+            for _, key in seg.sources:
+                pipe.zcard(key)
+        sizes = iter(await pipe.execute())
+        for seg in whole:
+            size = sum(next(sizes) for _ in seg.sources)
+            if size > skip:
+                break
+            skip -= size
+            start += 1
+        return start, skip
 
     def _resume_at(
         self, q: TaskQuery, segments: list[Segment], cursor: CursorData
