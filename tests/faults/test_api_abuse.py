@@ -151,7 +151,7 @@ def test_openapi_numeric_edges_are_4xx(api: Api) -> None:
                 bad = True
             if bad:
                 failures.append(
-                    f"{operation.label} {case.query or case.body}: {code} {response.text[:200]}"
+                    f"{operation.label} {case.query or case.body!r}: {code} {response.text[:200]}"
                 )
     assert tried > 500
     assert not failures, "\n".join(failures[:40])
