@@ -25,7 +25,7 @@ from celery import Celery
 
 from shared.keys import Keys
 from tests.replies import entries, raw_hash, raw_set, scored, text
-from tests.support import free_port, wait_for
+from tests.support import free_port, rabbitmqctl, wait_for
 
 # --- a varied stream -------------------------------------------------------------------------
 
@@ -175,6 +175,29 @@ _OWN_KEYS = ("collector:", "collectors", "malformed")
 def applied_events(r: redis.Redis, keys: Keys) -> int:
     """Events applied (Flower's event counter, summed)."""
     return sum(int(v) for shard in keys.all_shards for v in r.hvals(shard.counts))
+
+
+def queue_drained(vhost: str, queue: str) -> bool:
+    """Nothing ready and nothing unacknowledged in a collector's queue on the shared RabbitMQ.
+
+    A collector acknowledges a batch only after committing it, and RabbitMQ requeues what a
+    dead consumer left unacknowledged: once the queue is drained (after the publisher is done)
+    every event has been applied or found a duplicate, and nothing more can arrive. This is
+    the positive state that proves "no event is applied twice", in place of a fixed wait."""
+    out = rabbitmqctl(
+        "list_queues",
+        "-p",
+        vhost,
+        "--no-table-headers",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+    )
+    for line in out.stdout.splitlines():
+        name, *counts = line.split("\t")
+        if name == queue:
+            return counts == ["0", "0"]
+    raise AssertionError(f"no queue {queue!r} in vhost {vhost!r}: {out.stdout}{out.stderr}")
 
 
 def snapshot(r: redis.Redis, namespace: str) -> dict[str, Any]:

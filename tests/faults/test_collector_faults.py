@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,13 @@ from kombu import Connection, Exchange, Producer
 
 from shared.keys import Keys
 from tests import readback
-from tests.faults.helpers import applied_events, assert_same_state, mixed_plan, publish_mixed
+from tests.faults.helpers import (
+    applied_events,
+    assert_same_state,
+    mixed_plan,
+    publish_mixed,
+    queue_drained,
+)
 from tests.replies import raw_hash, raw_list
 from tests.support import Process, RedisServer, pollen_env, service, wait_for
 
@@ -45,6 +53,12 @@ def wait_listening(r: redis.Redis, keys: Keys, count: int = 1) -> None:
         timeout=20,
         message=f"{count} collector heartbeat(s)",
     )
+
+
+def reported_events(r: redis.Redis, keys: Keys, proc: Process) -> int:
+    """``events_total`` as the collector process last wrote it in its health (id: host-pid)."""
+    cid = f"{socket.gethostname()}-{proc.pid}"
+    return int(r.hget(keys.collector(cid), "events_total") or 0)
 
 
 def applied_at_least(r: redis.Redis, keys: Keys, total: int) -> Callable[[], bool]:
@@ -121,7 +135,7 @@ def test_malformed_events_are_counted_and_skipped(server: RedisServer, tmp_path:
 
         wait_for(
             lambda: readback.task(r, keys, "big-1") and readback.task(r, keys, "good-1"),
-            timeout=15,
+            timeout=60,
             message="the good events",
         )
 
@@ -138,7 +152,7 @@ def test_malformed_events_are_counted_and_skipped(server: RedisServer, tmp_path:
             "invalid_value": 1,
             "unsupported_content_type": 1,
         }
-        wait_for(lambda: reasons() == expected, timeout=10, message=f"counts {expected}")
+        wait_for(lambda: reasons() == expected, timeout=60, message=f"counts {expected}")
         assert r.get(keys.malformed_sample("wrong_type")) is not None
         big = readback.task(r, keys, "big-1")
         assert big is not None and big["state"] == "FAILURE"
@@ -156,7 +170,7 @@ def test_malformed_events_are_counted_and_skipped(server: RedisServer, tmp_path:
                     content_encoding="utf-8",
                     serializer=None,
                 )
-        wait_for(lambda: reasons().get("undecodable") == 21, timeout=10, message="21 bad")
+        wait_for(lambda: reasons().get("undecodable") == 21, timeout=60, message="21 bad")
     finally:
         proc.stop()
     log = proc.output()
@@ -189,8 +203,18 @@ def test_two_collectors_share_a_rabbitmq_queue_and_survive_kill_9(
         )
         sender.start()
         wait_for(lambda: applied_events(r, keys) > 10000, timeout=30, message="events flowing")
+        # both consumers have reported applied events before one is killed: a collector writes
+        # its figures once a second and kill -9 loses what it had not written yet, so without
+        # this "both collectors took part" below would depend on when the kill falls
+        wait_for(
+            lambda: all(reported_events(r, keys, p) > 0 for p in (a, b)),
+            timeout=60,
+            message="both collectors reporting applied events",
+        )
         a.signal(signal.SIGKILL)
         a.proc.wait(10)
+        # a moment with one consumer fewer (b takes over a's unacknowledged events); what is
+        # checked holds for any length of it
         time.sleep(0.5)
         restarted.append(collector(amqp_url, redis_url, tmp_path / "a2.log", **settings))
         sender.join(120)
@@ -202,7 +226,16 @@ def test_two_collectors_share_a_rabbitmq_queue_and_survive_kill_9(
                 timeout=60,
                 message=f"{total} events applied in {k.namespace}",
             )
-        time.sleep(1.0)
+        # no event applied twice: once both queues are drained (nothing ready, nothing
+        # unacknowledged) no redelivery is left to arrive, so the counts are final
+        vhost = amqp_url.rsplit("/", 1)[1]
+        for name in (queue, "pollen-faults-ref"):
+            wait_for(
+                partial(queue_drained, vhost, name),
+                timeout=60,
+                interval=0.5,
+                message=f"queue {name} drained",
+            )
         assert applied_events(r, keys) == total
         shard = keys.all_shards[0]
         assert r.zcard(shard.by_timestamp) == tasks
@@ -255,9 +288,12 @@ def test_redis_broker_collectors_restart_in_turn_without_loss(
         for k in (keys, REF):
             wait_for(
                 applied_at_least(r, k, total),
-                timeout=30,
+                timeout=60,
                 message=f"every event applied in {k.namespace}",
             )
+        # a fixed wait, to prove an absence: a duplicate that was not recognised would arrive
+        # after the count reached the total, and pub/sub leaves no state to poll that says
+        # none is left. A slow machine can only make this pass, never fail, wrongly
         time.sleep(1.0)
         assert applied_events(r, keys) == total
         assert r.zcard(keys.all_shards[0].by_state("SUCCESS")) == successes(tasks, seed)
