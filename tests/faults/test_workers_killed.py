@@ -29,6 +29,12 @@ def task_states(api: Api, uuids: list[str]) -> dict[str, tuple[str, Any]]:
     return out
 
 
+def beat_sent(r: redis.Redis, keys: Keys, hostname: str) -> float:
+    """The sender time of the newest heartbeat applied for ``hostname`` (0 before any)."""
+    raw = r.hget(keys.all_shards[0].worker(hostname), "_hbts")
+    return float(raw) if raw is not None else 0.0
+
+
 def test_sigkilled_worker_offline_within_two_heartbeats_tasks_keep_state(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "redis").start()
     broker, state_url = server.url, f"redis://127.0.0.1:{server.port}/1"
@@ -65,18 +71,40 @@ def test_sigkilled_worker_offline_within_two_heartbeats_tasks_keep_state(tmp_pat
         wait_for(running, timeout=30, message="4 tasks started and 2 received")
         before = task_states(api, done + slow)
 
+        def kept_alive() -> bool:
+            return dict(api.json("/api/workers?status=1")) == {KILLED: False, KEPT: True}
+
         killed.kill()
         killed_at = time.time()
-        time.sleep(0.5)  # a heartbeat in flight at the kill lands
+        # a heartbeat in flight at the kill has landed once a beat the kept worker sent a
+        # full period after the kill is applied: both go through the same broker and the
+        # same collector subscription, in the order the broker got them
+        wait_for(
+            lambda: beat_sent(r, keys, KEPT) > killed_at + FREQ,
+            timeout=60,
+            message="a heartbeat of the kept worker sent after the kill",
+        )
         workers = dict(api.json("/api/workers"))
         dead = dict(workers[KILLED])
         assert dead["freq"] == FREQ
         last = float(dead["last_heartbeat"])
-        assert last <= killed_at + 0.5, (last, killed_at)  # nothing came after the kill
-        # celery's rule, at the first moment it gives "offline": 2 x freq after the last beat
+        # nothing came after the kill (by sender time: a beat sent before it may be received
+        # after it, later still on a loaded machine)
+        sent = beat_sent(r, keys, KILLED)
+        assert 0 < sent <= killed_at, (sent, killed_at)
+        # celery's rule, at the first moment it gives "offline": 2 x freq after the last beat.
+        # The bound is the contract and cannot be missed by a late scheduler: the API judges at
+        # the time it answers, which is after this wake-up, however late that comes
         time.sleep(max(0.0, last + 2 * FREQ + 0.05 - time.time()))
         status = dict(api.json("/api/workers?status=1"))
-        assert status == {KILLED: False, KEPT: True}, (status, last, time.time())
+        assert status.get(KILLED) is False and set(status) == {KILLED, KEPT}, (
+            status,
+            last,
+            time.time(),
+        )
+        # the kept worker is alive by the same rule, on its own beats, which a loaded machine
+        # can delay past 2 x freq for a moment: polled, not read once
+        wait_for(kept_alive, timeout=60, message=f"{KEPT} alive and {KILLED} offline")
 
         # the unfinished tasks keep their last known state (and worker), and stay listed so
         after = task_states(api, done + slow)
@@ -84,9 +112,13 @@ def test_sigkilled_worker_offline_within_two_heartbeats_tasks_keep_state(tmp_pat
         assert {w for _, w in after.values()} == {KILLED}
         started = dict(api.json(f"/api/tasks?state=STARTED&workername={KILLED}"))
         assert sorted(started) == sorted(u for u in slow if before[u][0] == "STARTED")
+        # a fixed wait, to prove an absence: nothing changes later (no state is invented for
+        # the unfinished tasks, no offline event). Nothing here can fail merely because the
+        # machine is slow
         time.sleep(2 * FREQ)
         assert task_states(api, done + slow) == before
-        assert dict(api.json("/api/workers?status=1")) == {KILLED: False, KEPT: True}
+        assert dict(api.json("/api/workers?status=1")).get(KILLED) is False
+        wait_for(kept_alive, timeout=60, message=f"{KEPT} alive and {KILLED} offline")
         assert r.hget(keys.all_shards[0].worker(KILLED), "_offts") is None  # no offline event
     finally:
         app.close()
