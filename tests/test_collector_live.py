@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,27 @@ def run_scenario(broker_url: str, redis_url: str, tmp: Path, extra_env: dict[str
             return bool(revoked and revoked["state"] == "REVOKED")
 
         wait_for(settled, timeout=60, message="every task finished in Pollen")
-        time.sleep(1.0)  # let the last events reach both listeners
+
+        # the last events have reached both listeners: every task finished (the rejected one
+        # keeps its state and gets a ``rejected`` time, as in celery) and its task-sent seen,
+        # in Pollen and in celery's State alike
+        final = ("SUCCESS", "FAILURE", "REVOKED")
+
+        def everything_arrived() -> bool:
+            oracle = recorder.state.tasks
+            for result in ids.values():
+                ours, theirs = readback.task(state_redis, keys, result.id), oracle.get(result.id)
+                if ours is None or theirs is None:
+                    return False
+                if ours["sent"] is None or theirs.sent is None:
+                    return False
+                if ours["state"] not in final and ours["rejected"] is None:
+                    return False
+                if theirs.state not in final and theirs.rejected is None:
+                    return False
+            return True
+
+        wait_for(everything_arrived, timeout=60, message="the last events at both listeners")
 
         def task(name: str) -> dict[str, Any]:
             found = readback.task(state_redis, keys, ids[name].id)
@@ -162,14 +183,26 @@ def run_scenario(broker_url: str, redis_url: str, tmp: Path, extra_env: dict[str
             return out
 
         try:
-            wait_for(lambda: not differences(), timeout=15, message="same state as celery")
+            wait_for(lambda: not differences(), timeout=60, message="same state as celery")
         except TimeoutError:
             pytest.fail("\n".join(differences()))
         assert len(recorder.state.tasks) >= len(ids)
         assert readback.task_names(state_redis, keys) == recorder.state.task_types()
-        for hostname, w in recorder.state.workers.items():
+
+        def same_liveness(hostname: str) -> bool:
             ours = readback.worker(state_redis, keys, hostname, time.time())
-            assert ours["alive"] == w.alive
+            return bool(ours["alive"] == recorder.state.workers[hostname].alive)
+
+        for hostname, w in recorder.state.workers.items():
+            # liveness judged at the same moment on both sides: each listener receives the
+            # worker's beats at its own pace, so a beat late on one side (a loaded machine) can
+            # make them disagree for a moment; that is polled, not read once
+            wait_for(
+                partial(same_liveness, hostname),
+                timeout=60,
+                message=f"the same liveness of {hostname} as celery",
+            )
+            ours = readback.worker(state_redis, keys, hostname, time.time())
             for field in ("pid", "freq", "sw_ident", "sw_ver", "sw_sys"):
                 assert ours[field] == getattr(w, field), field
 
