@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,7 +93,10 @@ def ensure_rabbitmq_management() -> str:
             timeout=120,
             check=True,
         )
-        deadline = time.monotonic() + 60
-        while not port_open(15672) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_for(
+            lambda: port_open(15672),
+            timeout=60,
+            interval=0.5,
+            message="the RabbitMQ management API listening",
+        )
     return "http://guest:guest@127.0.0.1:15672/api/"
