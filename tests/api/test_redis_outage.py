@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ async def test_redis_down_then_back(tmp_path: Path, start_api: Any) -> None:
                 raise AssertionError("WebSocket accepted while Redis is down")
 
         server.start()  # same port, empty (no persistence)
-        wait_for(lambda: api.get("/api/tasks?limit=5")[0] == 200, timeout=30, message="recovery")
+        wait_for(lambda: api.get("/api/tasks?limit=5")[0] == 200, timeout=60, message="recovery")
         async with aiohttp.ClientSession() as session:
             ws = await wait_for_ws(session, api)
             await seed_async(server, "outage", EVENTS)
@@ -66,10 +67,16 @@ async def test_redis_down_then_back(tmp_path: Path, start_api: Any) -> None:
         server.stop()
 
 
-async def wait_for_ws(session: aiohttp.ClientSession, api: Api) -> aiohttp.ClientWebSocketResponse:
-    for _ in range(100):
+async def wait_for_ws(
+    session: aiohttp.ClientSession, api: Api, timeout: float = 60.0
+) -> aiohttp.ClientWebSocketResponse:
+    """The relay accepting a client again (it answers 503 until it has resubscribed): polled
+    until a deadline, as ``wait_for`` (which cannot await)."""
+    deadline = time.monotonic() + timeout
+    while True:
         try:
             return await session.ws_connect(f"{api.url}/api/events")
         except aiohttp.WSServerHandshakeError:
+            if time.monotonic() >= deadline:
+                raise AssertionError("the event relay did not resubscribe") from None
             await asyncio.sleep(0.2)
-    raise AssertionError("the event relay did not resubscribe")

@@ -20,8 +20,9 @@ from tests.support import celery_worker
 
 
 async def eventually(
-    check: Callable[[], Awaitable[Any]], timeout: float = 20.0, message: str = "condition"
+    check: Callable[[], Awaitable[Any]], timeout: float = 60.0, message: str = "condition"
 ) -> Any:
+    """``wait_for`` for a check that is awaited: polled until it holds or the deadline."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -204,7 +205,9 @@ async def test_task_control(stack: Stack, api: ApiFactory) -> None:
     response = await http.post("/api/task/async-apply/demo.app.mul", json={"args": [6, 7]})
     body = await response.json()
     assert response.status == 200 and body["state"] == "PENDING"
-    result = await http.get(f"/api/task/result/{body['task-id']}", params={"timeout": "10"})
+    # the API long-polls the backend: it answers as soon as the result is there, the
+    # timeout (the largest allowed) is only a deadline
+    result = await http.get(f"/api/task/result/{body['task-id']}", params={"timeout": "60"})
     assert (await result.json()) == {"task-id": body["task-id"], "state": "SUCCESS", "result": 42}
 
     response = await http.post(
@@ -244,7 +247,7 @@ async def test_task_control(stack: Stack, api: ApiFactory) -> None:
     await eventually(lambda: _eq(task_state(http, aborting), "STARTED"), message="started")
     response = await http.post(f"/api/task/abort/{aborting}")
     assert (await response.json()) == {"message": f"Aborted '{aborting}'"}
-    result = await http.get(f"/api/task/result/{aborting}", params={"timeout": "15"})
+    result = await http.get(f"/api/task/result/{aborting}", params={"timeout": "60"})
     assert (await result.json())["result"] == "aborted"
 
     entries = (await (await http.get("/api/audit")).json())["entries"]

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -249,12 +248,19 @@ def test_make_run_launcher_end_to_end(launcher: Launcher) -> None:
     launcher.proc.send_signal(signal.SIGINT)
     assert launcher.proc.wait(60) == 0, launcher.output()
     assert launcher.output().rstrip().endswith("stopped.")
-    time.sleep(0.2)
-    now = processes()
     sessions = {c.pid for c in children}
-    left = [p for p in now.values() if p.session in sessions]
-    left += [now[c.pid] for c in children if c.pid in now and now[c.pid].start == c.start]
-    left = list(set(left))
+
+    def left_over() -> list[Proc]:
+        now = processes()
+        left = [p for p in now.values() if p.session in sessions]
+        left += [now[c.pid] for c in children if c.pid in now and now[c.pid].start == c.start]
+        return list(set(left))
+
+    # a killed process is gone from /proc only once it has exited and been reaped, which a
+    # loaded machine can delay: polled until nothing is left, with a deadline
+    with contextlib.suppress(TimeoutError):  # the assertion below names what is left
+        wait_for(lambda: not left_over(), timeout=30, interval=0.2, message="nothing left")
+    left = left_over()
     assert not left, left
     for port in (launcher.redis_port, a, b):
         assert not listening(port), port
