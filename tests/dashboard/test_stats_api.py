@@ -36,8 +36,11 @@ def events(now: float) -> list[dict[str, Any]]:
             {"type": kind, "hostname": host, "timestamp": ts, "clock": clock, "pid": 1, **fields}
         )
 
-    emit("worker-online", "w@one", now - 5, freq=2.0, active=0, processed=0, loadavg=[0.5, 0, 0])
-    emit("worker-heartbeat", "w@one", now - 1, freq=2.0, active=1, processed=4, loadavg=[1, 2, 3])
+    # w@one beats with a long freq: it must still be alive (last beat + 2 x freq) when a test
+    # asks, however long the API takes to start on a loaded machine (with freq 2 it was alive
+    # only until 3 s after seeding)
+    emit("worker-online", "w@one", now - 5, freq=60.0, active=0, processed=0, loadavg=[0.5, 0, 0])
+    emit("worker-heartbeat", "w@one", now - 1, freq=60.0, active=1, processed=4, loadavg=[1, 2, 3])
     emit("worker-online", "w@two", now - 900, freq=2.0, active=0, processed=0, loadavg=[0, 0, 0])
     emit("worker-offline", "w@two", now - 800, freq=2.0, active=0, processed=0, loadavg=[0, 0, 0])
     minute = (now // 60) * 60
@@ -61,9 +64,10 @@ def events(now: float) -> list[dict[str, Any]]:
 def seeded(redis_server: RedisServer) -> Iterator[tuple[RedisServer, float]]:
     clear_namespace(redis_server, NAMESPACE)
     now = time.time()
-    # keep the test off a minute boundary: the events of "this minute" must stay in it
-    if now % 60 > 50:
-        time.sleep(61 - now % 60)
+    # keep the test off a minute boundary: the events of "this minute" must stay in it, those
+    # at ``now - 1`` included (in the first second of a minute they fell in the one before)
+    if not 2 <= now % 60 <= 50:
+        time.sleep((62 - now % 60) % 60)  # to 2 s into a minute; sleep never returns early
         now = time.time()
     seed(redis_server, NAMESPACE, events(now))
     yield redis_server, now
