@@ -46,7 +46,7 @@ def free_cluster_port() -> int:
 
 def wait_for(
     predicate: Callable[[], object],
-    timeout: float = 10.0,
+    timeout: float = 30.0,
     interval: float = 0.05,
     message: str = "condition",
 ) -> object:
