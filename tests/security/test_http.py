@@ -321,8 +321,7 @@ def test_result_wait_stops_when_the_client_leaves(stack: Stack, tmp_path: Path) 
     try:
         sock = socket.create_connection(("127.0.0.1", api.port))
         sock.sendall(
-            b"GET /api/task/result/never-finishes?timeout=50 HTTP/1.1\r\n"
-            b"Host: 127.0.0.1\r\n\r\n"
+            b"GET /api/task/result/never-finishes?timeout=50 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         )
         first = _reads(backend)
         wait_for(lambda: _reads(backend) > first + 2, timeout=10, message="the poller reading")
