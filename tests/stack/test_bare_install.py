@@ -7,6 +7,7 @@ the test virtualenv (``.[test]``) happened to have it."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -44,7 +45,16 @@ def _run(*args: str | Path, cwd: Path) -> None:
 def bare(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A virtualenv holding the wheel and its declared dependencies only; its directory."""
     work = tmp_path_factory.mktemp("bare")
-    _run(PYTHON, "-m", "pip", "wheel", "--no-deps", "-q", "-w", work / "dist", ROOT, cwd=work)
+    # built from a copy of the tracked files: a build leaves build/ beside its sources
+    source = work / "src"
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for name in filter(None, tracked):
+        target = source / name.decode()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name.decode(), target)
+    _run(PYTHON, "-m", "pip", "wheel", "--no-deps", "-q", "-w", work / "dist", source, cwd=work)
     (wheel,) = (work / "dist").glob("pollen-*.whl")
     # the test virtualenv's base interpreter, without its site-packages
     base = getattr(sys, "_base_executable", sys.executable)
