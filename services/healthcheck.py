@@ -3,7 +3,8 @@
 Exits 0 when the service is healthy, else 1 with the reason on stderr. Reads the same
 ``POLLEN_*`` settings as the service it checks:
 
-- ``api``: ``/healthz`` of the API on this host's ``POLLEN_API_PORT`` answers 200.
+- ``api``: ``/healthz`` of the API on this host's ``POLLEN_API_PORT`` (under
+  ``POLLEN_URL_PREFIX``) answers 200.
 - ``collector``: a collector on this host (its id is ``<hostname>-<pid>``) has a heartbeat in
   Redis younger than ``POLLEN_COLLECTOR_STALE_AFTER``.
 - ``enabler``: Redis answers and an enabler holds the lease (standbys are healthy while one is
@@ -19,7 +20,7 @@ import urllib.request
 
 from shared.connections import REDIS_ERRORS, sync_client
 from shared.keys import Keys
-from shared.settings import Settings, load_or_exit
+from shared.settings import Settings, load_or_exit, url_prefix
 
 TIMEOUT = 3.0
 
@@ -32,7 +33,7 @@ def check_api(settings: Settings) -> str | None:
         host = "::1"
     if ":" in host:
         host = f"[{host}]"
-    url = f"http://{host}:{settings.api_port}/healthz"
+    url = f"http://{host}:{settings.api_port}{url_prefix(settings)}/healthz"
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
             if response.status == 200:

@@ -17,6 +17,7 @@ import msgspec
 
 PREFIX = "POLLEN_"
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+URL_PREFIX_RE = re.compile(r"^/?[A-Za-z0-9._~-]+(?:/[A-Za-z0-9._~-]+)*/?$")
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -71,6 +72,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     api_host: str = "127.0.0.1"
     #: Port the API listens on.
     api_port: Port = 5555
+    #: Path every route of the API lives under (``/flower``, as Flower's ``--url_prefix``):
+    #: REST, WebSocket, metrics, health, the dashboard and its OpenAPI document.
+    url_prefix: str = ""
     #: Largest page of ``/api/tasks``; a request without ``limit`` gets this many.
     max_page: PositiveInt = 1000
     #: Most tasks a free-text search examines per request.
@@ -144,6 +148,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise msgspec.ValidationError(
                 "must be 1-64 characters of letters, digits, '_', '.' or '-' - at `$.namespace`"
             )
+        if self.url_prefix and not URL_PREFIX_RE.match(self.url_prefix):
+            raise msgspec.ValidationError(
+                "must be a path like /flower (letters, digits, '-', '_', '.', '~' between"
+                " slashes) - at `$.url_prefix`"
+            )
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise msgspec.ValidationError(
                 "must be one of DEBUG, INFO, WARNING, ERROR - at `$.log_level`"
@@ -207,6 +216,12 @@ def _shown(field: str, value: Any) -> str:
     return repr(
         re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", value) if isinstance(value, str) else value
     )
+
+
+def url_prefix(settings: Settings) -> str:
+    """``POLLEN_URL_PREFIX`` as routes take it: ``""`` or ``/a/b`` (``flower/`` -> ``/flower``)."""
+    path = settings.url_prefix.strip("/")
+    return f"/{path}" if path else ""
 
 
 def env_name(field: str) -> str:

@@ -14,10 +14,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -313,3 +317,72 @@ class RedisCluster:
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
+
+
+NGINX = "/usr/sbin/nginx"
+
+
+@dataclass
+class Proxy:
+    """deploy/nginx.conf, as docker-compose.yml mounts it, in front of one API process."""
+
+    port: int
+    process: Process
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start_proxy(upstream_port: int, workdir: Path) -> Proxy:
+    """Debian's nginx running the compose config (deploy/nginx.conf), its upstream pointed at
+    ``upstream_port`` on loopback and listening on a free port."""
+    if not Path(NGINX).exists():
+        pytest.fail("nginx is not installed: run .ci/run (or `apt-get install nginx`)")
+    port = free_port()
+    server = (ROOT / "deploy" / "nginx.conf").read_text()
+    for old, new in (
+        ("server api:5555", f"server 127.0.0.1:{upstream_port}"),
+        ("listen 5555;", f"listen 127.0.0.1:{port};"),
+    ):
+        assert old in server, f"deploy/nginx.conf no longer has {old!r}: update this test"
+        server = server.replace(old, new)
+    workdir.mkdir(parents=True, exist_ok=True)
+    temp = " ".join(
+        f"{kind}_temp_path {workdir / kind};" for kind in ("client_body", "proxy", "fastcgi")
+    )
+    (workdir / "nginx.conf").write_text(
+        f"""daemon off;
+pid {workdir / "nginx.pid"};
+error_log {workdir / "error.log"} warn;
+{"user root;" if os.geteuid() == 0 else ""}
+events {{}}
+http {{
+    access_log off;
+    {temp}
+    uwsgi_temp_path {workdir / "uwsgi"}; scgi_temp_path {workdir / "scgi"};
+{server}
+}}
+"""
+    )
+    process = Process(
+        [NGINX, "-p", str(workdir), "-c", str(workdir / "nginx.conf")], workdir / "nginx.log", {}
+    )
+    proxy = Proxy(port, process)
+
+    def up() -> bool:
+        if not process.alive():
+            raise RuntimeError(f"nginx exited:\n{process.output()}")
+        try:
+            with urllib.request.urlopen(f"{proxy.url}/healthz", timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True  # answered through to the API (401 without credentials)
+        except OSError:
+            return False
+
+    wait_for(up, timeout=20, message=f"nginx on {port}")
+    return proxy

@@ -23,16 +23,20 @@ from aiohttp.typedefs import Middleware
 from multidict import CIMultiDict
 
 from services.api.errors import ApiError, Handler, forbidden
-from services.api.ui import SHELL_PATHS
 from shared.settings import Settings, parse_basic_auth, parse_tokens
 
 #: Names of the routes that are WebSocket handshakes (services/api/events_ws.py names them).
 WEBSOCKET_ROUTES = frozenset({"events", "flower-events", "flower-task-events"})
-#: Paths served without credentials when ``POLLEN_OPEN_HEALTH`` is on.
-HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/healthcheck"})
-#: Paths always served without credentials (they reveal nothing about the cluster): the API's
-#: description and the dashboard's own files (its data comes from the API, with credentials).
-PUBLIC_PATHS = frozenset({"/api/openapi.json", *SHELL_PATHS})
+#: Routes (by name, so under any POLLEN_URL_PREFIX) served without credentials when
+#: ``POLLEN_OPEN_HEALTH`` is on.
+HEALTH_ROUTES = frozenset({"healthz", "readyz", "metrics", "healthcheck"})
+#: Routes always served without credentials (they reveal nothing about the cluster): the API's
+#: description, the dashboard's own files (its data comes from the API, with credentials) and
+#: the redirects of Flower's page URLs to the dashboard (services/api/pages.py).
+PUBLIC_ROUTES = frozenset(
+    {"openapi", "dashboard", "dashboard-asset", "prefix-root", "page-task", "page-worker"}
+    | {"page-tasks", "page-broker"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +158,7 @@ def is_websocket_handshake(request: web.Request) -> bool:
 
 def auth_middleware(settings: Settings) -> Middleware:
     credentials = Credentials.from_settings(settings)
-    open_paths = PUBLIC_PATHS | (HEALTH_PATHS if settings.open_health else frozenset())
+    open_routes = PUBLIC_ROUTES | (HEALTH_ROUTES if settings.open_health else frozenset())
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -163,7 +167,7 @@ def auth_middleware(settings: Settings) -> Middleware:
             return await handler(request)
         principal = authenticate(request, credentials)
         if principal is None:
-            if request.path in open_paths or request.method == hdrs.METH_OPTIONS:
+            if request.match_info.route.name in open_routes or request.method == hdrs.METH_OPTIONS:
                 request[PRINCIPAL_KEY] = UNAUTHENTICATED
                 return await handler(request)
             has_credentials = hdrs.AUTHORIZATION in request.headers or (

@@ -51,7 +51,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 routes: list[Any] = [
-    web.get("/healthz", healthz),
-    web.get("/readyz", readyz),
-    web.get("/healthcheck", healthcheck),
+    # names: auth.HEALTH_ROUTES (open unless POLLEN_OPEN_HEALTH=0)
+    web.get("/healthz", healthz, name="healthz"),
+    web.get("/readyz", readyz, name="readyz"),
+    web.get("/healthcheck", healthcheck, name="healthcheck"),
 ]

@@ -238,4 +238,4 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
-routes = [web.get("/metrics", metrics)]
+routes = [web.get("/metrics", metrics, name="metrics")]

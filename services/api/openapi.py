@@ -233,9 +233,12 @@ PATHS: Spec = {
 }
 
 
-def build(extra_paths: Spec | None = None) -> Spec:
+def build(extra_paths: Spec | None = None, prefix: str = "") -> Spec:
+    """The document; with a ``prefix`` (POLLEN_URL_PREFIX) its paths are relative to a server
+    at that path, as OpenAPI has them."""
     paths = dict(PATHS)
     paths.update(extra_paths or {})
+    servers = {"servers": [{"url": prefix}]} if prefix else {}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -250,6 +253,7 @@ def build(extra_paths: Spec | None = None) -> Spec:
             }
         },
         "security": [{"bearer": []}, {"basic": []}, {}],
+        **servers,
         "paths": paths,
     }
 
@@ -260,4 +264,4 @@ def handler(spec: Spec) -> web.RouteDef:
     async def openapi_json(request: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/json")
 
-    return web.get("/api/openapi.json", openapi_json)
+    return web.get("/api/openapi.json", openapi_json, name="openapi")

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from services.api import params
 from services.api.auth import principal
-from services.api.context import ctx
+from services.api.context import Context, ctx
 from services.api.errors import bad_param
 from services.api.openapi import ERRORS, json_body, param
 from services.api.workers import event_state, known_workers
@@ -48,6 +48,12 @@ def _json(body: Any) -> web.Response:
 
 async def workers_stats(request: web.Request) -> web.Response:
     c = ctx(request)
+    now = time.time()
+    return _json({"time": now, "workers": await worker_rows(c, now)})
+
+
+async def worker_rows(c: Context, now: float) -> list[dict[str, Any]]:
+    """Every known worker: event fields, liveness, executing now, events by type."""
     hosts = await known_workers(c)
     states = await event_state(c, hosts)
     shards = c.keys.all_shards
@@ -66,7 +72,6 @@ async def workers_stats(request: web.Request) -> web.Response:
             events[worker][kind] += int(count)
     executing = replies[len(shards) : -1]
     inspected = {m.decode() for m in replies[-1]}
-    now = time.time()
     out = []
     for i, (host, (h, seen)) in enumerate(zip(hosts, states, strict=True)):
         worker = worker_from_hash(host, h, seen, now)
@@ -74,7 +79,7 @@ async def workers_stats(request: web.Request) -> web.Response:
         worker["events"] = dict(sorted(events[host].items()))
         worker["inspected"] = host in inspected
         out.append(worker)
-    return _json({"time": now, "workers": out})
+    return out
 
 
 async def tasks_per_minute(request: web.Request) -> web.Response:

@@ -47,8 +47,6 @@ def _files() -> dict[str, tuple[bytes, str, str]]:
 
 
 FILES = _files()
-#: Paths served without credentials (auth.PUBLIC_PATHS).
-SHELL_PATHS = frozenset({"/", *(f"/dashboard/{name}" for name in FILES if name != "index.html")})
 
 
 def _serve(request: web.Request, name: str) -> web.Response:
@@ -78,7 +76,11 @@ async def asset(request: web.Request) -> web.Response:
     return _serve(request, request.match_info["name"])
 
 
-routes: list[Any] = [web.get("/", index), web.get("/dashboard/{name}", asset)]
+# names: auth.PUBLIC_ROUTES (the page's code carries no data)
+routes: list[Any] = [
+    web.get("/", index, name="dashboard"),
+    web.get("/dashboard/{name}", asset, name="dashboard-asset"),
+]
 
 openapi_paths: dict[str, Any] = {
     "/": {

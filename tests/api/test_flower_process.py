@@ -196,3 +196,26 @@ def test_flower_process_and_pollen_answer_the_same(
         expected = listing([(uuid, flower.json(path))])
         assert listing([(uuid, api.json(path))]) == expected, uuid
     assert flower.get("/api/task/info/no-such-task")[0] == api.get("/api/task/info/x")[0] == 404
+
+    # Flower's workers page as JSON (what scripts scrape): the same workers, fields and counts;
+    # celery keeps a worker's last few heartbeat times, Pollen the newest; each is the time its
+    # own receiver got the beat, so the two differ by the receivers' delays (docs/api.md)
+    def by_host(answer: Any) -> dict[str, dict[str, Any]]:
+        rows = [dict(row) for row in dict(answer)["data"]]
+        for row in rows:
+            beats = row.pop("heartbeats")
+            row["last_heartbeat"] = max(beats) if beats else None
+        return {row["hostname"]: row for row in rows}
+
+    expected_workers = by_host(flower.json("/workers?json=1"))
+    assert expected_workers
+    got_workers = by_host(api.json("/workers?json=1"))
+    assert got_workers.keys() == expected_workers.keys()
+    for host, flower_row in expected_workers.items():
+        pollen_row = got_workers[host]
+        beats = (pollen_row.pop("last_heartbeat"), flower_row.pop("last_heartbeat"))
+        assert (beats[0] is None) == (beats[1] is None), (host, beats)
+        assert beats[0] is None or abs(beats[0] - beats[1]) < 30, (host, beats)
+        keys = pollen_row.keys() | flower_row.keys()
+        diff = {k: (pollen_row.get(k), flower_row.get(k)) for k in keys}
+        assert {k: v for k, v in diff.items() if v[0] != v[1]} == {}, host

@@ -87,7 +87,9 @@ class Api:
         if not self.process.alive():
             raise RuntimeError(f"API exited:\n{self.process.output()}")
         try:
-            with urllib.request.urlopen(self.url + "/healthz", timeout=2) as resp:
+            prefix = self.env.get("POLLEN_URL_PREFIX", "").strip("/")
+            health = f"/{prefix}/healthz" if prefix else "/healthz"
+            with urllib.request.urlopen(self.url + health, timeout=2) as resp:
                 status: int = resp.status
                 return status == 200
         except (urllib.error.URLError, OSError):

@@ -182,7 +182,8 @@ def test_whoami(api: Api, secured: Api, tmp_path: Path, seeded: tuple[RedisServe
 
 def test_dashboard_files(api: Api, secured: Api) -> None:
     status, headers, body = secured.get("/")  # the page's code is public, its data is not
-    assert status == 200 and b'src="/dashboard/app.js"' in body
+    # relative, so the page works under POLLEN_URL_PREFIX too
+    assert status == 200 and b'src="dashboard/app.js"' in body
     assert "default-src 'self'" in headers["Content-Security-Policy"]
     assert headers["Content-Type"].startswith("text/html")
     for name in FILES:
@@ -193,7 +194,9 @@ def test_dashboard_files(api: Api, secured: Api) -> None:
         again = secured.get(f"/dashboard/{name}", {"If-None-Match": headers["Etag"]})
         assert again[0] == 304, name
     assert secured.get("/api/stats/workers")[0] == 401
-    assert secured.get("/dashboard/nope.js")[0] == 401  # not a dashboard file: not public
+    # the dashboard's file route is public (by name, under any prefix): an unknown file is a
+    # 404 that reveals nothing about the cluster
+    assert secured.get("/dashboard/nope.js")[0] == 404
     assert api.get("/dashboard/nope.js")[0] == 404
     assert api.get("/dashboard/..%2fui.py")[0] == 404
 

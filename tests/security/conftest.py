@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,11 +20,9 @@ import pytest
 from shared.settings import Settings, load
 from tests.dashboard.conftest import Api, start_api
 from tests.support import (
-    ROOT,
     Process,
     RedisServer,
     celery_worker,
-    free_port,
     pollen_env,
     service,
     wait_for,
@@ -136,71 +133,3 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for a in apis:
             a.stop()
         server.stop()
-
-
-NGINX = "/usr/sbin/nginx"
-
-
-@dataclass
-class Proxy:
-    """deploy/nginx.conf, as docker-compose.yml mounts it, in front of one API process."""
-
-    port: int
-    process: Process
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.process.stop()
-
-
-def start_proxy(api: Api, workdir: Path) -> Proxy:
-    """Debian's nginx running the compose config, its upstream and port pointed here."""
-    if not Path(NGINX).exists():
-        pytest.fail("nginx is not installed: run .ci/run (or `apt-get install nginx`)")
-    port = free_port()
-    server = (ROOT / "deploy" / "nginx.conf").read_text()
-    for old, new in (
-        ("server api:5555", f"server 127.0.0.1:{api.port}"),
-        ("listen 5555;", f"listen 127.0.0.1:{port};"),
-    ):
-        assert old in server, f"deploy/nginx.conf no longer has {old!r}: update this test"
-        server = server.replace(old, new)
-    workdir.mkdir(parents=True, exist_ok=True)
-    temp = " ".join(
-        f"{kind}_temp_path {workdir / kind};" for kind in ("client_body", "proxy", "fastcgi")
-    )
-    (workdir / "nginx.conf").write_text(
-        f"""daemon off;
-pid {workdir / "nginx.pid"};
-error_log {workdir / "error.log"} warn;
-{"user root;" if os.geteuid() == 0 else ""}
-events {{}}
-http {{
-    access_log off;
-    {temp}
-    uwsgi_temp_path {workdir / "uwsgi"}; scgi_temp_path {workdir / "scgi"};
-{server}
-}}
-"""
-    )
-    process = Process(
-        [NGINX, "-p", str(workdir), "-c", str(workdir / "nginx.conf")], workdir / "nginx.log", {}
-    )
-    proxy = Proxy(port, process)
-
-    def up() -> bool:
-        if not process.alive():
-            raise RuntimeError(f"nginx exited:\n{process.output()}")
-        try:
-            with urllib.request.urlopen(f"{proxy.url}/healthz", timeout=2):
-                return True
-        except urllib.error.HTTPError:
-            return True  # answered through to the API (401 without credentials)
-        except OSError:
-            return False
-
-    wait_for(up, timeout=20, message=f"nginx on {port}")
-    return proxy

@@ -14,7 +14,8 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.dashboard.conftest import CHROMIUM_ARGS, Api, chromium_executable, start_api
-from tests.security.conftest import PASSWORD, TOKEN, USER, WORKER, Stack, basic, start_proxy
+from tests.security.conftest import PASSWORD, TOKEN, USER, WORKER, Stack, basic
+from tests.support import start_proxy
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_dashboard_behind_nginx(stack: Stack, browser: Any, mode: str) -> None:
         api, script_auth = stack.basic_api, basic(USER, PASSWORD)
     else:
         api, script_auth = stack.both_api, basic(USER, PASSWORD)
-    proxy = start_proxy(api, stack.workdir / f"nginx-{mode}")
+    proxy = start_proxy(api.port, stack.workdir / f"nginx-{mode}")
     credentials = {"username": USER, "password": PASSWORD} if mode in ("basic", "both") else None
     context = browser.new_context(http_credentials=credentials)
     try:

@@ -4,6 +4,9 @@
 // token parameter (WebSocket), as any other client of the API would.
 
 const TOKEN_KEY = 'pollen.token';
+// Where the API lives: the page is served at <POLLEN_URL_PREFIX>/, so every API path is taken
+// relative to the page's own directory ('' at the host root, '/flower' under a prefix).
+export const BASE = new URL('.', document.baseURI).pathname.replace(/\/$/, '');
 
 export class ApiError extends Error {
   constructor(status, message) {
@@ -44,7 +47,7 @@ function url(path, params) {
     if (v !== undefined && v !== null && v !== '') q.set(k, v);
   }
   const qs = q.toString();
-  return qs ? `${path}?${qs}` : path;
+  return qs ? `${BASE}${path}?${qs}` : `${BASE}${path}`;
 }
 
 /** GET a JSON endpoint: {data, headers}. */
@@ -64,7 +67,7 @@ export async function post(path, params) {
   for (const [k, v] of Object.entries(params || {})) {
     if (v !== undefined && v !== null && v !== '') body.set(k, v);
   }
-  const resp = await fetch(path, { method: 'POST', headers: headers(), body });
+  const resp = await fetch(url(path), { method: 'POST', headers: headers(), body });
   if (!resp.ok) throw await failure(resp);
   return resp.json();
 }
