@@ -224,6 +224,9 @@ export function tasksView(el, { params, app }) {
     if (filters[key] === value) return;
     filters[key] = value;
     cursors.length = 1;
+    // the page shown is of the old filters: its cursor must not page the new ones
+    nextCursor = null;
+    older.disabled = true;
     setHash();
     renderHead();
     refresh();
