@@ -536,3 +536,45 @@ def test_protective_headers(stack: Stack) -> None:
     _, headers, _ = call(stack.open_api, "GET", "/")
     csp = headers["Content-Security-Policy"]
     assert "connect-src 'self';" in csp and "ws:" not in csp and "wss:" not in csp
+
+
+def test_offsets_across_shards_and_name_groups_are_bounded(stack: Stack, tmp_path: Path) -> None:
+    """A deep offset over several shards is skipped in the API: it counts against
+    POLLEN_SEARCH_SCAN_LIMIT like a scan; many name groups are bounded by the time limit."""
+    server = RedisServer(tmp_path / "redis").start()
+    client = redis.Redis(port=server.port)
+    settings = load(
+        {"POLLEN_REDIS_URL": server.url, "POLLEN_NAMESPACE": "deep", "POLLEN_SHARDS": "3"}
+    )
+    now = time.time()
+    events = [
+        {
+            "type": "task-received",
+            "uuid": f"deep-{i}",
+            "name": f"name.{i % 500:04d}",
+            "hostname": "w@h",
+            "timestamp": now + i * 1e-4,
+            "clock": i,
+        }
+        for i in range(3000)
+    ]
+    writer = Writer(client, settings)
+    for i in range(0, len(events), 1000):
+        readback.apply(writer, events[i : i + 1000], now)
+    env = {**stack.env, "POLLEN_NAMESPACE": "deep", "POLLEN_REDIS_URL": server.url}
+    api = start_api(env, tmp_path / "api.log", POLLEN_SHARDS="3", POLLEN_SEARCH_SCAN_LIMIT="100")
+    slow = start_api(env, tmp_path / "slow.log", POLLEN_SHARDS="3", POLLEN_QUERY_TIME_LIMIT="0.001")
+    try:
+        status, headers, body = call(api, "GET", "/api/tasks?offset=2000&limit=5")
+        assert status == 200 and headers["X-Pollen-Scan-Capped"] == "true"
+        assert int(headers["X-Pollen-Examined"]) <= 100 + 5 and json.loads(body) == {}
+        # within the budget the same query answers in full
+        status, headers, body = call(api, "GET", "/api/tasks?offset=50&limit=5")
+        assert headers["X-Pollen-Scan-Capped"] == "false" and len(json.loads(body)) == 5
+        status, headers, _ = call(slow, "GET", "/api/tasks?sort_by=name&state=RECEIVED&limit=900")
+        assert status == 200 and headers["X-Pollen-Scan-Capped"] == "true"
+    finally:
+        slow.stop()
+        api.stop()
+        client.close()
+        server.stop()
