@@ -7,6 +7,7 @@ The README's settings table is checked against this module by a test.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -85,11 +86,24 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: Most samples one ``/metrics`` answer holds; the rest are left out and counted in
     #: ``pollen_metrics_samples_dropped``.
     metrics_max_samples: PositiveInt = 100_000
-    #: Comma-separated bearer tokens, each ending in ``:ro`` (read-only) or ``:rw`` (full rights,
-    #: the default for a token without ``:``).
+    #: Comma-separated bearer tokens, each ending in ``:ro`` (viewer), ``:op`` (operator) or
+    #: ``:rw`` (admin, the default for a token without ``:``).
     api_tokens: str = ""
-    #: Comma-separated ``user:password`` pairs for basic auth, each may end in ``:ro`` or ``:rw``.
+    #: Comma-separated ``user:password`` pairs for basic auth, each may end in ``:ro``, ``:op`` or
+    #: ``:rw`` as tokens do.
     basic_auth: str = ""
+    #: SSO through a trusted proxy (oauth2-proxy...): the request header naming the signed-in
+    #: user (e.g. ``X-Forwarded-Email``); honoured only from ``auth_proxy_addresses``.
+    auth_proxy_user_header: str = ""
+    #: The header listing the user's groups, comma-separated (e.g. ``X-Forwarded-Groups``).
+    auth_proxy_groups_header: str = ""
+    #: Comma-separated addresses or networks (CIDR) of the proxies allowed to set those headers.
+    auth_proxy_addresses: str = ""
+    #: Roles of proxy users: ``admin=alice@corp,group:sre;operator=group:ops`` (viewer: read,
+    #: operator: control tasks and workers, admin: also shut workers down).
+    roles: str = ""
+    #: Role of a proxy user no ``roles`` entry names (viewer, operator, admin, or none: 403).
+    auth_proxy_default_role: str = "viewer"
     #: Allow binding a non-loopback address with no credentials configured.
     unauthenticated_api: bool = False
     #: Comma-separated host names an API without credentials answers besides loopback ones
@@ -144,6 +158,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         # the credentials are parsed once here so a bad one stops every service at start
         parse_tokens(self.api_tokens)
         parse_basic_auth(self.basic_auth)
+        parse_roles(self.roles)
+        if self.auth_proxy_user_header and not parse_networks(self.auth_proxy_addresses):
+            raise msgspec.ValidationError(
+                "a user header needs POLLEN_AUTH_PROXY_ADDRESSES, the proxies allowed to set it"
+                " - at `$.auth_proxy_addresses`"
+            )
+        if self.auth_proxy_default_role not in (*ROLES, "none"):
+            raise msgspec.ValidationError(
+                f"must be one of {', '.join(ROLES)} or none - at `$.auth_proxy_default_role`"
+            )
         if not NAMESPACE_RE.match(self.namespace):
             raise msgspec.ValidationError(
                 "must be 1-64 characters of letters, digits, '_', '.' or '-' - at `$.namespace`"
@@ -161,52 +185,83 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
 #: Settings whose value is a secret: never shown in a message.
 SECRET_FIELDS = frozenset({"api_tokens", "basic_auth"})
-_MODES = {"ro": True, "rw": False}
+#: What a caller may do, least first: read; control tasks and workers; also shut workers down.
+ROLES = ("viewer", "operator", "admin")
+#: A credential's mode suffix and the role it gives (no suffix: admin, as before roles).
+_MODES = {"ro": "viewer", "op": "operator", "rw": "admin"}
 
 
 def _items(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _mode(item: str) -> tuple[str, bool | None]:
-    """``item`` without a trailing ``:ro``/``:rw`` and whether it was read-only (None: none)."""
+def _mode(item: str) -> tuple[str, str | None]:
+    """``item`` without a trailing ``:ro``/``:op``/``:rw`` and its role (None: no suffix)."""
     head, sep, tail = item.rpartition(":")
     if sep and tail.lower() in _MODES:
         return head, _MODES[tail.lower()]
     return item, None
 
 
-def parse_tokens(text: str) -> list[tuple[str, bool]]:
-    """``POLLEN_API_TOKENS`` as ``(token, read_only)``. Fails closed: a token with a ``:`` must
-    end in a mode, so a mistyped one (``tok:RO!``) is an error, not a read-write token.
-    Messages name the item's position, never the secret."""
+def parse_tokens(text: str) -> list[tuple[str, str]]:
+    """``POLLEN_API_TOKENS`` as ``(token, role)``. Fails closed: a token with a ``:`` must end
+    in a mode, so a mistyped one (``tok:RO!``) is an error, not an admin token. Messages name
+    the item's position, never the secret."""
     out = []
     for i, item in enumerate(_items(text), 1):
-        secret, read_only = _mode(item)
-        if read_only is None and ":" in item:
+        secret, role = _mode(item)
+        if role is None and ":" in item:
             raise msgspec.ValidationError(
-                f"token {i} has a ':' but does not end in ':ro' or ':rw' - at `$.api_tokens`"
+                f"token {i} has a ':' but does not end in ':ro', ':op' or ':rw'"
+                " - at `$.api_tokens`"
             )
         if not secret:
             raise msgspec.ValidationError(f"token {i} is empty - at `$.api_tokens`")
-        out.append((secret, bool(read_only)))
+        out.append((secret, role or "admin"))
     return out
 
 
-def parse_basic_auth(text: str) -> list[tuple[str, str, bool]]:
-    """``POLLEN_BASIC_AUTH`` as ``(user, password, read_only)``: ``user:password[:ro|:rw]``
+def parse_basic_auth(text: str) -> list[tuple[str, str, str]]:
+    """``POLLEN_BASIC_AUTH`` as ``(user, password, role)``: ``user:password[:ro|:op|:rw]``
     (a password that itself ends in ``:ro`` is written ``user:pass:ro:rw``)."""
     out = []
     for i, item in enumerate(_items(text), 1):
         user, sep, rest = item.partition(":")
-        password, read_only = _mode(rest)
+        password, role = _mode(rest)
         if not sep or not user or not password:
             raise msgspec.ValidationError(
                 f"pair {i}: expected user:password with a non-empty user and password"
                 " - at `$.basic_auth`"
             )
-        out.append((user, password, bool(read_only)))
+        out.append((user, password, role or "admin"))
     return out
+
+
+def parse_roles(text: str) -> dict[str, str]:
+    """``POLLEN_ROLES`` (``admin=alice@corp,group:sre;operator=group:ops``) as
+    ``{"alice@corp": "admin", "group:sre": "admin", ...}``: who gets which role when a trusted
+    proxy names them. A user in several entries gets the highest role."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(";") if p.strip()):
+        role, sep, members = part.partition("=")
+        role = role.strip().lower()
+        if not sep or role not in ROLES or not _items(members):
+            raise msgspec.ValidationError(
+                f"expected role=member,...; roles are {', '.join(ROLES)}, members a user or"
+                f" group:<name>, got {part!r} - at `$.roles`"
+            )
+        for member in _items(members):
+            if ROLES.index(role) >= ROLES.index(out.get(member, "viewer")):
+                out[member] = role
+    return out
+
+
+def parse_networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """``POLLEN_AUTH_PROXY_ADDRESSES``: addresses or networks (CIDR) of the trusted proxies."""
+    try:
+        return [ipaddress.ip_network(item, strict=False) for item in _items(text)]
+    except ValueError as exc:
+        raise msgspec.ValidationError(f"{exc} - at `$.auth_proxy_addresses`") from None
 
 
 def _shown(field: str, value: Any) -> str:

@@ -2,7 +2,7 @@
 
 Control endpoints live in ``services/api/control.py`` (``routes``, optional
 ``openapi_paths`` and ``on_startup``/``on_cleanup``): they are picked up below when that module
-exists, and reuse ``auth.require_control``, ``errors`` and ``context`` from this package.
+exists, and reuse ``auth.require_role``, ``errors`` and ``context`` from this package.
 """
 
 from __future__ import annotations

@@ -1,13 +1,17 @@
 """Authentication and authorisation shared by every endpoint (the control routes included).
 
-Credentials come from ``POLLEN_API_TOKENS`` (bearer tokens, ``token:ro`` read-only) and
-``POLLEN_BASIC_AUTH`` (``user:password`` pairs). Secrets are compared with
-``hmac.compare_digest`` against every configured credential, so the time taken does not tell
-which one nearly matched. With no credentials configured every caller has full rights, and
-``__main__`` refuses to bind a non-loopback address unless ``POLLEN_UNAUTHENTICATED_API=1``.
+Who calls comes from ``POLLEN_API_TOKENS`` (bearer tokens), ``POLLEN_BASIC_AUTH``
+(``user:password`` pairs) or a trusted SSO proxy (``POLLEN_AUTH_PROXY_USER_HEADER``, honoured
+only from ``POLLEN_AUTH_PROXY_ADDRESSES``). Each caller has a role: ``viewer`` reads,
+``operator`` also controls tasks and workers, ``admin`` may also shut workers down. Tokens and
+users take theirs from a ``:ro``/``:op``/``:rw`` suffix, proxy users from ``POLLEN_ROLES``
+(user names and ``group:<name>`` entries). Secrets are compared with ``hmac.compare_digest``
+against every configured credential, so the time taken does not tell which one nearly
+matched. With no credentials configured every caller is admin, and ``__main__`` refuses to
+bind a non-loopback address unless ``POLLEN_UNAUTHENTICATED_API=1``.
 
-Handlers of mutating endpoints call ``require_control(request)``: 403 when the API is
-read-only (``POLLEN_READ_ONLY``) or the caller's credential is.
+Handlers of mutating endpoints call ``require_role(request, settings, role)``: 403 when the
+API is read-only (``POLLEN_READ_ONLY``) or the caller's role is below ``role``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ from aiohttp.typedefs import Middleware
 from multidict import CIMultiDict
 
 from services.api.errors import ApiError, Handler, forbidden
-from shared.settings import Settings, parse_basic_auth, parse_tokens
+from shared.settings import (
+    ROLES,
+    Settings,
+    parse_basic_auth,
+    parse_networks,
+    parse_roles,
+    parse_tokens,
+)
 
 #: Names of the routes that are WebSocket handshakes (services/api/events_ws.py names them).
 WEBSOCKET_ROUTES = frozenset({"events", "flower-events", "flower-task-events"})
@@ -41,54 +52,110 @@ PUBLIC_ROUTES = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: a credential's name (never the secret) and whether it may control."""
+    """Who is calling: a credential's or user's name (never a secret) and its role."""
 
     name: str
-    can_control: bool
+    role: str
+
+    def has(self, role: str) -> bool:
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+    @property
+    def can_control(self) -> bool:
+        return self.has("operator")
 
 
 #: The caller when no credentials are configured (an open API has full rights).
-ANONYMOUS = Principal("anonymous", can_control=True)
+ANONYMOUS = Principal("anonymous", "admin")
 #: A caller without credentials on an open path of an API that has credentials.
-UNAUTHENTICATED = Principal("unauthenticated", can_control=False)
+UNAUTHENTICATED = Principal("unauthenticated", "viewer")
 PRINCIPAL_KEY = web.RequestKey("pollen.principal", Principal)
+#: What a credential's name ends in, by role (the mode it was configured with).
+_SUFFIX = {"viewer": ":ro", "operator": ":op", "admin": ""}
 
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    tokens: tuple[tuple[bytes, bool], ...]  # (secret, read_only)
-    basic: tuple[tuple[bytes, bytes, bool], ...]  # (user, password, read_only)
+    tokens: tuple[tuple[bytes, str], ...]  # (secret, role)
+    basic: tuple[tuple[bytes, bytes, str], ...]  # (user, password, role)
+    proxy: TrustedProxy | None = None
 
     @property
     def configured(self) -> bool:
-        return bool(self.tokens or self.basic)
+        return bool(self.tokens or self.basic or self.proxy)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Credentials:
         # validated when the settings loaded (a bad credential stops the service there)
-        tokens = tuple((t.encode(), ro) for t, ro in parse_tokens(settings.api_tokens))
+        tokens = tuple((t.encode(), role) for t, role in parse_tokens(settings.api_tokens))
         basic = tuple(
-            (u.encode(), p.encode(), ro) for u, p, ro in parse_basic_auth(settings.basic_auth)
+            (u.encode(), p.encode(), role) for u, p, role in parse_basic_auth(settings.basic_auth)
         )
-        return cls(tokens, basic)
+        return cls(tokens, basic, TrustedProxy.from_settings(settings))
 
     def check_token(self, presented: bytes) -> Principal | None:
         found: Principal | None = None
-        for i, (secret, read_only) in enumerate(self.tokens):
+        for i, (secret, role) in enumerate(self.tokens):
             # compare against every token: no early exit
             if hmac.compare_digest(secret, presented) and found is None:
-                found = Principal(f"token#{i + 1}{':ro' if read_only else ''}", not read_only)
+                found = Principal(f"token#{i + 1}{_SUFFIX[role]}", role)
         return found
 
     def check_basic(self, user: bytes, password: bytes) -> Principal | None:
         found: Principal | None = None
-        for known_user, known_password, read_only in self.basic:
+        for known_user, known_password, role in self.basic:
             same_user = hmac.compare_digest(known_user, user)
             same_password = hmac.compare_digest(known_password, password)
             if same_user and same_password and found is None:
-                name = f"user:{known_user.decode(errors='replace')}{':ro' if read_only else ''}"
-                found = Principal(name, not read_only)
+                name = f"user:{known_user.decode(errors='replace')}{_SUFFIX[role]}"
+                found = Principal(name, role)
         return found
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedProxy:
+    """An SSO proxy in front (oauth2-proxy, nginx with auth_request...) that signs users in
+    and names them in a header. Only requests from its addresses may carry that header: from
+    anywhere else the header is ignored, so nobody can claim a name by sending it."""
+
+    user_header: str
+    groups_header: str
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    roles: dict[str, str]
+    default_role: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TrustedProxy | None:
+        if not settings.auth_proxy_user_header:
+            return None
+        return cls(
+            settings.auth_proxy_user_header,
+            settings.auth_proxy_groups_header,
+            tuple(parse_networks(settings.auth_proxy_addresses)),
+            parse_roles(settings.roles),
+            settings.auth_proxy_default_role,
+        )
+
+    def trusts(self, remote: str | None) -> bool:
+        try:
+            address = ipaddress.ip_address(remote or "")
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+    def principal(self, request: web.Request) -> Principal | None:
+        """The proxy's user with the highest role any entry gives them; None: not named by
+        a trusted proxy. 403 for a user no entry names when the default role is ``none``."""
+        user = request.headers.get(self.user_header, "").strip()
+        if not user or not self.trusts(request.remote):
+            return None
+        groups = request.headers.get(self.groups_header, "") if self.groups_header else ""
+        members = [user, *(f"group:{g.strip()}" for g in groups.split(",") if g.strip())]
+        found = [self.roles[m] for m in members if m in self.roles]
+        if not found and self.default_role == "none":
+            raise forbidden(f"{user} has no role in Pollen (POLLEN_ROLES)")
+        role = max(found, key=ROLES.index) if found else self.default_role
+        return Principal(f"sso:{user}", role)
 
 
 def is_loopback(host: str) -> bool:
@@ -125,8 +192,13 @@ def _challenge(credentials: Credentials) -> CIMultiDict[str]:
 
 
 def authenticate(request: web.Request, credentials: Credentials) -> Principal | None:
-    """The caller's principal from the Authorization header (or, for a WebSocket upgrade, the
-    ``token`` query parameter); None when the credentials are missing or wrong."""
+    """The caller's principal from a trusted proxy's user header, the Authorization header
+    (or, for a WebSocket upgrade, the ``token`` query parameter); None when the credentials
+    are missing or wrong."""
+    if credentials.proxy is not None:
+        found = credentials.proxy.principal(request)
+        if found is not None:
+            return found
     header = request.headers.get(hdrs.AUTHORIZATION, "")
     scheme, _, value = header.partition(" ")
     scheme = scheme.lower()
@@ -186,11 +258,14 @@ def principal(request: web.Request) -> Principal:
     return found
 
 
-def require_control(request: web.Request, settings: Settings) -> Principal:
-    """For mutating endpoints: the caller, or 403 when the API or the credential is read-only."""
+def require_role(request: web.Request, settings: Settings, role: str = "operator") -> Principal:
+    """For mutating endpoints: the caller, or 403 when the API is read-only or the caller's
+    role is below ``role``."""
     if settings.read_only:
         raise forbidden("read only mode is enabled (POLLEN_READ_ONLY)")
     who = principal(request)
-    if not who.can_control:
-        raise forbidden("this credential is read-only")
+    if not who.has(role):
+        if who.role == "viewer":
+            raise forbidden(f"{who.name} is read-only (role viewer)")
+        raise forbidden(f"{who.name} (role {who.role}) may not do this: it needs role {role}")
     return who

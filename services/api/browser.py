@@ -111,7 +111,11 @@ def browser_middleware(settings: Settings) -> Middleware:
     allowed_origins = _items(settings.cors_origins)
     control_origins = allowed_origins - {"*"}
     allowed_hosts = _items(settings.allowed_hosts)
-    open_api = not (parse_tokens(settings.api_tokens) or parse_basic_auth(settings.basic_auth))
+    open_api = not (
+        parse_tokens(settings.api_tokens)
+        or parse_basic_auth(settings.basic_auth)
+        or settings.auth_proxy_user_header
+    )
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -31,7 +31,7 @@ from aiohttp import web
 from celery import Celery
 from multidict import MultiDict, MultiDictProxy
 
-from services.api.auth import principal, require_control
+from services.api.auth import principal, require_role
 from services.api.context import CONTEXT
 from services.api.control_openapi import PATHS as openapi_paths
 from services.api.errors import REDIS_DOWN, ApiError, bad_param, forbidden, not_found, unavailable
@@ -252,8 +252,11 @@ Body = dict[str, Any]
 Action = Callable[[web.Request, Control, MultiDict[str]], Awaitable[Body]]
 
 
-def audited(action: str, target: str) -> Callable[[Action], Callable[[web.Request], Any]]:
-    """A mutating endpoint: control rights checked, the call recorded whatever its outcome."""
+def audited(
+    action: str, target: str, role: str = "operator"
+) -> Callable[[Action], Callable[[web.Request], Any]]:
+    """A mutating endpoint: the caller's role checked (``role`` at least), the call recorded
+    whatever its outcome."""
 
     def wrap(fn: Action) -> Callable[[web.Request], Any]:
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -264,7 +267,7 @@ def audited(action: str, target: str) -> Callable[[Action], Callable[[web.Reques
             args: MultiDict[str] = MultiDict()
             try:
                 args = await arguments(request)
-                require_control(request, ctl.settings)
+                require_role(request, ctl.settings, role)
                 body = await fn(request, ctl, args)
                 status, reply = 200, body
                 return web.json_response(body)
@@ -286,6 +289,7 @@ def audited(action: str, target: str) -> Callable[[Action], Callable[[web.Reques
                 entry = {
                     "time": started,
                     "who": principal(request).name,
+                    "role": principal(request).role,
                     "remote": request.remote,
                     "action": action,
                     "target": request.match_info.get(target, ""),
@@ -361,7 +365,7 @@ _routes = web.RouteTableDef()
 
 
 @_routes.post("/api/worker/shutdown/{name}")
-@audited("worker.shutdown", "name")
+@audited("worker.shutdown", "name", role="admin")
 async def worker_shutdown(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     name = request.match_info["name"]
     await known_worker(ctl, name)

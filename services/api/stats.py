@@ -188,7 +188,15 @@ async def whoami(request: web.Request) -> web.Response:
     c = ctx(request)
     who = principal(request)
     read_only = c.settings.read_only or not who.can_control
-    return _json({"name": who.name, "can_control": not read_only, "read_only": read_only})
+    return _json(
+        {
+            "name": who.name,
+            "role": who.role,
+            "can_control": not read_only,
+            "can_shutdown": not c.settings.read_only and who.has("admin"),
+            "read_only": read_only,
+        }
+    )
 
 
 routes: list[Any] = [
@@ -275,7 +283,9 @@ openapi_paths: dict[str, Any] = {
                     "can_control is false in read-only mode or for a read-only credential",
                     {
                         "name": {"type": "string"},
+                        "role": {"type": "string", "enum": ["viewer", "operator", "admin"]},
                         "can_control": {"type": "boolean"},
+                        "can_shutdown": {"type": "boolean"},
                         "read_only": {"type": "boolean"},
                     },
                 ),

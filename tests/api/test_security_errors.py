@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from services.api.app import make_app
-from services.api.auth import PRINCIPAL_KEY, Credentials, require_control
+from services.api.auth import PRINCIPAL_KEY, Credentials, require_role
 from services.api.errors import ApiError
 from services.api.openapi import PATHS
 from shared.settings import load
@@ -171,7 +171,7 @@ def test_bad_basic_auth_setting_stops_the_service(seeded: RedisServer) -> None:
     assert done.returncode == 2 and "POLLEN_BASIC_AUTH" in done.stderr
 
 
-def test_require_control() -> None:
+def test_require_role() -> None:
     """The helper the control endpoints use: read-only credentials and read-only mode refuse."""
     settings = load({"POLLEN_API_TOKENS": f"{TOKEN},{RO_TOKEN}:ro"})
     creds = Credentials.from_settings(settings)
@@ -179,14 +179,14 @@ def test_require_control() -> None:
     assert rw is not None and ro is not None and creds.check_token(b"x") is None
     request = make_mocked_request("POST", "/api/worker/shutdown/x")
     request[PRINCIPAL_KEY] = rw
-    assert require_control(request, settings) == rw
+    assert require_role(request, settings) == rw
     request[PRINCIPAL_KEY] = ro
     with pytest.raises(ApiError) as refused:
-        require_control(request, settings)
+        require_role(request, settings)
     assert refused.value.status == 403
     request[PRINCIPAL_KEY] = rw
     with pytest.raises(ApiError) as read_only:
-        require_control(request, load({"POLLEN_READ_ONLY": "1"}))
+        require_role(request, load({"POLLEN_READ_ONLY": "1"}))
     assert read_only.value.status == 403 and "read only" in read_only.value.message
 
 

@@ -327,7 +327,8 @@ def test_token_sign_in(page: Any, stack: Stack) -> None:
         page.locator("#signin button[value=ok]").click()
         expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=10_000)
         expect(page.locator("#registered")).to_contain_text("demo.app.add")
-        expect(page.locator("#who")).to_have_text("read-only")
+        # who is signed in, and that the credential only reads
+        expect(page.locator("#who")).to_have_text("token#2:ro · read-only")
         expect(page.locator("#pool-grow")).to_have_count(0)
         page.locator("#signout").click()
         expect(page.locator("#signin")).to_be_visible()

@@ -165,13 +165,16 @@ def test_quantile_is_prometheus_histogram_quantile() -> None:
 def test_whoami(api: Api, secured: Api, tmp_path: Path, seeded: tuple[RedisServer, float]) -> None:
     assert json.loads(api.get("/api/whoami")[2]) == {
         "name": "anonymous",
+        "role": "admin",
         "can_control": True,
+        "can_shutdown": True,
         "read_only": False,
     }
     assert secured.get("/api/whoami")[0] == 401
     rw = json.loads(secured.get("/api/whoami", {"Authorization": f"Bearer {TOKEN}"})[2])
     ro = json.loads(secured.get("/api/whoami", {"Authorization": f"Bearer {RO_TOKEN}"})[2])
     assert rw["can_control"] is True and ro["can_control"] is False and ro["read_only"] is True
+    assert (rw["role"], ro["role"], ro["can_shutdown"]) == ("admin", "viewer", False)
     server, _ = seeded
     read_only = Api(api_env(server, NAMESPACE, read_only="1"), tmp_path / "ro.log")
     try:

@@ -502,9 +502,14 @@ def test_credential_modes() -> None:
     from services.api.auth import Credentials
 
     creds = Credentials.from_settings(
-        load({"POLLEN_API_TOKENS": "a:RO,b:rw,c", "POLLEN_BASIC_AUTH": "u:p:ro,v:q:ro:rw"})
+        load({"POLLEN_API_TOKENS": "a:RO,b:rw,c,d:op", "POLLEN_BASIC_AUTH": "u:p:ro,v:q:ro:rw"})
     )
-    assert [(t.decode(), ro) for t, ro in creds.tokens] == [("a", True), ("b", False), ("c", False)]
+    assert [(t.decode(), role) for t, role in creds.tokens] == [
+        ("a", "viewer"),
+        ("b", "admin"),
+        ("c", "admin"),
+        ("d", "operator"),
+    ]
     ro_user = creds.check_basic(b"u", b"p")
     assert ro_user is not None and not ro_user.can_control
     literal = creds.check_basic(b"v", b"q:ro")

@@ -21,6 +21,7 @@ const RECENT_MAX = 2000;
 
 const app = {
   canControl: false,
+  canShutdown: false,
   who: null,
   recent: [],
   listeners: new Set(),
@@ -150,12 +151,19 @@ async function main() {
     app.who = await getJson('/api/whoami');
   } catch (err) {
     if (err instanceof ApiError && err.status === 401) return; // the sign-in dialog is open
-    app.who = { name: '?', can_control: false, read_only: true };
+    app.who = { name: '?', role: 'viewer', can_control: false, read_only: true };
     toast(`Cannot reach the API: ${err.message}`, 'error');
   }
   app.canControl = !!app.who.can_control;
+  app.canShutdown = !!app.who.can_shutdown;
   document.body.classList.toggle('read-only', !app.canControl);
-  document.getElementById('who').textContent = app.canControl ? '' : 'read-only';
+  // who is signed in and what they may do (an open API's caller is nobody in particular)
+  const who = document.getElementById('who');
+  const signedIn = app.who.name && !['anonymous', 'unauthenticated', '?'].includes(app.who.name);
+  const can = app.canControl ? (app.who.role || '') : 'read-only';
+  who.textContent = signedIn ? `${app.who.name.replace(/^(sso|user):/, '')} · ${can}` : (
+    app.canControl ? '' : 'read-only');
+  who.dataset.role = app.who.role || '';
   document.getElementById('signout').hidden = !token();
   startStream();
   summary();

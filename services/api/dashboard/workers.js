@@ -210,10 +210,11 @@ export function workerView(el, { arg: name, app }) {
             `Autoscale ${name} between ${min.value} and ${max.value} processes?`,
             `/api/worker/pool/autoscale/${enc}`, { min: min.value, max: max.value }) },
           'Apply')),
-        h('div', { class: 'control-group' },
+        // shutting a worker down is the admin role's (operators control, admins also stop)
+        app.canShutdown ? h('div', { class: 'control-group' },
           h('button', { id: 'shutdown', class: 'danger', onclick: () => act('Shut down worker',
             `Shut down ${name}? It will not come back by itself.`,
-            `/api/worker/shutdown/${enc}`) }, 'Shut down'))));
+            `/api/worker/shutdown/${enc}`) }, 'Shut down')) : null));
   }
 
   function queueSection(info) {
