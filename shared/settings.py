@@ -212,8 +212,7 @@ def parse_tokens(text: str) -> list[tuple[str, str]]:
         secret, role = _mode(item)
         if role is None and ":" in item:
             raise msgspec.ValidationError(
-                f"token {i} has a ':' but does not end in ':ro', ':op' or ':rw'"
-                " - at `$.api_tokens`"
+                f"token {i} has a ':' but does not end in ':ro', ':op' or ':rw' - at `$.api_tokens`"
             )
         if not secret:
             raise msgspec.ValidationError(f"token {i} is empty - at `$.api_tokens`")
