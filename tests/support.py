@@ -324,7 +324,7 @@ NGINX = "/usr/sbin/nginx"
 
 @dataclass
 class Proxy:
-    """deploy/nginx.conf, as docker-compose.yml mounts it, in front of one API process."""
+    """Debian's nginx in front of an API process, on a free loopback port."""
 
     port: int
     process: Process
@@ -337,22 +337,15 @@ class Proxy:
         self.process.stop()
 
 
-def start_proxy(upstream_port: int, workdir: Path) -> Proxy:
-    """Debian's nginx running the compose config (deploy/nginx.conf), its upstream pointed at
-    ``upstream_port`` on loopback and listening on a free port."""
+def run_nginx(workdir: Path, http: str, port: int) -> Proxy:
+    """nginx with ``http`` (what goes inside its ``http`` block) as its whole configuration,
+    its files in ``workdir``; returns once ``port`` answers any HTTP status."""
     if not Path(NGINX).exists():
         pytest.fail("nginx is not installed: run .ci/run (or `apt-get install nginx`)")
-    port = free_port()
-    server = (ROOT / "deploy" / "nginx.conf").read_text()
-    for old, new in (
-        ("server api:5555", f"server 127.0.0.1:{upstream_port}"),
-        ("listen 5555;", f"listen 127.0.0.1:{port};"),
-    ):
-        assert old in server, f"deploy/nginx.conf no longer has {old!r}: update this test"
-        server = server.replace(old, new)
     workdir.mkdir(parents=True, exist_ok=True)
     temp = " ".join(
-        f"{kind}_temp_path {workdir / kind};" for kind in ("client_body", "proxy", "fastcgi")
+        f"{kind}_temp_path {workdir / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
     (workdir / "nginx.conf").write_text(
         f"""daemon off;
@@ -363,8 +356,7 @@ events {{}}
 http {{
     access_log off;
     {temp}
-    uwsgi_temp_path {workdir / "uwsgi"}; scgi_temp_path {workdir / "scgi"};
-{server}
+{http}
 }}
 """
     )
@@ -380,9 +372,23 @@ http {{
             with urllib.request.urlopen(f"{proxy.url}/healthz", timeout=2):
                 return True
         except urllib.error.HTTPError:
-            return True  # answered through to the API (401 without credentials)
+            return True  # answered (through to the API, or nginx's own 401)
         except OSError:
             return False
 
     wait_for(up, timeout=20, message=f"nginx on {port}")
     return proxy
+
+
+def start_proxy(upstream_port: int, workdir: Path) -> Proxy:
+    """The compose proxy (deploy/nginx.conf, as docker-compose.yml mounts it), its upstream
+    pointed at ``upstream_port`` on loopback."""
+    port = free_port()
+    server = (ROOT / "deploy" / "nginx.conf").read_text()
+    for old, new in (
+        ("server api:5555", f"server 127.0.0.1:{upstream_port}"),
+        ("listen 5555;", f"listen 127.0.0.1:{port};"),
+    ):
+        assert old in server, f"deploy/nginx.conf no longer has {old!r}: update this test"
+        server = server.replace(old, new)
+    return run_nginx(workdir, server, port)

@@ -50,7 +50,8 @@ class Stack:
             "POLLEN_REDIS_URL": self.state_url,
             "POLLEN_RESULT_BACKEND": self.backend_url,
             "POLLEN_NAMESPACE": NAMESPACE,
-            "POLLEN_INSPECT_TIMEOUT": "3",
+            # generous: a loaded worker answers late, not never
+            "POLLEN_INSPECT_TIMEOUT": "10",
         }
         env.update({f"POLLEN_{k.upper()}": v for k, v in overrides.items()})
         return load(env)

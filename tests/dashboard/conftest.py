@@ -151,6 +151,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         queue_interval="2",
         queues=f"celery,{IDLE_QUEUE}",
         enable_interval="2",
+        # generous: under load a worker answers a control call late, not never (504 is for never)
+        inspect_timeout="10",
     )
     processes: list[Process] = []
     apis: list[Api] = []

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from shared.settings import Settings, load
-from tests.dashboard.conftest import Api, start_api
+from tests.dashboard.conftest import CHROMIUM_ARGS, Api, chromium_executable, start_api
 from tests.support import (
     Process,
     RedisServer,
@@ -84,7 +84,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         result_backend=f"redis://127.0.0.1:{server.port}/2",
         enable_interval="2",
         inspect_interval="3",
-        inspect_timeout="2",
+        # generous: a loaded worker answers a control call late, not never (504 is for never)
+        inspect_timeout="10",
     )
     processes: list[Process] = []
     apis: list[Api] = []
@@ -133,3 +134,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for a in apis:
             a.stop()
         server.stop()
+
+
+@pytest.fixture(scope="package")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium through Playwright; each test opens its own context (credentials)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(
+            executable_path=chromium_executable(), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield b
+        finally:
+            b.close()

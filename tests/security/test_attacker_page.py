@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.dashboard.conftest import CHROMIUM_ARGS, Api, chromium_executable
+from tests.dashboard.conftest import Api
 from tests.security.conftest import PASSWORD, USER, WORKER, Stack, basic
 from tests.support import free_port, wait_for
 
@@ -85,19 +85,6 @@ def attacker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     yield port
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    executable = chromium_executable()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def _args(task: dict[str, Any]) -> str:

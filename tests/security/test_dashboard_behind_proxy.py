@@ -7,29 +7,14 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from playwright.sync_api import expect
 
-from tests.dashboard.conftest import CHROMIUM_ARGS, Api, chromium_executable, start_api
+from tests.dashboard.conftest import Api, start_api
 from tests.security.conftest import PASSWORD, TOKEN, USER, WORKER, Stack, basic
 from tests.support import start_proxy
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(
-            executable_path=chromium_executable(), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def _shrink(api: Api, headers: dict[str, str]) -> None:

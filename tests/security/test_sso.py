@@ -7,7 +7,6 @@ Headers from anywhere but the proxy's address count for nothing."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import subprocess
@@ -22,10 +21,10 @@ from playwright.sync_api import expect
 
 from services.collector.writer import Writer
 from tests import readback
-from tests.dashboard.conftest import CHROMIUM_ARGS, Api, chromium_executable, start_api
+from tests.dashboard.conftest import Api, start_api
 from tests.security.conftest import NAMESPACE, WORKER, Stack
 from tests.security.test_http import call
-from tests.support import PYTHON, ROOT, Process, free_port, wait_for
+from tests.support import PYTHON, ROOT, free_port, run_nginx
 
 #: nginx's users: name -> (password, groups it forwards)
 USERS = {"viv": ("viv-pw", "readers"), "olga": ("olga-pw", "ops"), "ada": ("ada-pw", "sre,ops")}
@@ -51,16 +50,7 @@ def sso(stack: Stack) -> Iterator[tuple[Api, str]]:
     (work / "users").write_text("".join(f"{u}:{{PLAIN}}{p}\n" for u, (p, _) in USERS.items()))
     groups = "".join(f'    {u} "{g}";\n' for u, (_, g) in USERS.items())
     port = free_port()
-    (work / "nginx.conf").write_text(
-        f"""daemon off;
-pid {work / "nginx.pid"};
-error_log {work / "error.log"} warn;
-{"user root;" if os.geteuid() == 0 else ""}
-events {{}}
-http {{
-  access_log off;
-  client_body_temp_path {work}/body; proxy_temp_path {work}/proxy;
-  fastcgi_temp_path {work}/fcgi; uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
+    http = f"""
   map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
   map $remote_user $sso_groups {{
 {groups}    default "";
@@ -81,12 +71,7 @@ http {{
       proxy_set_header Connection $connection_upgrade;
     }}
   }}
-}}
 """
-    )
-    nginx = Process(
-        ["/usr/sbin/nginx", "-p", str(work), "-c", str(work / "nginx.conf")], work / "nginx.log"
-    )
     # a worker known only from its events, for the admin's shutdown (no real one is stopped)
     client = redis.Redis(port=stack.redis.port, db=1)
     now = time.time()
@@ -96,42 +81,12 @@ http {{
         now,
     )
     client.close()
+    nginx = run_nginx(work, http, port)  # nginx's own 401 until a user signs in
     try:
-        wait_for(
-            lambda: call_proxy(port, "GET", "/healthz")[0] == 401,
-            timeout=20,
-            message="nginx signing users in",
-        )
-        yield api, f"http://127.0.0.1:{port}"
+        yield api, nginx.url
     finally:
         nginx.stop()
         api.stop()
-
-
-def call_proxy(port: int, method: str, path: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    except OSError:
-        return 0, b""
-    finally:
-        conn.close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(
-            executable_path=chromium_executable(), headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def _post(page: Any, path: str) -> int:
