@@ -109,8 +109,13 @@ class RedisServer:
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        wait_for(client.ping, timeout=10, message=f"redis-server on {self.port}")
-        client.close()
+        try:
+            wait_for(client.ping, timeout=10, message=f"redis-server on {self.port}")
+        except BaseException:
+            self.stop()  # a server that never answered must not outlive the tests
+            raise
+        finally:
+            client.close()
         return self
 
     def kill(self) -> None:
@@ -376,7 +381,11 @@ http {{
         except OSError:
             return False
 
-    wait_for(up, timeout=20, message=f"nginx on {port}")
+    try:
+        wait_for(up, timeout=20, message=f"nginx on {port}")
+    except BaseException:
+        process.stop()
+        raise
     return proxy
 
 

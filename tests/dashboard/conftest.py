@@ -97,7 +97,11 @@ class Api:
 
     def start(self) -> Api:
         self.process = service("api", self.env, self.log)
-        wait_for(self.up, timeout=20, message=f"API on {self.port}")
+        try:
+            wait_for(self.up, timeout=20, message=f"API on {self.port}")
+        except BaseException:
+            self.process.stop()  # nobody else holds it yet: it would outlive the tests
+            raise
         return self
 
     def kill(self) -> None:
