@@ -119,10 +119,9 @@ def test_every_view_works_under_the_prefix(page: Any, prefixed: tuple[Api, Proxy
     page.goto(f"{base}#/charts?minutes=15")
     expect(page.locator("#chart-by-state .legend")).to_contain_text("SUCCESS")
     page.goto(f"{base}#/worker/{WORKER}")
+    # a control action through the prefix; growing always succeeds, while shrinking is
+    # refused by celery when every process is busy (the demo traffic keeps them busy)
     page.locator("#pool-grow").click()
     page.locator("#confirm-ok").click()
     expect(page.locator(".toast-ok")).to_contain_text("grow", ignore_case=True)
-    page.locator("#pool-shrink").click()
-    page.locator("#confirm-ok").click()
-    expect(page.locator(".toast-ok").last).to_contain_text("shrink", ignore_case=True)
     no_errors(page)
