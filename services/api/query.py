@@ -24,7 +24,7 @@ import hashlib
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,12 +136,16 @@ class _Budget:
 
     remaining: int
     deadline: float
+    #: False once the client is gone: its query stops (cancellation alone did not always
+    #: reach a busy scan in time)
+    wanted: Callable[[], bool] = lambda: True
     examined: int = 0
     capped: bool = False
 
     def spent(self) -> bool:
-        """True (and the page marked capped) once the entries or the time are used up."""
-        if self.remaining <= 0 or time.monotonic() >= self.deadline:
+        """True (and the page marked capped) once the entries or the time are used up, or
+        nobody waits for the answer any more."""
+        if self.remaining <= 0 or time.monotonic() >= self.deadline or not self.wanted():
             self.capped = True
         return self.capped
 
@@ -330,7 +334,7 @@ class QueryEngine:
                 segments.append(Segment(["g", state], keys, asc=False, filter=finish(f)))
         return segments
 
-    async def run(self, q: TaskQuery) -> Page:
+    async def run(self, q: TaskQuery, wanted: Callable[[], bool] = lambda: True) -> Page:
         cursor = decode_cursor(q.cursor, q.shape()) if q.cursor else None
         segments = await self.plan(q)
         page = Page()
@@ -340,7 +344,7 @@ class QueryEngine:
         if cursor is not None:
             start, after = self._resume_at(q, segments, cursor)
         expr = search_mod.parse_query(q.search)
-        budget = _Budget(self.scan_limit, time.monotonic() + self.time_limit)
+        budget = _Budget(self.scan_limit, time.monotonic() + self.time_limit, wanted)
         skip = q.offset
         if skip and after is None:
             start, skip = await self._skip_whole(segments, start, skip)
@@ -469,7 +473,7 @@ class _Stream:
     async def fill(self, want: int, expr: search_mod.Expr, budget: _Budget) -> None:
         filtered = self.seg.filter is not None
         while not self.buf and not self.done:
-            if (filtered or self.skip) and budget.spent():
+            if (filtered or self.skip or not budget.wanted()) and budget.spent():
                 self.done = True
                 return
             request = {

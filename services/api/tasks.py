@@ -116,10 +116,15 @@ def parse_task_query(request: web.Request, max_page: int) -> tuple[TaskQuery, bo
     return query, capped
 
 
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 async def list_tasks(request: web.Request) -> web.Response:
     c = ctx(request)
     query, capped = parse_task_query(request, c.settings.max_page)
-    page = await c.engine.run(query)
+    page = await c.engine.run(query, lambda: not _client_gone(request))
     tasks = await fetch(c, page.uuids, listing=True)
     body = b"{" + b",".join(_encode(u) + b":" + task for u, task in tasks) + b"}"
     headers = {H_EXAMINED: str(page.examined), H_SCAN_CAPPED: "true" if page.capped else "false"}
