@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or args[0] not in CHECKS:
         print(f"usage: python -m services.healthcheck {'|'.join(CHECKS)}", file=sys.stderr)
         return 2
-    problem = CHECKS[args[0]](load_or_exit())
+    problem = CHECKS[args[0]](load_or_exit("pollen-healthcheck", argv=[]))
     if problem is not None:
         print(f"unhealthy: {problem}", file=sys.stderr)
         return 1

@@ -32,8 +32,16 @@ class SettingsError(ValueError):
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # --- shared by every service -------------------------------------------------------------
-    #: Celery broker the events are read from and control commands are sent to.
-    broker_url: str = "redis://127.0.0.1:6379/0"
+    #: The user's Celery app, as ``celery -A`` takes it (``proj``, ``proj.celery:app``; also
+    #: ``-A``/``--app`` of every console script): broker URL, SSL, transport options, login
+    #: method, event and control exchanges and result backend are read from it.
+    celery_app: str = ""
+    #: Celery broker the events are read from and control commands are sent to (empty: the
+    #: Celery app's, else ``redis://127.0.0.1:6379/0``); it wins over the app's.
+    broker_url: str = ""
+    #: JSON object laid over the app's ``broker_transport_options`` (e.g. Sentinel's
+    #: ``{"master_name": "mymaster"}``, ``{"global_keyprefix": "prod:"}``).
+    broker_transport_options: str = ""
     #: Redis holding Pollen's state (``redis://``, ``rediss://`` or ``unix://``).
     redis_url: str = "redis://127.0.0.1:6379/1"
     #: Treat ``redis_url`` as one node of a Redis Cluster.
@@ -145,7 +153,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     queues: str = ""
 
     # --- control (api) -------------------------------------------------------------------------
-    #: Celery result backend for task apply/result/abort (empty: those answer 503).
+    #: Celery result backend for task apply/result/abort (empty: the Celery app's; with
+    #: neither, those answer 503); it wins over the app's.
     result_backend: str = ""
     #: Most blocking Celery calls (control, publish, result) one API process runs at once.
     control_concurrency: PositiveInt = 8
@@ -168,6 +177,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise msgspec.ValidationError(
                 f"must be one of {', '.join(ROLES)} or none - at `$.auth_proxy_default_role`"
             )
+        if self.broker_transport_options:
+            try:
+                options = msgspec.json.decode(self.broker_transport_options)
+            except msgspec.DecodeError as exc:
+                raise msgspec.ValidationError(
+                    f"not JSON ({exc}) - at `$.broker_transport_options`"
+                ) from None
+            if not isinstance(options, dict):
+                raise msgspec.ValidationError(
+                    "must be a JSON object - at `$.broker_transport_options`"
+                )
         if not NAMESPACE_RE.match(self.namespace):
             raise msgspec.ValidationError(
                 "must be 1-64 characters of letters, digits, '_', '.' or '-' - at `$.namespace`"
@@ -184,7 +204,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
 
 #: Settings whose value is a secret: never shown in a message.
-SECRET_FIELDS = frozenset({"api_tokens", "basic_auth"})
+SECRET_FIELDS = frozenset({"api_tokens", "basic_auth", "broker_transport_options"})
 #: What a caller may do, least first: read; control tasks and workers; also shut workers down.
 ROLES = ("viewer", "operator", "admin")
 #: A credential's mode suffix and the role it gives (no suffix: admin, as before roles).
@@ -352,10 +372,26 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
-def load_or_exit(environ: Mapping[str, str] | None = None) -> Settings:
-    """``load()`` for a service's entry point: a bad value ends the process with status 2."""
+def load_or_exit(
+    prog: str, argv: list[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """``load()`` for a service's entry point, with its command line (``-A/--app`` as
+    ``celery -A`` takes it, which wins over ``POLLEN_CELERY_APP``): a bad value ends the
+    process with status 2."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Settings are read from POLLEN_* environment variables."
+    )
+    parser.add_argument(
+        "-A", "--app", help="the Celery app (proj, proj.celery:app); sets POLLEN_CELERY_APP"
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    env = dict(os.environ if environ is None else environ)
+    if args.app:
+        env[env_name("celery_app")] = args.app
     try:
-        return load(environ)
+        return load(env)
     except SettingsError as exc:
         print(f"pollen: bad setting: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import json
 
 import msgspec
 
 from services.collector.decode import Decoder, DecodeResult
-from services.collector.sources import Incoming, _unwrap
 from shared import events as ev
 from shared.events import StreamEvent
 
@@ -99,23 +97,6 @@ def test_msgpack_bodies_via_kombu() -> None:
     assert decode(b"\x80", ctype="application/x-python-serialize").bad[0].reason == (
         "unsupported_content_type"
     )
-
-
-def test_kombu_redis_envelope() -> None:
-    payload = json.dumps(
-        [{"type": "task-started", "uuid": "u", "hostname": "h", "timestamp": 1.0}]
-    ).encode()
-    envelope = json.dumps(
-        {
-            "body": base64.b64encode(payload).decode(),
-            "content-type": "application/json",
-            "content-encoding": "utf-8",
-            "properties": {"body_encoding": "base64"},
-            "headers": {},
-        }
-    ).encode()
-    unwrapped = _unwrap(Incoming(envelope, "", "", 1.0))
-    assert unwrapped.body == payload and unwrapped.content_type == "application/json"
 
 
 def test_sender_keys_that_readers_rely_on_are_dropped() -> None:

@@ -12,7 +12,7 @@ from tests.support import PYTHON, ROOT
 
 def test_defaults() -> None:
     s = load({})
-    assert s.broker_url == "redis://127.0.0.1:6379/0"
+    assert s.broker_url == "" and s.celery_app == ""  # the app's broker, else Redis on 6379/0
     assert s.redis_url == "redis://127.0.0.1:6379/1"
     assert s.namespace == "pollen" and s.shards == 1
 
@@ -26,6 +26,8 @@ def test_defaults() -> None:
         ({"POLLEN_BATCH_INTERVAL": "-1"}, "POLLEN_BATCH_INTERVAL"),
         ({"POLLEN_READ_ONLY": "perhaps"}, "POLLEN_READ_ONLY"),
         ({"POLLEN_LOG_LEVEL": "LOUD"}, "POLLEN_LOG_LEVEL"),
+        ({"POLLEN_BROKER_TRANSPORT_OPTIONS": "{master_name"}, "POLLEN_BROKER_TRANSPORT_OPTIONS"),
+        ({"POLLEN_BROKER_TRANSPORT_OPTIONS": "[1]"}, "POLLEN_BROKER_TRANSPORT_OPTIONS"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:

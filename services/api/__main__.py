@@ -13,6 +13,7 @@ from aiohttp.web_response import StreamResponse
 
 from services.api.app import make_app
 from services.api.auth import bind_refusal
+from shared.broker import app_or_exit
 from shared.logs import setup_logging
 from shared.settings import load_or_exit
 
@@ -40,7 +41,8 @@ class AccessLogger(AbstractAccessLogger):
 
 
 def main() -> None:
-    settings = load_or_exit()
+    settings = load_or_exit("pollen-api")
+    app_or_exit(settings, "pollen-api")  # a bad app stops the API at start, not at first use
     setup_logging(settings.log_level, "api")
     # aiohttp logs each malformed HTTP request at ERROR with a traceback, though it answers 400:
     # that is the client's error, and a bad client must not be able to flood the log

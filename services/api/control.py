@@ -36,7 +36,7 @@ from services.api.context import CONTEXT
 from services.api.control_openapi import PATHS as openapi_paths
 from services.api.errors import REDIS_DOWN, ApiError, bad_param, forbidden, not_found, unavailable
 from services.enabler import store
-from services.enabler.broker import broker_errors, celery_app
+from shared.broker import broker_errors, load_app
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -91,7 +91,7 @@ class Control:
 
     def __post_init__(self) -> None:
         self.keys = Keys(self.settings.namespace, self.settings.shards)
-        self.app = celery_app(self.settings, "pollen-api")
+        self.app = load_app(self.settings, "pollen-api")
         # workers known only from events (anyone who can publish to the broker can forge
         # them) get a lane of their own, so calls that wait for them cannot starve the others
         unverified = max(1, self.settings.control_concurrency // 4)
@@ -102,9 +102,14 @@ class Control:
         self.semaphore = asyncio.Semaphore(self.settings.control_concurrency)
         self.unverified = asyncio.Semaphore(unverified)
         errors = broker_errors(self.app)
-        if self.settings.result_backend:
+        if self.has_backend:
             errors += tuple(getattr(self.app.backend, "connection_errors", ()) or ())
         self.errors = tuple(dict.fromkeys(errors))
+
+    @property
+    def has_backend(self) -> bool:
+        """A result backend is configured (``POLLEN_RESULT_BACKEND`` or the Celery app's)."""
+        return bool(self.app.conf.result_backend)
 
     @property
     def timeout(self) -> float:
@@ -501,8 +506,10 @@ async def task_rate_limit(request: web.Request, ctl: Control, args: MultiDict[st
 
 
 def require_backend(ctl: Control) -> None:
-    if not ctl.settings.result_backend:
-        raise unavailable("result backend is not configured (POLLEN_RESULT_BACKEND)")
+    if not ctl.has_backend:
+        raise unavailable(
+            "result backend is not configured (POLLEN_RESULT_BACKEND or the Celery app's)"
+        )
 
 
 async def task_body(request: web.Request) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
@@ -693,7 +700,7 @@ async def task_send(request: web.Request, ctl: Control, args: MultiDict[str]) ->
 
 async def _sent(ctl: Control, result: Any) -> Body:
     response: dict[str, Any] = {"task-id": result.id}
-    if ctl.settings.result_backend:
+    if ctl.has_backend:
         response["state"] = await ctl.run(lambda: result.state)
     return response
 

@@ -16,11 +16,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from celery import Celery
+
 from services.collector.decode import Decoded, Decoder
 from services.collector.health import Health
 from services.collector.sources import AmqpSource, Incoming, Source, open_source
 from services.collector.writer import Prepared, Writer
 from shared.backoff import Backoff
+from shared.broker import load_app, shown_url
 from shared.connections import REDIS_ERRORS, sync_client
 from shared.keys import Keys
 from shared.settings import Settings
@@ -40,8 +43,9 @@ class _Job:
 
 
 class Collector:
-    def __init__(self, settings: Settings, client: Any = None) -> None:
+    def __init__(self, settings: Settings, app: Celery | None = None, client: Any = None) -> None:
         self.settings = settings
+        self.app = app if app is not None else load_app(settings, "pollen-collector")
         self.keys = Keys(settings.namespace, settings.shards)
         self.redis = client if client is not None else sync_client(settings)
         self.writer = Writer(self.redis, settings)
@@ -59,7 +63,7 @@ class Collector:
     def run(self) -> None:
         settings = self.settings
         source = open_source(
-            settings.broker_url,
+            self.app,
             settings.event_queue,
             settings.event_queue_expires,
             prefetch=settings.batch_size,
@@ -69,7 +73,7 @@ class Collector:
         log.info(
             "collector %s consuming from %s (%s%s) into %s, namespace %r, %d shard(s)",
             self.id,
-            _redact(settings.broker_url),
+            shown_url(self.app),
             source.name,
             f", queue {settings.event_queue!r}" if settings.event_queue else "",
             _redact(settings.redis_url),

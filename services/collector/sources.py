@@ -2,11 +2,12 @@
 
 Both give the collector the same thing: raw message bodies with their content type and the
 time they were received, in batches, and a way to acknowledge a batch once it is committed.
+Both connect through the Celery app (``shared.broker``), so the exchange name, TLS, Sentinel,
+``global_keyprefix`` and fanout prefixes are exactly what the user's workers publish with.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import queue
@@ -16,19 +17,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
-import msgspec
-import redis
+from celery import Celery
 from celery.events.event import get_exchange
 from kombu import Connection, Consumer, Queue
 from kombu.exceptions import OperationalError
 
 from shared.backoff import Backoff
+from shared.broker import broker_errors, event_exchange, transport
 
 log = logging.getLogger("pollen.collector")
-
-EVENT_EXCHANGE = "celeryev"
 
 
 @dataclass(slots=True)
@@ -39,6 +37,26 @@ class Incoming:
     received: float
     #: AMQP delivery (acknowledged after commit); None for pub/sub.
     delivery: Any = None
+
+
+def _incoming(message: Any, delivery: Any = None) -> Incoming:
+    raw = message.body
+    if isinstance(raw, str):
+        raw = raw.encode(message.content_encoding or "utf-8")
+    return Incoming(
+        raw, message.content_type or "", message.content_encoding or "", time.time(), delivery
+    )
+
+
+def _connection(app: Celery, role: str) -> Connection:
+    # a connection name shows which connection is Pollen's in RabbitMQ's management tools
+    name = f"pollen-collector {role} {socket.gethostname()}:{os.getpid()}"
+    conn: Connection = app.connection_for_read(
+        heartbeat=30,
+        connect_timeout=5,
+        transport_options={"client_properties": {"connection_name": name}},
+    )
+    return conn
 
 
 class Source(Protocol):
@@ -56,11 +74,16 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
-def open_source(broker_url: str, event_queue: str, queue_expires: float, prefetch: int) -> Source:
-    scheme = urlsplit(broker_url).scheme
-    if scheme in ("redis", "rediss", "unix", "redis+socket"):
-        return RedisPubSubSource(broker_url)
-    return AmqpSource(broker_url, event_queue, queue_expires, prefetch)
+def open_source(app: Celery, event_queue: str, queue_expires: float, prefetch: int) -> Source:
+    kind = transport(app)
+    if kind == "redis":
+        return RedisPubSubSource(app)
+    if kind == "amqp":
+        return AmqpSource(app, event_queue, queue_expires, prefetch)
+    raise ValueError(
+        f"the broker's transport {kind!r} carries no events Pollen can read"
+        " (RabbitMQ/AMQP and Redis, with TLS or Sentinel, are supported)"
+    )
 
 
 class AmqpSource:
@@ -74,8 +97,8 @@ class AmqpSource:
 
     name = "amqp"
 
-    def __init__(self, url: str, event_queue: str, queue_expires: float, prefetch: int) -> None:
-        self.url = url
+    def __init__(self, app: Celery, event_queue: str, queue_expires: float, prefetch: int) -> None:
+        self.app = app
         self.event_queue = event_queue
         self.queue_expires = queue_expires
         self.prefetch = prefetch
@@ -85,16 +108,9 @@ class AmqpSource:
         self.pending: list[Incoming] = []
 
     def _connect(self) -> None:
-        # a connection name shows which connection is Pollen's in RabbitMQ's management tools
-        name = f"pollen-collector {socket.gethostname()}:{os.getpid()}"
-        conn = Connection(
-            self.url,
-            heartbeat=30,
-            connect_timeout=5,
-            transport_options={"client_properties": {"connection_name": name}},
-        )
+        conn = _connection(self.app, "events")
         conn.ensure_connection(max_retries=1)
-        exchange = get_exchange(conn, name=EVENT_EXCHANGE)
+        exchange = get_exchange(conn, name=event_exchange(self.app))
         if self.event_queue:
             q = Queue(
                 self.event_queue,
@@ -127,18 +143,7 @@ class AmqpSource:
         self.conn, self.consumer, self.channel = conn, consumer, channel
 
     def _on_message(self, message: Any) -> None:
-        raw = message.body
-        if isinstance(raw, str):
-            raw = raw.encode(message.content_encoding or "utf-8")
-        self.pending.append(
-            Incoming(
-                raw,
-                message.content_type or "",
-                message.content_encoding or "",
-                time.time(),
-                message,
-            )
-        )
+        self.pending.append(_incoming(message, message))
 
     def fetch(self, max_messages: int, wait: float) -> list[Incoming]:
         if self.conn is None:
@@ -172,37 +177,24 @@ class AmqpSource:
 
     @property
     def connection_errors(self) -> tuple[type[BaseException], ...]:
-        conn = self.conn or Connection(self.url)
+        conn = self.conn or self.app.connection_for_read()
         # ensure_connection() raises a refused connection (broker restarting) as OperationalError
         return (*conn.connection_errors, *conn.channel_errors, OperationalError)
 
 
-class _KombuEnvelope(msgspec.Struct):
-    """kombu's Redis transport wraps each message in this JSON envelope."""
-
-    body: str
-    content_type: str = msgspec.field(name="content-type", default="application/json")
-    content_encoding: str = msgspec.field(name="content-encoding", default="utf-8")
-    properties: dict[str, Any] = {}
-
-
-_envelope = msgspec.json.Decoder(_KombuEnvelope)
-
-
 class RedisPubSubSource:
-    """``PSUBSCRIBE /{db}.celeryev/*`` on the broker, as celery's receivers do.
+    """The event exchange's fanout on a Redis broker (pub/sub), as celery's receivers read it.
 
     Pub/sub stores nothing: what is published while no collector listens is gone, so run two
-    collectors side by side (the apply is idempotent). A reader thread drains the socket
-    continuously so a slow Redis write never makes the broker drop this subscriber.
+    collectors side by side (the apply is idempotent). A reader thread owns the kombu
+    connection and drains it continuously, so a slow Redis write never makes the broker drop
+    this subscriber; after an error it reconnects (to a new master, under Sentinel).
     """
 
     name = "redis"
 
-    def __init__(self, url: str, buffer_limit: int = 200_000) -> None:
-        self.url = url
-        db = redis.Redis.from_url(url).connection_pool.connection_kwargs.get("db", 0)
-        self.channel_prefix = f"/{db}.{EVENT_EXCHANGE}"
+    def __init__(self, app: Celery, buffer_limit: int = 200_000) -> None:
+        self.app = app
         self.buffer: queue.Queue[Incoming] = queue.Queue(maxsize=buffer_limit)
         self.dropped = 0
         self.stopping = threading.Event()
@@ -212,34 +204,46 @@ class RedisPubSubSource:
 
     def _read(self) -> None:
         backoff = Backoff("broker (redis pub/sub)", log)
+        errors: tuple[type[BaseException], ...] = (*broker_errors(self.app), socket.timeout)
         while not self.stopping.is_set():
-            client = redis.Redis.from_url(self.url, socket_connect_timeout=5, socket_keepalive=True)
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            conn = _connection(self.app, "events")
             try:
-                pubsub.psubscribe(self.channel_prefix + "/*")
-                pubsub.subscribe(self.channel_prefix)
-                self.connected.set()
-                backoff.recovered()
-                while not self.stopping.is_set():
-                    message = pubsub.get_message(timeout=0.5)
-                    if message is None or message["type"] not in ("message", "pmessage"):
-                        continue
-                    self._put(message["data"])
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                conn.ensure_connection(max_retries=1)
+                exchange = get_exchange(conn, name=event_exchange(self.app))
+                events = Queue(
+                    f"pollen.{uuid.uuid4().hex}",
+                    exchange,
+                    routing_key="#",
+                    durable=False,
+                    auto_delete=True,
+                    exclusive=True,
+                )
+                # no_ack: pub/sub has nothing to acknowledge, and kombu would otherwise keep
+                # every event in the broker's unacked hash
+                consumer = Consumer(
+                    conn, queues=[events], on_message=self._put, no_ack=True, accept=None
+                )
+                with consumer:
+                    self.connected.set()
+                    backoff.recovered()
+                    while not self.stopping.is_set():
+                        try:
+                            conn.drain_events(timeout=0.5)
+                        except TimeoutError:
+                            conn.heartbeat_check()
+            except errors as exc:
                 self.connected.clear()
                 backoff.failed(exc)
                 self.stopping.wait(backoff.delay())
             finally:
                 try:
-                    pubsub.close()
-                    client.close()
+                    conn.release()
                 except Exception:  # already broken
-                    log.debug("closing pub/sub failed", exc_info=True)
+                    log.debug("closing the pub/sub connection failed", exc_info=True)
 
-    def _put(self, data: bytes) -> None:
-        item = Incoming(data, "kombu/redis-envelope", "", time.time())
+    def _put(self, message: Any) -> None:
         try:
-            self.buffer.put_nowait(item)
+            self.buffer.put_nowait(_incoming(message))
         except queue.Full:
             self.dropped += 1
 
@@ -254,7 +258,7 @@ class RedisPubSubSource:
                 out.append(self.buffer.get_nowait())
             except queue.Empty:
                 break
-        return [_unwrap(item) for item in out]
+        return out
 
     def ack(self, batch: list[Incoming]) -> None:
         """Nothing to acknowledge on pub/sub."""
@@ -262,21 +266,3 @@ class RedisPubSubSource:
     def close(self) -> None:
         self.stopping.set()
         self.thread.join(timeout=5)
-
-
-def _unwrap(item: Incoming) -> Incoming:
-    """The kombu envelope's body, or the payload as is when it is not an envelope (then the
-    decoder reports it)."""
-    try:
-        env = _envelope.decode(item.body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return Incoming(item.body, "application/json", "utf-8", item.received)
-    body: bytes
-    if env.properties.get("body_encoding") == "base64":
-        try:
-            body = base64.b64decode(env.body, validate=False)
-        except ValueError:
-            body = env.body.encode()
-    else:
-        body = env.body.encode()
-    return Incoming(body, env.content_type, env.content_encoding, item.received)

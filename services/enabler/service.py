@@ -31,14 +31,16 @@ from typing import Any, TypeVar
 import aiohttp
 import msgspec
 import redis.asyncio
+from celery import Celery
 from kombu.utils.url import maybe_sanitize_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from services.enabler import store
-from services.enabler.broker import QueueSampler, broker_errors, celery_app
+from services.enabler.broker import QueueSampler
 from shared import scripts
 from shared.backoff import Backoff
+from shared.broker import broker_errors, load_app, shown_url
 from shared.connections import REDIS_ERRORS, async_client
 from shared.events import StreamEvent
 from shared.keys import Keys
@@ -56,11 +58,11 @@ ONLINE_ATTEMPTS = 3
 
 
 class Enabler:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
         self.settings = settings
         self.keys = Keys(settings.namespace, settings.shards)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.app = celery_app(settings, "pollen-enabler")
+        self.app = app if app is not None else load_app(settings, "pollen-enabler")
         self.executor = ThreadPoolExecutor(
             max_workers=2 * len(store.INSPECT_METHODS) + 2, thread_name_prefix="enabler"
         )
@@ -69,7 +71,7 @@ class Enabler:
             settings, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
         )
         self.lease_script = scripts.register(self.redis, "enabler_lease")
-        self.sampler = QueueSampler(settings)
+        self.sampler = QueueSampler(settings, self.app)
         self.broker_errors = broker_errors(self.app)
         self.sample_errors: tuple[type[BaseException], ...] = (
             *self.broker_errors,
@@ -351,7 +353,7 @@ class Enabler:
         log.info(
             "enabler %s starting: broker %s, redis %s, namespace %s",
             self.id,
-            maybe_sanitize_url(self.settings.broker_url),
+            shown_url(self.app),
             maybe_sanitize_url(self.settings.redis_url),
             self.settings.namespace,
         )
