@@ -12,7 +12,9 @@ import os
 import re
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import parse_qs, unquote, urlencode
 
 import msgspec
 
@@ -24,6 +26,72 @@ Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+
+
+@dataclass(frozen=True)
+class Sentinel:
+    """A ``redis+sentinel://`` URL's parts: who to ask, for which master, and how to log in."""
+
+    hosts: list[tuple[str, int]]
+    service: str
+    db: int
+    ssl: bool
+    username: str | None
+    password: str | None
+    sentinel_username: str | None
+    sentinel_password: str | None
+    #: the rest of the query (certificate and timeout options), for redis-py's URL parser
+    query: str
+
+
+def parse_sentinel(url: str) -> Sentinel | None:
+    """``redis+sentinel://[user:password@]h1:26379[,h2:26379]/<service>[/<db>][?query]``;
+    None for another scheme. Bad parts raise ``msgspec.ValidationError``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("redis+sentinel", "rediss+sentinel"):
+        return None
+
+    def bad(why: str) -> msgspec.ValidationError:
+        return msgspec.ValidationError(
+            f"{why}; expected {scheme}://[user:password@]host:port[,host:port]/<master name>"
+            "[/<db>] - at `$.redis_url`"
+        )
+
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    creds, at, hostlist = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, _, secret = creds.partition(":")
+        username, password = unquote(user) or None, unquote(secret) or None
+    hosts = []
+    for item in hostlist.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise bad(f"sentinel {item!r} is not host:port")
+        hosts.append((host.strip("[]"), int(port)))
+    parts = [p for p in path.split("/") if p]
+    if not parts or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise bad("the path must be the master's name and optionally a db number")
+    options = parse_qs(query)
+    extra = {
+        k: v[-1] for k, v in options.items() if k in ("sentinel_username", "sentinel_password")
+    }
+    rest_query = urlencode([(k, v) for k, vs in options.items() for v in vs if k not in extra])
+    return Sentinel(
+        hosts=hosts,
+        service=unquote(parts[0]),
+        db=int(parts[1]) if len(parts) == 2 else 0,
+        ssl=scheme.lower().startswith("rediss"),
+        username=username,
+        password=password,
+        sentinel_username=extra.get("sentinel_username"),
+        sentinel_password=extra.get("sentinel_password"),
+        query=rest_query,
+    )
 
 
 class SettingsError(ValueError):
@@ -42,7 +110,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: JSON object laid over the app's ``broker_transport_options`` (e.g. Sentinel's
     #: ``{"master_name": "mymaster"}``, ``{"global_keyprefix": "prod:"}``).
     broker_transport_options: str = ""
-    #: Redis holding Pollen's state (``redis://``, ``rediss://`` or ``unix://``).
+    #: Redis holding Pollen's state: ``redis://``, ``rediss://`` (TLS, certificate options in
+    #: the query: ``?ssl_ca_certs=/ca.pem``), ``unix://``, or Sentinel:
+    #: ``redis+sentinel://host:26379,host2:26379/<master name>/<db>`` (``rediss+sentinel://``).
     redis_url: str = "redis://127.0.0.1:6379/1"
     #: Treat ``redis_url`` as one node of a Redis Cluster.
     redis_cluster: bool = False
@@ -163,7 +233,21 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: Approximate number of control calls kept in the audit stream.
     audit_maxlen: PositiveInt = 10000
 
+    @property
+    def redis_sentinel(self) -> Sentinel | None:
+        """``redis_url`` as Sentinel parts, or None for a URL redis-py takes as it is."""
+        return parse_sentinel(self.redis_url)
+
     def __post_init__(self) -> None:
+        scheme = self.redis_url.partition("://")[0].lower()
+        if scheme not in REDIS_SCHEMES:
+            raise msgspec.ValidationError(
+                f"the scheme must be one of {', '.join(REDIS_SCHEMES)} - at `$.redis_url`"
+            )
+        if self.redis_sentinel is not None and self.redis_cluster:
+            raise msgspec.ValidationError(
+                "a Sentinel URL cannot name a Redis Cluster - at `$.redis_cluster`"
+            )
         # the credentials are parsed once here so a bad one stops every service at start
         parse_tokens(self.api_tokens)
         parse_basic_auth(self.basic_auth)
@@ -287,9 +371,10 @@ def _shown(field: str, value: Any) -> str:
     """A setting's value as a message may show it: secrets hidden, URL passwords masked."""
     if field in SECRET_FIELDS:
         return "<hidden>"
-    return repr(
-        re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", value) if isinstance(value, str) else value
-    )
+    if isinstance(value, str):
+        value = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", value)
+        value = re.sub(r"(password=)[^&]*", r"\1***", value)
+    return repr(value)
 
 
 def url_prefix(settings: Settings) -> str:

@@ -79,10 +79,18 @@ def redis_server_binary() -> str:
 class RedisServer:
     """A redis-server on a free port in its own directory; kill() and start() for fault tests."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *extra: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *extra: str,
+        client: dict[str, object] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.extra = list(extra)
+        #: how to reach it (a TLS server: ``ssl=True`` and certificates)
+        self.client = client or {}
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
 
@@ -108,7 +116,7 @@ class RedisServer:
             *self.extra,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, **self.client)  # type: ignore[arg-type]
         try:
             wait_for(client.ping, timeout=10, message=f"redis-server on {self.port}")
         except BaseException:

@@ -30,7 +30,6 @@ from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
-import redis.asyncio
 from celery import Celery
 from kombu.utils.url import maybe_sanitize_url
 from redis.asyncio.retry import Retry
@@ -274,15 +273,14 @@ class Enabler:
 
     async def listen_loop(self) -> None:
         """Subscribe to ``<ns>:events`` and pass on every worker-online."""
-        # a plain client even for a cluster: PUBLISH reaches subscribers on every node
         # its outages are the Redis outages the other loops report: only its delay is its own
         quiet = logging.getLogger("pollen.enabler.pubsub")
         quiet.setLevel(logging.ERROR)
         backoff = Backoff("Redis pub/sub", quiet, first=0.5, cap=10.0)
         decoder = msgspec.json.Decoder(StreamEvent)
         while True:
-            client = redis.asyncio.Redis.from_url(
-                self.settings.redis_url, socket_timeout=10, socket_connect_timeout=2
+            client = async_client(
+                self.settings, plain=True, socket_timeout=10, socket_connect_timeout=2
             )
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:

@@ -1,0 +1,71 @@
+"""What every deployment must show, end to end through the user's app: the worker with its
+inspect answers (the enabler's broadcasts on the app's control exchange), every task the
+user's client sends (the collector on the app's event exchange), a task published and a
+control command sent from the API, and the length of a queue nobody consumes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tests.deploy.conftest import Deployment
+from tests.support import wait_for
+
+
+def worker_inspected(d: Deployment, after: float = -1.0) -> float:
+    """The worker is listed with inspect answers, newer than one that said ``after`` seconds
+    of uptime; the uptime they say."""
+
+    def fresh() -> float | None:
+        for name, process in d.processes.items():
+            assert process.alive(), f"{name} exited:\n{d.logs()}"
+        found = d.get(f"/api/workers?workername={d.worker_name}").get(d.worker_name, {})
+        uptime = float((found.get("stats") or {}).get("uptime", -1))
+        return uptime if "registered" in found and uptime > after else None
+
+    uptime = wait_for(fresh, timeout=90, message=f"inspect answers of {d.worker_name}\n{d.logs()}")
+    return float(uptime)  # type: ignore[arg-type]
+
+
+def tasks_seen(d: Deployment, app: Any, count: int, tag: int) -> None:
+    """``count`` tasks sent by the user's client and one by the API all end in SUCCESS."""
+    ids = {app.send_task(f"{d.module}.add", (tag, i)).id for i in range(count)}
+    sent = d.post(f"/api/task/async-apply/{d.module}.add", {"args": [tag, -1]})
+    ids.add(sent["task-id"])
+
+    def done() -> bool:
+        found = d.get(f"/api/tasks?taskname={d.module}.add&state=SUCCESS&limit=1000")
+        return ids <= set(found)
+
+    wait_for(done, timeout=90, message=f"tasks {sorted(ids)} in the API\n{d.logs()}")
+
+
+def control_works(d: Deployment, queue: str) -> None:
+    answer = d.post(f"/api/worker/queue/add-consumer/{d.worker_name}?queue={queue}")
+    assert queue in answer["message"], answer
+
+
+def backlog_measured(d: Deployment, app: Any, queue: str, count: int) -> None:
+    """``count`` more messages on ``queue`` (no consumer) show in ``/api/queues/length``."""
+
+    def length() -> int:
+        for sample in d.get("/api/queues/length")["active_queues"]:
+            if sample["name"] == queue:
+                return int(sample["messages"])
+        return 0
+
+    before = length()
+    for i in range(count):
+        app.send_task(f"{d.module}.add", (0, i), queue=queue, priority=(i * 3) % 10)
+    started = time.monotonic()
+    wait_for(
+        lambda: length() == before + count,
+        timeout=60,
+        message=f"{before + count} messages on {queue} (since {started:.0f})\n{d.logs()}",
+    )
+
+
+def no_tracebacks(d: Deployment) -> None:
+    for name, process in d.processes.items():
+        if name != "worker":
+            assert "Traceback" not in process.output(), f"{name}:\n{process.output()[-4000:]}"
