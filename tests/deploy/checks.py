@@ -27,7 +27,7 @@ def worker_inspected(d: Deployment, after: float = -1.0) -> float:
     return float(uptime)  # type: ignore[arg-type]
 
 
-def tasks_seen(d: Deployment, app: Any, count: int, tag: int) -> None:
+def tasks_seen(d: Deployment, app: Any, count: int, tag: int) -> set[str]:
     """``count`` tasks sent by the user's client and one by the API all end in SUCCESS."""
     ids = {app.send_task(f"{d.module}.add", (tag, i)).id for i in range(count)}
     sent = d.post(f"/api/task/async-apply/{d.module}.add", {"args": [tag, -1]})
@@ -38,6 +38,7 @@ def tasks_seen(d: Deployment, app: Any, count: int, tag: int) -> None:
         return ids <= set(found)
 
     wait_for(done, timeout=90, message=f"tasks {sorted(ids)} in the API\n{d.logs()}")
+    return ids
 
 
 def control_works(d: Deployment, queue: str) -> None:

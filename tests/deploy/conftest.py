@@ -184,7 +184,7 @@ class Sentinel:
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         try:
             wait_for(
-                lambda: client.sentinel_master(self.name)["num-slaves"] >= 1,
+                lambda: int(self._master(client)["num-slaves"]) >= 1,
                 timeout=30,
                 message="the sentinel to see the master and its replica",
             )
@@ -195,10 +195,16 @@ class Sentinel:
             client.close()
         return self
 
+    def _master(self, client: redis.Redis) -> dict[str, Any]:
+        found = client.sentinel_master(self.name)
+        assert isinstance(found, dict), found
+        return found
+
     def master_port(self) -> int:
+        """The port of the master the sentinel names now."""
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         try:
-            return int(client.sentinel_get_master_addr_by_name(self.name)[1])
+            return int(self._master(client)["port"])
         finally:
             client.close()
 

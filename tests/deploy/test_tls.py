@@ -9,6 +9,7 @@ import redis
 
 from tests.deploy import checks
 from tests.deploy.conftest import Certs, Deployment, RabbitNode, tls_redis, write_project
+from tests.replies import raw_list
 
 
 def test_rabbitmq_over_tls_with_renamed_exchanges(
@@ -121,7 +122,7 @@ def test_redis_broker_over_tls_with_a_key_prefix(certs: Certs, tmp_path: Path) -
         checks.backlog_measured(d, app, "backlog", 4)
         broker = redis.Redis(port=server.port, db=0, **server.client)  # type: ignore[arg-type]
         try:
-            lists = {k.decode() for k in broker.keys("*backlog*")}
+            lists = {k.decode() for k in raw_list(broker.keys("*backlog*"))}
             assert lists and all(k.startswith("acme:") for k in lists), lists
         finally:
             broker.close()
