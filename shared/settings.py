@@ -116,6 +116,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     redis_url: str = "redis://127.0.0.1:6379/1"
     #: Treat ``redis_url`` as one node of a Redis Cluster.
     redis_cluster: bool = False
+    #: Replicas that must confirm each batch (Redis ``WAIT``) before the collector
+    #: acknowledges it, so a failover to a replica loses nothing (1 with Sentinel; not with
+    #: a cluster). A batch they do not confirm is applied again and waited for.
+    redis_wait_replicas: NonNegativeInt = 0
     #: Prefix of every Redis key, so several Celery clusters can share one Redis.
     namespace: str = "pollen"
     #: Number of slot-local shards that tasks and their indexes are spread over.
@@ -243,6 +247,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         if scheme not in REDIS_SCHEMES:
             raise msgspec.ValidationError(
                 f"the scheme must be one of {', '.join(REDIS_SCHEMES)} - at `$.redis_url`"
+            )
+        if self.redis_wait_replicas and self.redis_cluster:
+            raise msgspec.ValidationError(
+                "WAIT cannot confirm the writes of a whole cluster; leave it 0 with"
+                " POLLEN_REDIS_CLUSTER - at `$.redis_wait_replicas`"
             )
         if self.redis_sentinel is not None and self.redis_cluster:
             raise msgspec.ValidationError(

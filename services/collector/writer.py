@@ -24,6 +24,15 @@ RECEIVED_FIELDS = ("name", "args", "kwargs", "parent_id", "root_id", "retries", 
 _BUCKET_LABELS = [repr(b) for b in RUNTIME_BUCKETS]
 
 
+#: Longest wait of one ``WAIT`` for the replicas (``POLLEN_REDIS_WAIT_REPLICAS``), in ms.
+WAIT_TIMEOUT_MS = 2000
+
+
+class NotReplicated(redis.exceptions.ConnectionError):
+    """Fewer replicas than ``POLLEN_REDIS_WAIT_REPLICAS`` confirmed a batch: it is treated as
+    not written (an outage), so it is applied again and not acknowledged until they do."""
+
+
 @dataclass(slots=True)
 class Prepared:
     """A batch ready for Redis: one ``(shard, config, events)`` script call per shard."""
@@ -166,7 +175,15 @@ class Writer:
             pipe = self.client.pipeline(transaction=False)
             for shard, config, packed in prepared.calls:
                 self.script(keys=[shard.stream], args=[shard.prefix, config, packed], client=pipe)
+            wanted = self.settings.redis_wait_replicas
+            if wanted:
+                # on the same connection as the writes, so it waits for exactly them
+                pipe.execute_command("WAIT", wanted, WAIT_TIMEOUT_MS)
             results = pipe.execute()
+            if wanted:
+                confirmed = int(results.pop())
+                if confirmed < wanted:
+                    raise NotReplicated(f"{confirmed} of {wanted} replicas confirmed a batch")
         for applied, duplicates, evicted in results:
             total.applied += applied
             total.duplicates += duplicates

@@ -157,8 +157,11 @@ def rabbit_tls(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterat
 class Sentinel:
     """A redis-server sentinel watching ``master`` as ``name`` (quorum 1, quick to act)."""
 
-    def __init__(self, workdir: Path, master: RedisServer, name: str = "pollenmaster") -> None:
+    def __init__(
+        self, workdir: Path, master: RedisServer, name: str = "pollenmaster", replicas: int = 1
+    ) -> None:
         self.workdir = workdir
+        self.replicas = replicas
         self.port = free_port()
         self.name = name
         workdir.mkdir(parents=True, exist_ok=True)
@@ -184,9 +187,9 @@ class Sentinel:
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         try:
             wait_for(
-                lambda: int(self._master(client)["num-slaves"]) >= 1,
+                lambda: int(self._master(client)["num-slaves"]) >= self.replicas,
                 timeout=30,
-                message="the sentinel to see the master and its replica",
+                message="the sentinel to see the master and its replicas",
             )
         except BaseException:
             self.stop()
