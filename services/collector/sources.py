@@ -235,6 +235,13 @@ class RedisPubSubSource:
                 self.connected.clear()
                 backoff.failed(exc)
                 self.stopping.wait(backoff.delay())
+            except Exception as exc:
+                # anything else (an odd reply, a kombu bug) must not end the thread: the
+                # collector would go on running and never receive another event
+                log.exception("the pub/sub reader failed; reconnecting")
+                self.connected.clear()
+                backoff.failed(exc)
+                self.stopping.wait(backoff.delay())
             finally:
                 try:
                     conn.release()
