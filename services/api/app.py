@@ -1,19 +1,23 @@
-"""The app factory: middlewares (browser policy, JSON errors, auth), routes, startup and cleanup.
-
-Control endpoints live in ``services/api/control.py`` (``routes``, optional
-``openapi_paths`` and ``on_startup``/``on_cleanup``): they are picked up below when that module
-exists, and reuse ``auth.require_role``, ``errors`` and ``context`` from this package.
-"""
+"""The app factory: middlewares (browser policy, JSON errors, auth), routes, startup and cleanup."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable
-from types import ModuleType
 
 from aiohttp import web
 
-from services.api import events_ws, health, metrics, openapi, pages, stats, tasks, ui, workers
+from services.api import (
+    control,
+    events_ws,
+    health,
+    metrics,
+    openapi,
+    pages,
+    stats,
+    tasks,
+    ui,
+    workers,
+)
 from services.api.auth import auth_middleware
 from services.api.browser import browser_middleware, nosniff
 from services.api.context import CONTEXT, make_context
@@ -21,27 +25,9 @@ from services.api.errors import error_middleware
 from shared.settings import Settings, url_prefix
 
 
-def _control_module() -> ModuleType | None:
-    try:
-        return importlib.import_module("services.api.control")
-    except ModuleNotFoundError as exc:
-        if exc.name == "services.api.control":
-            return None
-        raise
-
-
-async def _start(app: web.Application) -> None:
-    c = app[CONTEXT]
-    if c.hub is None:
-        c.hub = events_ws.EventHub(c)
-    await c.hub.start()
-
-
-async def _stop(app: web.Application) -> None:
-    c = app[CONTEXT]
-    if c.hub is not None:
-        await c.hub.stop()
-    await c.redis.aclose()
+async def _close_redis(app: web.Application) -> None:
+    # after the cleanup contexts (the event hub), which aiohttp runs first
+    await app[CONTEXT].redis.aclose()
 
 
 def under(prefix: str, routes: Iterable[web.AbstractRouteDef]) -> list[web.AbstractRouteDef]:
@@ -76,18 +62,15 @@ def make_app(settings: Settings) -> web.Application:
         *pages.routes,  # Flower's page URLs
     ]
     extra_spec: openapi.Spec = {**stats.openapi_paths, **ui.openapi_paths, **pages.openapi_paths}
-    control = _control_module()
-    if control is not None:  # worker/task control endpoints (services/api/control.py)
-        routes.extend(control.routes)
-        extra_spec.update(getattr(control, "openapi_paths", {}))
-        for hook, handlers in (("on_startup", app.on_startup), ("on_cleanup", app.on_cleanup)):
-            if callable(getattr(control, hook, None)):
-                handlers.append(getattr(control, hook))
+    routes.extend(control.routes)  # worker and task control
+    extra_spec.update(control.openapi_paths)
+    app.on_startup.append(control.on_startup)
+    app.on_cleanup.append(control.on_cleanup)
     prefix = url_prefix(settings)
     routes.append(openapi.handler(openapi.build(extra_spec, prefix)))
     app.add_routes(under(prefix, routes))
     if prefix:  # the prefix itself: to the dashboard, whose relative links need the slash
         app.add_routes([web.get(prefix, _prefix_root, name="prefix-root")])
-    app.on_startup.append(_start)
-    app.on_cleanup.append(_stop)
+    app.cleanup_ctx.append(events_ws.hub_ctx)
+    app.on_cleanup.append(_close_redis)
     return app

@@ -5,7 +5,7 @@ answer differently: all state is in Redis."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from redis.asyncio.retry import Retry
@@ -17,9 +17,6 @@ from shared.connections import async_client
 from shared.keys import Keys
 from shared.settings import Settings
 
-if TYPE_CHECKING:
-    from services.api.events_ws import EventHub
-
 
 @dataclass(slots=True)
 class Context:
@@ -29,7 +26,6 @@ class Context:
     engine: QueryEngine
     #: shared/lua/task_json.lua: tasks as spliced JSON objects
     task_json: Any
-    hub: EventHub | None = None
 
 
 CONTEXT = web.AppKey("pollen.context", Context)

@@ -31,12 +31,13 @@ from aiohttp import web
 from celery import Celery
 from multidict import MultiDict, MultiDictProxy
 
+from services.api.audit import audit_entry, record_audit
 from services.api.auth import principal, require_role
 from services.api.context import CONTEXT
 from services.api.control_openapi import PATHS as openapi_paths
 from services.api.errors import REDIS_DOWN, ApiError, bad_param, forbidden, not_found, unavailable
-from services.enabler import store
 from shared.broker import broker_errors, load_app
+from shared.inspected import history_entry
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -319,7 +320,7 @@ _SENT_KEY = web.RequestKey("pollen.control.sent", object)
 
 async def _record(ctl: Control, entry: dict[str, Any]) -> None:
     try:
-        await store.record_audit(ctl.redis, ctl.keys, entry, ctl.settings.audit_maxlen)
+        await record_audit(ctl.redis, ctl.keys, entry, ctl.settings.audit_maxlen)
     except REDIS_DOWN as exc:
         # the call happened: keep the record in the log at least
         log.warning("audit entry not stored (%r): %s", exc, msgspec.json.encode(entry).decode())
@@ -738,7 +739,7 @@ async def audit(request: web.Request) -> web.StreamResponse:
             raise bad_param("before", f"not an audit entry id: {before!r}")
         high = f"({before}"
     rows = await ctl.redis.xrevrange(ctl.keys.audit, max=high, min="-", count=limit)
-    entries = [store.audit_entry(entry_id, fields) for entry_id, fields in rows]
+    entries = [audit_entry(entry_id, fields) for entry_id, fields in rows]
     return web.json_response(
         {"entries": entries, "next": entries[-1]["id"] if len(entries) == limit else None}
     )
@@ -753,7 +754,7 @@ async def queues_history(request: web.Request) -> web.StreamResponse:
     if not 1 <= minutes <= ctl.settings.queue_history:
         raise bad_param("minutes", f"must be between 1 and {ctl.settings.queue_history}")
     rows = await ctl.redis.xrevrange(ctl.keys.queues_history, count=minutes)
-    history = [store.history_entry(entry_id, fields) for entry_id, fields in reversed(rows)]
+    history = [history_entry(entry_id, fields) for entry_id, fields in reversed(rows)]
     return web.json_response({"history": history})
 
 

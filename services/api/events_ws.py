@@ -41,14 +41,14 @@ import logging
 import re
 import struct
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from services.api.context import Context, ctx
+from services.api.context import CONTEXT, Context, ctx
 from services.api.errors import REDIS_DOWN, ApiError, bad_param
 from services.api.websocket import WebSocket
 from shared.events import StreamEvent
@@ -609,6 +609,19 @@ class EventHub:
                 delay = min(delay * 2, 5.0)
 
 
+#: The process's hub, made and stopped with the app (``hub_ctx``).
+HUB = web.AppKey("pollen.events.hub", EventHub)
+
+
+async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
+    """``cleanup_ctx``: one hub per API process, subscribed while the app runs."""
+    hub = EventHub(app[CONTEXT])
+    app[HUB] = hub
+    await hub.start()
+    yield
+    await hub.stop()
+
+
 def _frames(items: Sequence[Item]) -> bytes:
     return b"".join(it.frame for it in items)
 
@@ -630,7 +643,7 @@ async def events_ws(request: web.Request) -> web.StreamResponse:
     )
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "expected a WebSocket upgrade request")
-    hub = c.hub
+    hub = request.app.get(HUB)
     if hub is None:
         raise ApiError(503, "event relay not running")
     # once the handshake is done every later event reaches the client: wait for the subscription

@@ -19,9 +19,9 @@ import msgspec
 from aiohttp import web
 
 from services.api.context import Context, ctx
-from services.api.workers import event_state, known_workers
 from shared.keys import RUNTIME_BUCKETS, SEP
 from shared.records import worker_alive
+from shared.workers import event_state, known_workers
 
 #: Most RECEIVED tasks per worker read to label prefetched tasks by name.
 PREFETCH_SCAN = 10_000
@@ -143,8 +143,8 @@ async def render(c: Context) -> str:
         out.sample("flower_task_runtime_seconds_count", labels, total)
         out.sample("flower_task_runtime_seconds_sum", labels, runtime[(worker, name, "sum")])
 
-    hosts = await known_workers(c)
-    states = await event_state(c, hosts)
+    hosts = await known_workers(c.redis, c.keys)
+    states = await event_state(c.redis, c.keys, hosts)
     pipe = c.redis.pipeline(transaction=False)
     for host in hosts:
         for shard in shards:

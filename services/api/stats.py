@@ -26,9 +26,9 @@ from services.api.auth import principal
 from services.api.context import Context, ctx
 from services.api.errors import bad_param
 from services.api.openapi import ERRORS, json_body, param
-from services.api.workers import event_state, known_workers
 from shared.keys import RUNTIME_BUCKETS, SEP
 from shared.records import worker_from_hash
+from shared.workers import event_state, known_workers
 
 _encode = msgspec.json.encode
 JSON = "application/json"
@@ -54,8 +54,8 @@ async def workers_stats(request: web.Request) -> web.Response:
 
 async def worker_rows(c: Context, now: float) -> list[dict[str, Any]]:
     """Every known worker: event fields, liveness, executing now, events by type."""
-    hosts = await known_workers(c)
-    states = await event_state(c, hosts)
+    hosts = await known_workers(c.redis, c.keys)
+    states = await event_state(c.redis, c.keys, hosts)
     shards = c.keys.all_shards
     pipe = c.redis.pipeline(transaction=False)
     for shard in shards:

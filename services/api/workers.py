@@ -2,7 +2,7 @@
 
 Liveness (``status=1``) is celery's ``Worker.alive`` from the heartbeats the collector keeps
 (``shared.records.worker_alive``). The full form is what the enabler stores from inspect
-(``<ns>:inspect:<hostname>``, read with ``services.enabler.store.worker_inspect``); a worker
+(``<ns>:inspect:<hostname>``, read with ``shared.inspected.worker_inspect``); a worker
 that has not answered an inspect yet is described by its event fields instead.
 """
 
@@ -15,44 +15,16 @@ import msgspec
 from aiohttp import web
 
 from services.api import params
-from services.api.context import Context, ctx
+from services.api.context import ctx
 from services.api.errors import not_found
-from services.enabler.store import queue_lengths, worker_inspect
+from shared.inspected import queue_lengths, worker_inspect
 from shared.records import worker_alive, worker_from_hash
+from shared.workers import event_state, known_workers
 
 _encode = msgspec.json.encode
 JSON = "application/json"
 #: Inspect answers that list tasks: only returned for one worker (``workername``), as Flower.
 TASK_LISTS = ("active", "reserved", "scheduled", "revoked")
-
-
-async def known_workers(c: Context) -> list[str]:
-    """Hostnames known from worker events, task events and inspect answers, sorted."""
-    pipe = c.redis.pipeline(transaction=False)
-    for shard in c.keys.all_shards:
-        pipe.zrange(shard.workers, 0, -1)
-        pipe.zrange(shard.seen, 0, -1)
-    pipe.zrange(c.keys.inspected, 0, -1)
-    names: set[str] = set()
-    for members in await pipe.execute():
-        names.update(m.decode() for m in members)
-    return sorted(names)
-
-
-async def event_state(c: Context, hostnames: list[str]) -> list[tuple[dict[bytes, bytes], Any]]:
-    """Per hostname: its worker hash and newest task-event time (``seen``) over the shards."""
-    pipe = c.redis.pipeline(transaction=False)
-    for host in hostnames:
-        pipe.hgetall(c.keys.shard_for(host).worker(host))
-        for shard in c.keys.all_shards:
-            pipe.zscore(shard.seen, host)
-    replies = await pipe.execute()
-    step = len(c.keys.all_shards) + 1
-    out = []
-    for i in range(len(hostnames)):
-        seen = [s for s in replies[i * step + 1 : (i + 1) * step] if s is not None]
-        out.append((replies[i * step], max(seen) if seen else None))
-    return out
 
 
 async def list_workers(request: web.Request) -> web.Response:
@@ -61,10 +33,10 @@ async def list_workers(request: web.Request) -> web.Response:
     params.boolean(request, "refresh", False)
     status = params.boolean(request, "status", False)
     workername = params.text(request, "workername")
-    hosts = await known_workers(c)
+    hosts = await known_workers(c.redis, c.keys)
     now = time.time()
     if status:
-        states = await event_state(c, hosts)
+        states = await event_state(c.redis, c.keys, hosts)
         alive = {h: worker_alive(w, seen, now) for h, (w, seen) in zip(hosts, states, strict=True)}
         return web.Response(body=_encode(alive), content_type=JSON)
     if workername is not None:
@@ -73,7 +45,7 @@ async def list_workers(request: web.Request) -> web.Response:
     for host in hosts:
         pipe.hgetall(c.keys.inspect(host))
     inspected = await pipe.execute()
-    states = await event_state(c, hosts)
+    states = await event_state(c.redis, c.keys, hosts)
     out: dict[str, Any] = {}
     for host, h, (w, seen) in zip(hosts, inspected, states, strict=True):
         info = worker_inspect(h) if h else {}

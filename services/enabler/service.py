@@ -36,14 +36,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from services.enabler import store
-from services.enabler.broker import QueueSampler
+from services.enabler.queues import QueueSampler
 from shared import scripts
 from shared.backoff import Backoff
 from shared.broker import broker_errors, load_app, shown_url
 from shared.connections import REDIS_ERRORS, async_client
 from shared.events import StreamEvent
+from shared.inspected import INSPECT_METHODS
 from shared.keys import Keys
 from shared.settings import Settings
+from shared.workers import alive_workers
 
 log = logging.getLogger("pollen.enabler")
 
@@ -63,7 +65,7 @@ class Enabler:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.app = app if app is not None else load_app(settings, "pollen-enabler")
         self.executor = ThreadPoolExecutor(
-            max_workers=2 * len(store.INSPECT_METHODS) + 2, thread_name_prefix="enabler"
+            max_workers=2 * len(INSPECT_METHODS) + 2, thread_name_prefix="enabler"
         )
         # a pooled connection that died with an earlier outage fails once: retry it at once
         self.redis: Any = async_client(
@@ -177,7 +179,7 @@ class Enabler:
         return fn(safe=True) if method == "active" else fn()
 
     async def inspect(
-        self, destination: list[str] | None = None, methods: Iterable[str] = store.INSPECT_METHODS
+        self, destination: list[str] | None = None, methods: Iterable[str] = INSPECT_METHODS
     ) -> dict[str, set[str]]:
         """Run the inspect ``methods`` (all workers, or ``destination``) and store the answers.
 
@@ -186,7 +188,7 @@ class Enabler:
         """
         methods = list(methods)
         if destination is None:
-            expected = await store.alive_workers(self.redis, self.keys, time.time())
+            expected = await alive_workers(self.redis, self.keys, time.time())
         else:
             expected = set(destination)
         results = await asyncio.gather(
@@ -252,7 +254,7 @@ class Enabler:
                 continue
             log.info("worker(s) online: %s; enabling events and inspecting", ", ".join(hosts))
             await self.enable_events()
-            methods = list(store.INSPECT_METHODS)
+            methods = list(INSPECT_METHODS)
             for attempt in range(ONLINE_ATTEMPTS):
                 try:
                     missing = await self.inspect(hosts, methods)

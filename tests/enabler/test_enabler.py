@@ -12,7 +12,7 @@ import pytest
 import redis
 from kombu import Exchange, Queue
 
-from services.enabler.store import INSPECT_METHODS
+from shared.inspected import INSPECT_METHODS
 from tests import readback
 from tests.enabler.helpers import (
     KEYS,
