@@ -126,7 +126,11 @@ export function feedView(el, { params, app }) {
     paused = value;
     pause.textContent = paused ? 'Resume' : 'Pause';
     pause.classList.toggle('active', paused);
-    if (!paused) {
+    if (paused) {
+      // events waiting for the next frame are held too: nothing moves once paused
+      held = pending.concat(held);
+      pending = [];
+    } else {
       pending.push(...held);
       held = [];
       dropped = 0;
