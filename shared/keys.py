@@ -7,59 +7,61 @@ merge the shards. Keys without a hash tag are single-key and live wherever the c
 
 Per shard, with ``S = "<ns>:{<tag>}:"``:
 
-=============================  ======  ==========================================================
-key                            type    holds
-=============================  ======  ==========================================================
-S task:<uuid>                  hash    the task: celery's ``Task.as_dict()`` fields, each value
-                                       JSON-encoded, absent when null; hidden merge state in
-                                       fields starting with ``_`` (see ``apply_events.lua``)
-S idx:ts                       zset    uuid by task ``timestamp`` (Flower's default order)
-S idx:received / idx:started   zset    uuid by that time; ``-inf`` when the task has none
-S idx:state:<STATE>            zset    uuid by ``timestamp``, tasks in that state
-S idx:name:<name>              zset    uuid by ``timestamp``, tasks of that name
-S idx:worker:<hostname>        zset    uuid by ``timestamp``, tasks last on that worker
-S idx:sn:<STATE>:<name>        zset    state and name together
-S idx:sw:<STATE>:<hostname>    zset    state and worker together (STARTED = executing now)
-S children:<uuid>              set     children of task <uuid> that live in this shard
-S names                        set     task names seen
-S worker:<hostname>            hash    worker fields from worker events (JSON values) and
-                                       liveness: ``_hb`` last heartbeat (receive time),
-                                       ``_hbts``/``_offts`` sender times of last beat/offline
-S workers                      zset    hostnames of worker events by last heartbeat
-S seen                         zset    hostname by latest task-event timestamp (celery counts
-                                       a task event as a heartbeat of its worker)
-S wdedup:<hostname>            zset    identities of recent worker events (duplicate filter)
-S counts                       hash    ``<worker>\\x1f<event type>\\x1f<task name>`` -> count
-S minute:<epoch minute>        hash    ``<task name>\\x1f<STATE>`` -> events that minute
-S runtime                      hash    ``<worker>\\x1f<task name>\\x1f<bucket>`` -> count,
-                                       buckets of ``RUNTIME_BUCKETS`` plus ``sum`` and ``count``
-S stream                       stream  every applied event, normalized JSON in field ``e``
-=============================  ======  ==========================================================
+===============================  ======  ==========================================================
+key                              type    holds
+===============================  ======  ==========================================================
+S task:<uuid>                    hash    the task: celery's ``Task.as_dict()`` fields, each value
+                                         JSON-encoded, absent when null; hidden merge state in
+                                         fields starting with ``_`` (see ``apply_events.lua``)
+S idx:ts                         zset    uuid by task ``timestamp`` (Flower's default order)
+S idx:received / idx:started     zset    uuid by that time; ``-inf`` when the task has none
+S idx:state:<STATE>              zset    uuid by ``timestamp``, tasks in that state
+S idx:name:<name>                zset    uuid by ``timestamp``, tasks of that name
+S idx:worker:<hostname>          zset    uuid by ``timestamp``, tasks last on that worker
+S idx:sn:<STATE>:<name>          zset    state and name together
+S idx:sw:<STATE>:<hostname>      zset    state and worker together (STARTED = executing now)
+S children:<uuid>                set     children of task <uuid> that live in this shard
+S names                          set     task names seen
+S states                         set     task states seen (custom states included)
+S worker:<hostname>              hash    worker fields from worker events (JSON values) and
+                                         liveness: ``_hb`` last heartbeat (receive time),
+                                         ``_hbts``/``_offts`` sender times of last beat/offline
+S workers                        zset    hostnames of worker events by last heartbeat
+S seen                           zset    hostname by latest task-event timestamp (celery counts
+                                         a task event as a heartbeat of its worker)
+S wdedup:<hostname>              zset    identities of recent worker events (duplicate filter)
+S counts                         hash    ``<worker>\\x1f<event type>\\x1f<task name>`` -> count
+S minute:<epoch minute>          hash    ``<task name>\\x1f<STATE>`` -> events that minute
+S runtime                        hash    ``<worker>\\x1f<task name>\\x1f<bucket>`` -> count,
+                                         buckets of ``RUNTIME_BUCKETS`` plus ``sum`` and ``count``
+S stream                         stream  every applied event, normalized JSON in field ``e``
+===============================  ======  ==========================================================
 
 Global (no hash tag):
 
-=============================  ======  ==========================================================
-<ns>:events                    pubsub  one message per applied event (JSON with ``stream_id``)
-<ns>:collector:<id>            hash    a collector's health: last event, rate, lag, errors
-<ns>:collectors                zset    collector ids by last heartbeat
-<ns>:malformed                 hash    malformed events by reason (all collectors)
-<ns>:malformed:sample:<reason> string  the latest malformed sample for that reason
-<ns>:inspect:<hostname>        hash    the enabler's inspect answers (JSON values): per method
-                                       ``m`` (stats, active_queues, registered, conf, active,
-                                       reserved, scheduled, revoked) the latest answer in ``m``,
-                                       its time in ``m:time``, ``m:error`` =
-                                       ``{"error", "time"}`` while the latest attempt failed;
-                                       ``timestamp`` newest answer; expires after
-                                       ``POLLEN_INSPECT_TTL`` without answers
-<ns>:inspected                 zset    hostname by the time of its newest inspect answer
-<ns>:queues                    hash    queue name -> JSON ``{"name", "messages", "consumers",
-                                       "time"}`` of the latest sample (consumers null on Redis)
-<ns>:queues:history            stream  id ``<minute start ms>-0``, field ``q`` -> JSON
-                                       ``{queue: messages}``, first sample of each minute
-<ns>:enabler:lease             string  id of the active enabler, PX expiry 1.5 enable intervals
-<ns>:audit                     stream  control calls, field ``e`` -> JSON ``{"time", "who",
-                                       "action", "target", "params", "status", "reply"}``
-=============================  ======  ==========================================================
+===============================  ======  ==========================================================
+<ns>:events                      pubsub  one message per applied event (JSON with ``stream_id``)
+<ns>:collector:<id>              hash    a collector's health: last event, rate, lag, errors
+<ns>:collectors                  zset    collector ids by last heartbeat
+<ns>:malformed                   hash    malformed events by reason (all collectors)
+<ns>:malformed:sample:<reason>   string  the latest malformed sample for that reason
+<ns>:inspect:<hostname>          hash    the enabler's inspect answers (JSON values): per method
+                                         ``m`` (stats, active_queues, registered, conf, active,
+                                         reserved, scheduled, revoked) the latest answer in ``m``,
+                                         its time in ``m:time``, ``m:error`` =
+                                         ``{"error", "time"}`` while the latest attempt failed;
+                                         ``timestamp`` newest answer; expires after
+                                         ``POLLEN_INSPECT_TTL`` without answers
+<ns>:inspected                   zset    hostname by the time of its newest inspect answer
+<ns>:queues                      hash    queue name -> JSON ``{"name", "messages", "consumers",
+                                         "time"}`` of the latest sample (consumers null on Redis)
+<ns>:queues:history              stream  id ``<minute start ms>-0``, field ``q`` -> JSON
+                                         ``{queue: messages}``, first sample of each minute
+<ns>:enabler:lease               string  id of the active enabler, PX expiry 1.5 enable intervals
+<ns>:audit                       stream  control calls, field ``e`` -> JSON ``{"time", "who",
+                                         "role", "action", "target", "params", "status",
+                                         "sent", "reply"}`` (``services/api/audit.py``)
+===============================  ======  ==========================================================
 """
 
 from __future__ import annotations
@@ -176,6 +178,13 @@ class Shard:
     @property
     def names(self) -> str:
         return f"{self.prefix}names"
+
+    @property
+    def states(self) -> str:
+        return f"{self.prefix}states"
+
+    def worker_dedup(self, hostname: str) -> str:
+        return f"{self.prefix}wdedup:{hostname}"
 
     def worker(self, hostname: str) -> str:
         return f"{self.prefix}worker:{hostname}"

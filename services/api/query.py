@@ -190,20 +190,21 @@ class QueryEngine:
         self.scan_limit = scan_limit
         self.time_limit = time_limit
 
-    async def _members(self, attr: str) -> set[str]:
+    async def _members(self, key: Callable[[Shard], str], zset: bool = False) -> set[str]:
+        """The members of one set (or sorted set) over every shard."""
         pipe = self.client.pipeline(transaction=False)
         for shard in self.keys.all_shards:
-            if attr == "seen":
-                pipe.zrange(shard.seen, 0, -1)
+            if zset:
+                pipe.zrange(key(shard), 0, -1)
             else:
-                pipe.smembers(f"{shard.prefix}{attr}")
+                pipe.smembers(key(shard))
         out: set[str] = set()
         for members in await pipe.execute():
             out.update(m.decode() for m in members)
         return out
 
     async def task_names(self) -> list[str]:
-        return sorted(await self._members("names"))
+        return sorted(await self._members(lambda s: s.names))
 
     async def _has_nameless(self, names: Sequence[str]) -> bool:
         pipe = self.client.pipeline(transaction=False)
@@ -223,11 +224,11 @@ class QueryEngine:
         known_names: set[str] = set()
         known_workers: set[str] = set()
         if q.state or q.sort == "state" or searching:
-            known_states = await self._members("states")
+            known_states = await self._members(lambda s: s.states)
         if q.name or q.sort == "name" or searching:
-            known_names = await self._members("names")
+            known_names = await self._members(lambda s: s.names)
         if q.worker or searching:
-            known_workers = await self._members("seen")
+            known_workers = await self._members(lambda s: s.seen, zset=True)
         known = search_mod.Known(
             frozenset(known_names), frozenset(known_states), frozenset(known_workers)
         )
