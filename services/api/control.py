@@ -35,8 +35,9 @@ from services.api.audit import audit_entry, record_audit
 from services.api.auth import principal, require_role
 from services.api.context import CONTEXT
 from services.api.control_openapi import PATHS as openapi_paths
-from services.api.errors import REDIS_DOWN, ApiError, bad_param, forbidden, not_found, unavailable
+from services.api.errors import ApiError, bad_param, forbidden, not_found, unavailable
 from shared.broker import broker_errors, load_app
+from shared.connections import REDIS_ERRORS
 from shared.inspected import history_entry
 from shared.keys import Keys
 from shared.settings import Settings
@@ -321,7 +322,7 @@ _SENT_KEY = web.RequestKey("pollen.control.sent", object)
 async def _record(ctl: Control, entry: dict[str, Any]) -> None:
     try:
         await record_audit(ctl.redis, ctl.keys, entry, ctl.settings.audit_maxlen)
-    except REDIS_DOWN as exc:
+    except REDIS_ERRORS as exc:
         # the call happened: keep the record in the log at least
         log.warning("audit entry not stored (%r): %s", exc, msgspec.json.encode(entry).decode())
 

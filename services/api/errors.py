@@ -14,20 +14,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from redis import exceptions as redis_errors
 
+from shared.connections import REDIS_ERRORS
+
 log = logging.getLogger("pollen.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-#: Redis failures that mean "state store unavailable" rather than a bug.
-REDIS_DOWN = (
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.BusyLoadingError,
-    redis_errors.ClusterDownError,
-    ConnectionError,
-    TimeoutError,
-    OSError,
-)
 
 
 class ApiError(Exception):
@@ -79,7 +70,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(
             exc.status, message, {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
         )
-    except REDIS_DOWN as exc:
+    except REDIS_ERRORS as exc:
         log.warning("redis unavailable: %s %s: %r", request.method, request.path, exc)
         return json_error(503, f"state store unavailable: {type(exc).__name__}")
     except redis_errors.RedisError as exc:

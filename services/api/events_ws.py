@@ -49,8 +49,10 @@ import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from services.api.context import CONTEXT, Context, ctx
-from services.api.errors import REDIS_DOWN, ApiError, bad_param
+from services.api.errors import ApiError, bad_param
 from services.api.websocket import WebSocket
+from shared.backoff import Backoff
+from shared.connections import REDIS_ERRORS
 from shared.events import StreamEvent
 from shared.keys import shard_of
 
@@ -368,7 +370,7 @@ class Client:
             hub.go_live(self)
         except asyncio.CancelledError:
             raise
-        except REDIS_DOWN:
+        except REDIS_ERRORS:
             self.cut("state store unavailable during replay")
         except ConnectionError:
             pass
@@ -573,7 +575,7 @@ class EventHub:
                     )
 
     async def _run(self) -> None:
-        delay = 0.1
+        backoff = Backoff("event subscription", log, first=0.1, cap=5.0)
         channel = self.c.keys.events_channel
         while True:
             pubsub = self.c.redis.pubsub()
@@ -582,7 +584,7 @@ class EventHub:
                 await pubsub.subscribe(channel)
                 await self._gap_fill()
                 self.connected.set()
-                delay = 0.1
+                backoff.recovered()
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     burst: list[bytes] = []
@@ -600,13 +602,14 @@ class EventHub:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
                 raise
-            except Exception as exc:  # Redis away: resubscribe with capped backoff
+            except Exception as exc:  # resubscribe with capped backoff
                 self.connected.clear()
-                log.warning("event subscription lost (%r); retrying in %.1fs", exc, delay)
+                if not isinstance(exc, REDIS_ERRORS):  # a bug or an odd reply: say where
+                    log.exception("event subscription failed")
+                backoff.failed(exc)
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(backoff.delay())
 
 
 #: The process's hub, made and stopped with the app (``hub_ctx``).

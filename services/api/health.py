@@ -10,7 +10,7 @@ import msgspec
 from aiohttp import web
 
 from services.api.context import ctx
-from services.api.errors import REDIS_DOWN
+from shared.connections import REDIS_ERRORS
 
 _encode = msgspec.json.encode
 
@@ -31,7 +31,7 @@ async def readyz(request: web.Request) -> web.Response:
     c = ctx(request)
     try:
         newest = await c.redis.zrevrange(c.keys.collectors, 0, 0, withscores=True)
-    except REDIS_DOWN as exc:
+    except REDIS_ERRORS as exc:
         return _json(503, {"status": "unavailable", "reason": f"redis: {type(exc).__name__}"})
     if not newest:
         return _json(503, {"status": "unavailable", "reason": "no collector has reported"})
