@@ -25,6 +25,7 @@ from typing import Any
 import redis
 
 from bench import http, lua_profile, micro
+from bench.catalog import MIXED, SCENARIOS
 from bench.generator import GenConfig, GenResult, events_per_task, generate
 from bench.systems import (
     ROOT,
@@ -90,8 +91,6 @@ FULL = Sizes(
     ws_seconds=10,
     load_seconds=10,
 )
-
-SCENARIOS = ("micro", "memory", "scale", "ingest", "backlog", "sustained", "push", "profile")
 
 
 class Run:
@@ -368,16 +367,6 @@ def query_paths(uuids: list[str], tasks: int) -> dict[str, list[str]]:
         "tasks search=": ["/api/tasks?limit=100&search=charge_card"],
         "task/info": [f"/api/task/info/{u}" for u in uuids],
     }
-
-
-MIXED = [
-    "/api/tasks?limit=100",
-    "/api/tasks?limit=100&state=FAILURE",
-    "/api/tasks?limit=100&taskname=proj.sync.pull_orders",
-    "/api/tasks?limit=20&offset=1000",
-    "/api/workers?status=true",
-    "/api/task/types",
-]
 
 
 def task_events_of(system: System) -> Callable[[], int]:

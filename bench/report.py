@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bench.catalog import MIXED, SCENARIOS
 from bench.systems import ROOT
 
 OUT = ROOT / "bench" / "out"
@@ -606,7 +607,7 @@ def render(doc: dict[str, Any]) -> None:
                 "",
                 "16 concurrent clients for "
                 f"{meta['sizes']['load_seconds']:.0f} s over: "
-                + ", ".join(f"`{p}`" for p in _mixed())
+                + ", ".join(f"`{p}`" for p in MIXED)
                 + ". Two Pollen API replicas share the same Redis (requests alternate).",
                 "",
                 "| system | replicas | requests/s | p50 ms | p99 ms | errors |",
@@ -700,7 +701,7 @@ def render(doc: dict[str, Any]) -> None:
         "make bench                                  # everything, writes this file",
         "make bench BENCH_ARGS=--quick               # small sizes, a smoke test",
         ".venv/bin/python -m bench --only ingest,backlog   # some scenarios: "
-        + ",".join(_scenarios()),
+        + ",".join(SCENARIOS),
         ".venv/bin/python -m bench --resume [--redo micro] # finish an interrupted run",
         ".venv/bin/python -m bench --report-only     # re-render from bench/out/results.json",
         "# the parts on their own:",
@@ -736,18 +737,6 @@ def render(doc: dict[str, Any]) -> None:
         src = OUT / name
         if src.exists():
             shutil.copy(src, DOCS / name)
-
-
-def _scenarios() -> tuple[str, ...]:
-    from bench.harness import SCENARIOS
-
-    return SCENARIOS
-
-
-def _mixed() -> list[str]:
-    from bench.harness import MIXED
-
-    return MIXED
 
 
 def _api_queries_tables(api_q: dict[str, Any]) -> list[str]:

@@ -115,7 +115,11 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_circles() -> None:
-    modules = product_modules()
+    """Among the product's modules, the benchmarks' and the tests'."""
+    modules = {
+        **product_modules(),
+        **{module_name(p): p for f in ("bench", "tests") for p in sorted((ROOT / f).rglob("*.py"))},
+    }
     graph = {
         name: {t for t in imports(path) if t in modules and t != name}
         for name, path in modules.items()
