@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 from bench.http import BareWsClient, new_ws_stats  # noqa: E402
 from services.collector.writer import Writer  # noqa: E402
 from shared.settings import load  # noqa: E402
-from tests import readback  # noqa: E402
-from tests.support import PYTHON, Process, RedisServer, free_port, wait_for  # noqa: E402
+from tests.support import readback  # noqa: E402
+from tests.support.servers import PYTHON, Process, RedisServer, free_port, wait_for  # noqa: E402
 
 NAMES = [f"bench.task{i}" for i in range(10)]
 WORKERS = [f"celery@bench{i}" for i in range(4)]

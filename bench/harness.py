@@ -41,8 +41,8 @@ from bench.systems import (
     wait_drained,
 )
 from shared.keys import Keys
-from tests.replies import raw_list
-from tests.support import RedisServer, rabbitmq_available
+from tests.support.replies import raw_list
+from tests.support.servers import RedisServer, rabbitmq_available
 
 OUT = ROOT / "bench" / "out"
 

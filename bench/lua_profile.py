@@ -24,7 +24,7 @@ from services.collector.decode import Decoded, Decoder
 from services.collector.writer import Writer
 from shared import scripts
 from shared.settings import load
-from tests.support import RedisServer
+from tests.support.servers import RedisServer
 
 PROFILE_KEY = "bench:lua:usec"
 CALLS_KEY = "bench:lua:calls"

@@ -29,7 +29,7 @@ from services.collector.decode import Decoded, Decoder
 from services.collector.writer import Writer, task_args, worker_args
 from shared import events as ev
 from shared.settings import Settings, load
-from tests.support import RedisServer
+from tests.support.servers import RedisServer
 
 _encode = msgspec.json.encode
 NAMESPACE = "micro"

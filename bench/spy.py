@@ -125,7 +125,7 @@ def collector_profile(tasks: int, batched: bool, workdir: Path) -> dict[str, Any
 
 def api_profile(tasks: int, path: str, workdir: Path) -> dict[str, Any]:
     """py-spy on one API process answering ``path`` in a loop, Redis filled with ``tasks``."""
-    from tests.support import RedisServer
+    from tests.support.servers import RedisServer
 
     server = RedisServer(workdir / "redis-api").start()
     try:

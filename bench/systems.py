@@ -23,7 +23,7 @@ import psutil
 import redis
 
 from shared.keys import SEP, Keys
-from tests.support import Process, RedisServer, free_port, rabbitmqctl, wait_for
+from tests.support.servers import Process, RedisServer, free_port, rabbitmqctl, wait_for
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from shared.settings import Settings, load
-from tests.support import RedisServer, rabbitmq_available, rabbitmq_vhost
+from tests.support.servers import RedisServer, rabbitmq_available, rabbitmq_vhost
 
 
 @pytest.fixture(scope="session")

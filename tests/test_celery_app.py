@@ -15,7 +15,7 @@ import pytest
 
 from shared.broker import DEFAULT_BROKER_URL, event_exchange, load_app, shown_url, transport
 from shared.settings import SettingsError, load, parse_sentinel
-from tests.support import PYTHON
+from tests.support.servers import PYTHON
 
 
 @pytest.fixture

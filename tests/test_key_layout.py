@@ -19,8 +19,8 @@ import shared.keys
 from shared.keys import Keys
 from tests.dashboard.conftest import start_api
 from tests.enabler.helpers import client, collector, enabler, stop_all, wait_worker_up
-from tests.replies import raw_list
-from tests.support import Process, RedisServer, celery_worker, pollen_env, wait_for
+from tests.support.replies import raw_list
+from tests.support.servers import Process, RedisServer, celery_worker, pollen_env, wait_for
 
 NAMESPACE = "layout"
 WORKER = "layout@pollen-test"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from tests.support.servers import ROOT
 
 SERVICES = ("collector", "enabler", "api")
 

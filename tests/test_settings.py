@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from shared.settings import SettingsError, load, setting_names
-from tests.support import PYTHON, ROOT
+from tests.support.servers import PYTHON, ROOT
 
 
 def test_defaults() -> None:

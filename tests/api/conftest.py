@@ -1,6 +1,6 @@
 """API test fixtures: real ``python -m services.api`` processes over the session's Redis.
 
-State is written by the collector's own write path (``Writer`` through ``tests.readback``),
+State is written by the collector's own write path (``Writer`` through ``tests.support.readback``),
 or by the real collector process in the end-to-end tests.
 """
 
@@ -18,8 +18,8 @@ import redis
 
 from services.collector.writer import Writer
 from shared.settings import Settings, load
-from tests import readback
-from tests.support import Process, RedisServer, free_port, service, wait_for
+from tests.support import readback
+from tests.support.servers import Process, RedisServer, free_port, service, wait_for
 
 
 class Api:

@@ -20,11 +20,11 @@ import redis.cluster
 from services.collector.writer import Writer
 from shared.keys import Keys
 from shared.settings import load
-from tests import readback
 from tests.api.conftest import Api, api_env, clear_namespace, seed
 from tests.api.dataset import task_events
 from tests.api.test_flower_compat import FILTERS, SEARCHES
-from tests.support import RedisCluster, RedisServer
+from tests.support import readback
+from tests.support.servers import RedisCluster, RedisServer
 
 NAMESPACE = "apicl"
 EVENTS = task_events(300, seed=31)

@@ -18,7 +18,7 @@ from flower.events import EventsState
 from flower.utils.tasks import iter_tasks
 
 from tests.api.conftest import Api
-from tests.support import RedisServer, celery_worker, pollen_env, service, wait_for
+from tests.support.servers import RedisServer, celery_worker, pollen_env, service, wait_for
 
 
 class FlowerRecorder:

@@ -18,8 +18,8 @@ import redis
 from shared.keys import Keys
 from tests.api.conftest import Api, clear_namespace, seed
 from tests.api.dataset import task_events
-from tests.replies import entries
-from tests.support import RedisServer
+from tests.support.replies import entries
+from tests.support.servers import RedisServer
 
 EVENTS = task_events(40, seed=11)
 TASK_EVENTS = [e for e in EVENTS if e["type"].startswith("task-")]

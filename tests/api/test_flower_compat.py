@@ -19,7 +19,7 @@ from flower.utils.tasks import iter_tasks
 
 from tests.api.conftest import Api, clear_namespace, seed
 from tests.api.dataset import task_events
-from tests.support import RedisServer
+from tests.support.servers import RedisServer
 
 TASKS = 300
 EVENTS = task_events(TASKS)

@@ -19,7 +19,7 @@ from celery import Celery
 
 from tests.api.conftest import Api
 from tests.api.dataset import task_events
-from tests.support import (
+from tests.support.servers import (
     PYTHON,
     Process,
     RedisServer,

@@ -22,7 +22,7 @@ from services.api.openapi import PATHS
 from shared.settings import load
 from tests.api.conftest import Api, api_env, clear_namespace, seed
 from tests.api.dataset import task_events
-from tests.support import PYTHON, ROOT, RedisServer, free_port
+from tests.support.servers import PYTHON, ROOT, RedisServer, free_port
 
 NAMESPACE = "sec"
 EVENTS = task_events(60, seed=3)

@@ -22,7 +22,7 @@ from tests.enabler.helpers import (
     stop_all,
     wait_worker_up,
 )
-from tests.support import Process, RedisServer, celery_worker, wait_for
+from tests.support.servers import Process, RedisServer, celery_worker, wait_for
 
 
 @dataclass

@@ -16,7 +16,7 @@ import redis
 
 from tests.control.conftest import ApiFactory, Stack
 from tests.enabler.helpers import KEYS, client, wait_worker_up
-from tests.support import celery_worker
+from tests.support.servers import celery_worker
 
 
 async def eventually(
@@ -289,7 +289,7 @@ async def test_read_only_and_credentials(stack: Stack, api: ApiFactory, state: r
 
 
 async def test_broker_down_is_503(stack: Stack, api: ApiFactory) -> None:
-    from tests.support import free_port
+    from tests.support.servers import free_port
 
     http = await api(broker_url=f"redis://127.0.0.1:{free_port()}/0")
     response = await http.post("/api/task/revoke/anything")
@@ -329,7 +329,7 @@ async def test_control_on_rabbitmq(
 ) -> None:
     """The same calls on RabbitMQ; the worker is known from the enabler's inspect answers."""
     from tests.enabler.helpers import enabler, inspect_data, running
-    from tests.support import wait_for
+    from tests.support.servers import wait_for
 
     hostname = f"rabbit-{uuid.uuid4().hex[:6]}@test"
     namespace = "ctlamqp"

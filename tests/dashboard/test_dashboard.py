@@ -24,8 +24,8 @@ from tests.dashboard.conftest import (
     screenshot,
     start_api,
 )
-from tests.replies import entries
-from tests.support import PYTHON, Process, wait_for
+from tests.support.replies import entries
+from tests.support.servers import PYTHON, Process, wait_for
 
 ROW = "#tasks tbody tr[data-uuid]"
 

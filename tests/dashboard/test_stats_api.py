@@ -17,7 +17,7 @@ from services.api.stats import quantile
 from services.api.ui import FILES
 from shared.keys import RUNTIME_BUCKETS
 from tests.api.conftest import Api, api_env, clear_namespace, seed
-from tests.support import RedisServer
+from tests.support.servers import RedisServer
 
 NAMESPACE = "stats"
 TOKEN, RO_TOKEN = "dash-token", "dash-ro"

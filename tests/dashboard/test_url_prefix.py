@@ -18,7 +18,7 @@ from playwright.sync_api import expect
 
 from tests.dashboard.conftest import IDLE_QUEUE, WORKER, Api, Stack, start_api
 from tests.dashboard.test_dashboard import no_errors
-from tests.support import PYTHON, ROOT, Proxy, start_proxy
+from tests.support.servers import PYTHON, ROOT, Proxy, start_proxy
 
 PREFIX = "/flower"
 

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from tests.deploy.conftest import Deployment
-from tests.support import wait_for
+from tests.support.servers import wait_for
 
 
 def worker_inspected(d: Deployment, after: float = -1.0) -> float:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.support import PYTHON, Process, RedisServer, free_port, wait_for
+from tests.support.servers import PYTHON, Process, RedisServer, free_port, wait_for
 
 BIN = Path(PYTHON).parent
 

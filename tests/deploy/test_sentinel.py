@@ -11,7 +11,7 @@ import redis
 
 from tests.deploy import checks
 from tests.deploy.conftest import Deployment, Sentinel, write_project
-from tests.support import RedisServer, wait_for
+from tests.support.servers import RedisServer, wait_for
 
 
 def test_sentinel_broker_and_state_through_a_failover(tmp_path: Path) -> None:
@@ -92,7 +92,7 @@ def test_batches_wait_for_the_replica(amqp_url: str, tmp_path: Path) -> None:
     from celery import Celery
 
     from shared.keys import Keys
-    from tests.support import pollen_env, rabbitmqctl, service
+    from tests.support.servers import pollen_env, rabbitmqctl, service
 
     master = RedisServer(tmp_path / "master").start()
     queue = "pollen-wait-test"

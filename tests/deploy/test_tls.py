@@ -9,7 +9,7 @@ import redis
 
 from tests.deploy import checks
 from tests.deploy.conftest import Certs, Deployment, RabbitNode, tls_redis, write_project
-from tests.replies import raw_list
+from tests.support.replies import raw_list
 
 
 def test_rabbitmq_over_tls_with_renamed_exchanges(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support import RedisServer
+from tests.support.servers import RedisServer
 
 
 @pytest.fixture(scope="module")

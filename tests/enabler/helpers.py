@@ -14,8 +14,8 @@ import redis
 from celery import Celery
 
 from shared.keys import Keys
-from tests.replies import raw_hash
-from tests.support import Process, pollen_env, service, wait_for
+from tests.support.replies import raw_hash
+from tests.support.servers import Process, pollen_env, service, wait_for
 
 NAMESPACE = "ctl"
 KEYS = Keys(NAMESPACE)

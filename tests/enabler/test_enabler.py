@@ -13,7 +13,6 @@ import redis
 from kombu import Exchange, Queue
 
 from shared.inspected import INSPECT_METHODS
-from tests import readback
 from tests.enabler.helpers import (
     KEYS,
     NAMESPACE,
@@ -26,8 +25,9 @@ from tests.enabler.helpers import (
     running,
     wait_worker_up,
 )
-from tests.replies import entries, raw_list
-from tests.support import RedisServer, celery_worker, wait_for
+from tests.support import readback
+from tests.support.replies import entries, raw_list
+from tests.support.servers import RedisServer, celery_worker, wait_for
 
 
 def queue_sample(state: redis.Redis, name: str) -> dict[str, Any] | None:
@@ -256,7 +256,7 @@ async def test_broker_outage_logged_once(
 ) -> None:
     from services.enabler.service import Enabler
     from shared.settings import load
-    from tests.support import free_port
+    from tests.support.servers import free_port
 
     dead = f"redis://127.0.0.1:{free_port()}/0"
     settings = load(

@@ -24,8 +24,8 @@ import redis
 from celery import Celery
 
 from shared.keys import Keys
-from tests.replies import entries, raw_hash, raw_set, scored, text
-from tests.support import free_port, rabbitmqctl, wait_for
+from tests.support.replies import entries, raw_hash, raw_set, scored, text
+from tests.support.servers import free_port, rabbitmqctl, wait_for
 
 # --- a varied stream -------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ import redis
 from shared.keys import Keys
 from tests.faults.helpers import RabbitNode, applied_events, log_problems, rss_kb
 from tests.faults.test_outages import WsReader
-from tests.support import PYTHON, ROOT, Process, RedisServer, free_port, pollen_env, service
+from tests.support.servers import PYTHON, ROOT, Process, RedisServer, free_port, pollen_env, service
 
 NAMESPACE = "soak"
 #: Redis bytes per kept task with its indexes, history and counters: README measures
@@ -46,7 +46,7 @@ FIXED_BYTES = 48 * 2**20
 
 def publish_chunk(broker_url: str, count: int, hostname: str) -> subprocess.Popen[bytes]:
     code = (
-        "import sys; from tests.streams import publish_tasks; "
+        "import sys; from tests.support.streams import publish_tasks; "
         f"publish_tasks({broker_url!r}, {count}, hostname={hostname!r})"
     )
     return subprocess.Popen([PYTHON, "-c", code], cwd=ROOT)

@@ -20,7 +20,6 @@ import redis
 from kombu import Connection, Exchange, Producer
 
 from shared.keys import Keys
-from tests import readback
 from tests.faults.helpers import (
     applied_events,
     assert_same_state,
@@ -28,8 +27,9 @@ from tests.faults.helpers import (
     publish_mixed,
     queue_drained,
 )
-from tests.replies import raw_hash, raw_list
-from tests.support import Process, RedisServer, pollen_env, service, wait_for
+from tests.support import readback
+from tests.support.replies import raw_hash, raw_list
+from tests.support.servers import Process, RedisServer, pollen_env, service, wait_for
 
 REF = Keys("ref")
 

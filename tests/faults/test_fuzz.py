@@ -25,10 +25,10 @@ from shared import records
 from shared.events import StreamEvent
 from shared.keys import Keys
 from shared.settings import Settings
-from tests import readback
-from tests.lifecycles import cluster_stream
-from tests.replies import entries, raw_list
-from tests.support import PYTHON, ROOT
+from tests.support import readback
+from tests.support.lifecycles import cluster_stream
+from tests.support.replies import entries, raw_list
+from tests.support.servers import PYTHON, ROOT
 
 CONTENT_TYPES = (
     "application/json",

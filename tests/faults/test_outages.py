@@ -28,9 +28,8 @@ from tests.faults.helpers import (
     publish_mixed,
     queue_drained,
 )
-from tests.replies import raw_hash
-from tests.streams import publish_tasks
-from tests.support import (
+from tests.support.replies import raw_hash
+from tests.support.servers import (
     Process,
     RedisServer,
     celery_worker,
@@ -39,6 +38,7 @@ from tests.support import (
     service,
     wait_for,
 )
+from tests.support.streams import publish_tasks
 
 
 def applied(r: redis.Redis, keys: Keys) -> int:

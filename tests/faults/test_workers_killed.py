@@ -13,7 +13,7 @@ from celery import Celery
 
 from shared.keys import Keys
 from tests.api.conftest import Api
-from tests.support import RedisServer, celery_worker, pollen_env, service, wait_for
+from tests.support.servers import RedisServer, celery_worker, pollen_env, service, wait_for
 
 FREQ = 1.0
 KILLED, KEPT = "wk@faults", "wa@faults"

@@ -20,9 +20,9 @@ import redis
 
 from services.collector.writer import Writer
 from shared.settings import load
-from tests import readback
 from tests.api.conftest import Api, api_env
-from tests.support import RedisServer
+from tests.support import readback
+from tests.support.servers import RedisServer
 
 NAMESPACE = "wsabuse"
 

@@ -19,7 +19,7 @@ import pytest
 
 from shared.settings import Settings, load
 from tests.dashboard.conftest import CHROMIUM_ARGS, Api, chromium_executable, start_api
-from tests.support import (
+from tests.support.servers import (
     Process,
     RedisServer,
     celery_worker,

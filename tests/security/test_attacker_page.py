@@ -20,7 +20,7 @@ import pytest
 
 from tests.dashboard.conftest import Api
 from tests.security.conftest import PASSWORD, USER, WORKER, Stack, basic
-from tests.support import free_port, wait_for
+from tests.support.servers import free_port, wait_for
 
 ATTACK_PAGE = """<!doctype html>
 <html><body>

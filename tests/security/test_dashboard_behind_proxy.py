@@ -14,7 +14,7 @@ from playwright.sync_api import expect
 
 from tests.dashboard.conftest import Api, start_api
 from tests.security.conftest import PASSWORD, TOKEN, USER, WORKER, Stack, basic
-from tests.support import start_proxy
+from tests.support.servers import start_proxy
 
 
 def _shrink(api: Api, headers: dict[str, str]) -> None:

@@ -21,7 +21,6 @@ import redis
 
 from services.collector.writer import Writer
 from shared.settings import load
-from tests import readback
 from tests.dashboard.conftest import Api, start_api
 from tests.security.conftest import (
     NAMESPACE,
@@ -34,7 +33,8 @@ from tests.security.conftest import (
     Stack,
     basic,
 )
-from tests.support import PYTHON, ROOT, RedisServer, wait_for
+from tests.support import readback
+from tests.support.servers import PYTHON, ROOT, RedisServer, wait_for
 
 EVIL = "http://evil.example"
 

@@ -20,11 +20,11 @@ import redis
 from playwright.sync_api import expect
 
 from services.collector.writer import Writer
-from tests import readback
 from tests.dashboard.conftest import Api, start_api
 from tests.security.conftest import NAMESPACE, WORKER, Stack
 from tests.security.test_http import call
-from tests.support import PYTHON, ROOT, free_port, run_nginx
+from tests.support import readback
+from tests.support.servers import PYTHON, ROOT, free_port, run_nginx
 
 #: nginx's users: name -> (password, groups it forwards)
 USERS = {"viv": ("viv-pw", "readers"), "olga": ("olga-pw", "ops"), "ada": ("ada-pw", "sre,ops")}

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import (
+from tests.support.servers import (
     PYTHON,
     ROOT,
     Process,

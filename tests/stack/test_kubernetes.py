@@ -14,7 +14,7 @@ from ruamel.yaml import YAML
 from services.api.app import make_app
 from services.healthcheck import CHECKS
 from shared.settings import load, setting_names
-from tests.support import ROOT
+from tests.support.servers import ROOT
 
 MANIFEST = ROOT / "deploy" / "kubernetes" / "pollen.yaml"
 

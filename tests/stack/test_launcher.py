@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from demo.launcher import answers, port_free, private_redis_port
-from tests.support import PYTHON, ROOT, free_port, wait_for
+from tests.support.servers import PYTHON, ROOT, free_port, wait_for
 
 #: What the launcher starts (a substring of each command line).
 EXPECTED = {

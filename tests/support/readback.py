@@ -11,7 +11,7 @@ from services.collector.decode import Decoded, Decoder
 from services.collector.writer import Applied, Writer
 from shared import records
 from shared.keys import Keys
-from tests.replies import raw_hash, raw_set
+from tests.support.replies import raw_hash, raw_set
 
 
 def decode_events(events: list[dict[str, Any]], max_field_bytes: int = 32768) -> list[Decoded]:

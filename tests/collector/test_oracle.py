@@ -20,9 +20,9 @@ from services.collector.writer import Writer
 from shared.events import TASK_FIELDS, WORKER_EVENT_FIELDS
 from shared.keys import Keys
 from shared.settings import Settings
-from tests import readback
-from tests.lifecycles import BASE_TS, chunks, cluster_stream, with_local_received
-from tests.replies import raw_hash
+from tests.support import readback
+from tests.support.lifecycles import BASE_TS, chunks, cluster_stream, with_local_received
+from tests.support.replies import raw_hash
 
 # the fields celery's own Worker and Task define, so a field Pollen forgets cannot pass
 WORKER_FIELDS = tuple(f for f in Worker._fields if f != "heartbeats")

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from services.collector.writer import Writer
 from shared.keys import Keys, key_slot
 from shared.settings import Settings, load
-from tests import readback
-from tests.lifecycles import cluster_stream, with_local_received
-from tests.support import RedisCluster
+from tests.support import readback
+from tests.support.lifecycles import cluster_stream, with_local_received
+from tests.support.servers import RedisCluster
 
 
 @pytest.fixture(scope="module")

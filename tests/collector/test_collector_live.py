@@ -19,16 +19,16 @@ from celery import Celery
 from celery.events.state import State
 
 from shared.keys import Keys
-from tests import readback
-from tests.replies import raw_hash, raw_list
-from tests.support import (
+from tests.collector.test_oracle import celery_task
+from tests.support import readback
+from tests.support.replies import raw_hash, raw_list
+from tests.support.servers import (
     RedisServer,
     celery_worker,
     pollen_env,
     service,
     wait_for,
 )
-from tests.test_oracle import celery_task
 
 
 class Recorder:

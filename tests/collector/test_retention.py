@@ -10,8 +10,8 @@ import redis
 from services.collector.writer import Writer
 from shared.keys import Keys
 from shared.settings import Settings
-from tests import readback
-from tests.replies import raw_list, raw_set
+from tests.support import readback
+from tests.support.replies import raw_list, raw_set
 
 T0 = 1_790_000_000.0
 

@@ -1,0 +1,1 @@
+"""The collector: decoding, the live capture, retention, the celery oracle, Redis Cluster."""
