@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from aiohttp import web
 
 from services.api import (
+    auth,
     control,
     events_ws,
     health,
@@ -18,7 +19,6 @@ from services.api import (
     ui,
     workers,
 )
-from services.api.auth import auth_middleware
 from services.api.browser import browser_middleware, nosniff
 from services.api.context import CONTEXT, make_context
 from services.api.errors import error_middleware
@@ -47,7 +47,7 @@ async def _prefix_root(request: web.Request) -> web.StreamResponse:
 
 def make_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[browser_middleware(settings), error_middleware, auth_middleware(settings)]
+        middlewares=[browser_middleware(settings), error_middleware, auth.auth_middleware(settings)]
     )
     app.on_response_prepare.append(nosniff)
     app[CONTEXT] = make_context(settings)
@@ -58,10 +58,16 @@ def make_app(settings: Settings) -> web.Application:
         *metrics.routes,
         *health.routes,
         *stats.routes,  # aggregates for frontends (the dashboard)
+        *auth.routes,  # whoami
         *ui.routes,  # the dashboard at /
         *pages.routes,  # Flower's page URLs
     ]
-    extra_spec: openapi.Spec = {**stats.openapi_paths, **ui.openapi_paths, **pages.openapi_paths}
+    extra_spec: openapi.Spec = {
+        **stats.openapi_paths,
+        **auth.openapi_paths,
+        **ui.openapi_paths,
+        **pages.openapi_paths,
+    }
     routes.extend(control.routes)  # worker and task control
     extra_spec.update(control.openapi_paths)
     app.on_startup.append(control.on_startup)

@@ -21,12 +21,16 @@ import binascii
 import hmac
 import ipaddress
 from dataclasses import dataclass
+from typing import Any
 
+import msgspec
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 from multidict import CIMultiDict
 
+from services.api.context import ctx
 from services.api.errors import ApiError, Handler, forbidden
+from services.api.openapi import ERRORS, json_body
 from shared.settings import (
     ROLES,
     Settings,
@@ -269,3 +273,52 @@ def require_role(request: web.Request, settings: Settings, role: str = "operator
             raise forbidden(f"{who.name} is read-only (role viewer)")
         raise forbidden(f"{who.name} (role {who.role}) may not do this: it needs role {role}")
     return who
+
+
+# --- GET /api/whoami -------------------------------------------------------------------------
+
+
+async def whoami(request: web.Request) -> web.Response:
+    c = ctx(request)
+    who = principal(request)
+    read_only = c.settings.read_only or not who.can_control
+    return web.Response(
+        body=msgspec.json.encode(
+            {
+                "name": who.name,
+                "role": who.role,
+                "can_control": not read_only,
+                "can_shutdown": not c.settings.read_only and who.has("admin"),
+                "read_only": read_only,
+            }
+        ),
+        content_type="application/json",
+    )
+
+
+routes: list[web.AbstractRouteDef] = [web.get("/api/whoami", whoami)]
+
+#: OpenAPI paths of these endpoints (merged into ``/api/openapi.json`` by the app factory).
+openapi_paths: dict[str, Any] = {
+    "/api/whoami": {
+        "get": {
+            "summary": "The caller's credential name and whether control endpoints are allowed",
+            "responses": {
+                "200": json_body(
+                    "can_control is false in read-only mode or for a read-only credential",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string"},
+                            "role": {"type": "string", "enum": ["viewer", "operator", "admin"]},
+                            "can_control": {"type": "boolean"},
+                            "can_shutdown": {"type": "boolean"},
+                            "read_only": {"type": "boolean"},
+                        },
+                    },
+                ),
+                "401": ERRORS["401"],
+            },
+        }
+    },
+}

@@ -7,8 +7,6 @@ collector already keeps; nothing here loads tasks.
   (task name, state): events whose subject gives that state, by the event's own minute.
 - ``GET /api/stats/runtime``: the ``runtime`` histogram per task name (summed over workers, or
   one worker) with percentiles estimated as Prometheus' ``histogram_quantile`` does.
-- ``GET /api/whoami``: who the caller is and whether it may use control endpoints, so a
-  frontend can hide what would answer 403.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ import msgspec
 from aiohttp import web
 
 from services.api import params
-from services.api.auth import principal
 from services.api.context import Context, ctx
 from services.api.errors import bad_param
 from services.api.openapi import ERRORS, json_body, param
@@ -184,26 +181,10 @@ async def runtime_stats(request: web.Request) -> web.Response:
     return _json({"buckets": list(RUNTIME_BUCKETS), "tasks": tasks})
 
 
-async def whoami(request: web.Request) -> web.Response:
-    c = ctx(request)
-    who = principal(request)
-    read_only = c.settings.read_only or not who.can_control
-    return _json(
-        {
-            "name": who.name,
-            "role": who.role,
-            "can_control": not read_only,
-            "can_shutdown": not c.settings.read_only and who.has("admin"),
-            "read_only": read_only,
-        }
-    )
-
-
 routes: list[Any] = [
     web.get("/api/stats/workers", workers_stats),
     web.get("/api/stats/tasks-per-minute", tasks_per_minute),
     web.get("/api/stats/runtime", runtime_stats),
-    web.get("/api/whoami", whoami),
 ]
 
 
@@ -272,24 +253,6 @@ openapi_paths: dict[str, Any] = {
                     {"buckets": {"type": "array"}, "tasks": {"type": "array"}},
                 ),
                 **ERRORS,
-            },
-        }
-    },
-    "/api/whoami": {
-        "get": {
-            "summary": "The caller's credential name and whether control endpoints are allowed",
-            "responses": {
-                "200": _ok(
-                    "can_control is false in read-only mode or for a read-only credential",
-                    {
-                        "name": {"type": "string"},
-                        "role": {"type": "string", "enum": ["viewer", "operator", "admin"]},
-                        "can_control": {"type": "boolean"},
-                        "can_shutdown": {"type": "boolean"},
-                        "read_only": {"type": "boolean"},
-                    },
-                ),
-                "401": ERRORS["401"],
             },
         }
     },
