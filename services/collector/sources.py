@@ -74,6 +74,18 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+def _private_queue(exchange: Any) -> Queue:
+    """This collector's own queue of every event, gone with its connection (as Flower's)."""
+    return Queue(
+        f"pollen.{uuid.uuid4().hex}",
+        exchange,
+        routing_key="#",
+        durable=False,
+        auto_delete=True,
+        exclusive=True,
+    )
+
+
 def open_source(app: Celery, event_queue: str, queue_expires: float, prefetch: int) -> Source:
     kind = transport(app)
     if kind == "redis":
@@ -121,14 +133,7 @@ class AmqpSource:
                 queue_arguments={"x-expires": int(self.queue_expires * 1000)},
             )
         else:
-            q = Queue(
-                f"pollen.{uuid.uuid4().hex}",
-                exchange,
-                routing_key="#",
-                durable=False,
-                auto_delete=True,
-                exclusive=True,
-            )
+            q = _private_queue(exchange)
         channel = conn.default_channel
         channel.basic_qos(0, self.prefetch, False)
         consumer = Consumer(
@@ -209,15 +214,7 @@ class RedisPubSubSource:
             conn = _connection(self.app, "events")
             try:
                 conn.ensure_connection(max_retries=1)
-                exchange = get_exchange(conn, name=event_exchange(self.app))
-                events = Queue(
-                    f"pollen.{uuid.uuid4().hex}",
-                    exchange,
-                    routing_key="#",
-                    durable=False,
-                    auto_delete=True,
-                    exclusive=True,
-                )
+                events = _private_queue(get_exchange(conn, name=event_exchange(self.app)))
                 # no_ack: pub/sub has nothing to acknowledge, and kombu would otherwise keep
                 # every event in the broker's unacked hash
                 consumer = Consumer(

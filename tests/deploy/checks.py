@@ -11,6 +11,15 @@ from typing import Any
 from tests.deploy.conftest import Deployment
 from tests.support.servers import wait_for
 
+#: Pollen's loops at test speed; the queue every scenario measures (``backlog_measured``).
+QUICK = {
+    "POLLEN_ENABLE_INTERVAL": "1",
+    "POLLEN_INSPECT_INTERVAL": "2",
+    "POLLEN_QUEUE_INTERVAL": "1",
+    "POLLEN_QUEUES": "backlog",
+    "POLLEN_INSPECT_TIMEOUT": "5",
+}
+
 
 def worker_inspected(d: Deployment, after: float = -1.0) -> float:
     """The worker is listed with inspect answers, newer than one that said ``after`` seconds

@@ -38,11 +38,7 @@ def test_sentinel_broker_and_state_through_a_failover(tmp_path: Path) -> None:
             "POLLEN_REDIS_URL": f"redis+sentinel://127.0.0.1:{sentinel.port}/{sentinel.name}/1",
             "POLLEN_NAMESPACE": "sentinel",
             "POLLEN_REDIS_WAIT_REPLICAS": "1",
-            "POLLEN_ENABLE_INTERVAL": "1",
-            "POLLEN_INSPECT_INTERVAL": "2",
-            "POLLEN_QUEUE_INTERVAL": "1",
-            "POLLEN_QUEUES": "backlog",
-            "POLLEN_INSPECT_TIMEOUT": "5",
+            **checks.QUICK,
         },
     )
     try:

@@ -44,11 +44,7 @@ def test_rabbitmq_over_tls_with_renamed_exchanges(
             f"&ssl_certfile={certs.client_cert}&ssl_keyfile={certs.client_key}"
             "&ssl_cert_reqs=required",
             "POLLEN_NAMESPACE": "tls",
-            "POLLEN_ENABLE_INTERVAL": "1",
-            "POLLEN_INSPECT_INTERVAL": "2",
-            "POLLEN_QUEUE_INTERVAL": "1",
-            "POLLEN_QUEUES": "backlog",
-            "POLLEN_INSPECT_TIMEOUT": "5",
+            **checks.QUICK,
         },
     )
     try:
@@ -106,11 +102,7 @@ def test_redis_broker_over_tls_with_a_key_prefix(certs: Certs, tmp_path: Path) -
             "POLLEN_REDIS_URL": f"rediss://localhost:{server.port}/1?ssl_ca_certs={certs.ca}"
             f"&ssl_certfile={certs.client_cert}&ssl_keyfile={certs.client_key}",
             "POLLEN_NAMESPACE": "tls",
-            "POLLEN_ENABLE_INTERVAL": "1",
-            "POLLEN_INSPECT_INTERVAL": "2",
-            "POLLEN_QUEUE_INTERVAL": "1",
-            "POLLEN_QUEUES": "backlog",
-            "POLLEN_INSPECT_TIMEOUT": "5",
+            **checks.QUICK,
         },
     )
     try:
