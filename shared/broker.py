@@ -20,9 +20,8 @@ import msgspec
 from celery import Celery
 from celery.app.utils import find_app
 from kombu import Connection
-from kombu.utils.url import maybe_sanitize_url
 
-from shared.settings import Settings, SettingsError, env_name
+from shared.settings import Settings, SettingsError, env_name, mask_url
 
 #: The broker of an app that names none (Celery's own default would be AMQP on localhost).
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -127,7 +126,7 @@ def shown_url(app: Celery) -> str:
     url = app.conf.broker_read_url or app.conf.broker_url
     if isinstance(url, list | tuple):
         url = ";".join(url)
-    return str(maybe_sanitize_url(str(url)))
+    return mask_url(str(url))
 
 
 def broker_errors(app: Celery | None = None) -> tuple[type[BaseException], ...]:

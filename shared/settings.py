@@ -380,10 +380,15 @@ def _shown(field: str, value: Any) -> str:
     """A setting's value as a message may show it: secrets hidden, URL passwords masked."""
     if field in SECRET_FIELDS:
         return "<hidden>"
-    if isinstance(value, str):
-        value = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", value)
-        value = re.sub(r"(password=)[^&]*", r"\1***", value)
-    return repr(value)
+    return repr(mask_url(value) if isinstance(value, str) else value)
+
+
+def mask_url(url: str) -> str:
+    """``url`` for logs and messages: every password masked, in the user info of each URL of a
+    ``;`` failover list and in the query (``sentinel_password=``). Never parses, so an URL no
+    parser takes (several Sentinel hosts) is shown too."""
+    url = re.sub(r"(://[^:/@;]*:)[^@/;]*@", r"\1***@", url)
+    return re.sub(r"(password=)[^&;]*", r"\1***", url)
 
 
 def url_prefix(settings: Settings) -> str:

@@ -26,7 +26,7 @@ from shared.backoff import Backoff
 from shared.broker import load_app, shown_url
 from shared.connections import REDIS_ERRORS, sync_client
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import Settings, mask_url
 
 log = logging.getLogger("pollen.collector")
 
@@ -76,7 +76,7 @@ class Collector:
             shown_url(self.app),
             source.name,
             f", queue {settings.event_queue!r}" if settings.event_queue else "",
-            _redact(settings.redis_url),
+            mask_url(settings.redis_url),
             settings.namespace,
             settings.shards,
         )
@@ -204,13 +204,3 @@ class Collector:
             self.health.flush(self.redis)
         except REDIS_ERRORS:
             log.debug("health not written (Redis unavailable)")
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}"

@@ -31,7 +31,6 @@ from typing import Any, TypeVar
 import aiohttp
 import msgspec
 from celery import Celery
-from kombu.utils.url import maybe_sanitize_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -44,7 +43,7 @@ from shared.connections import REDIS_ERRORS, async_client
 from shared.events import StreamEvent
 from shared.inspected import INSPECT_METHODS
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import Settings, mask_url
 from shared.workers import alive_workers
 
 log = logging.getLogger("pollen.enabler")
@@ -354,7 +353,7 @@ class Enabler:
             "enabler %s starting: broker %s, redis %s, namespace %s",
             self.id,
             shown_url(self.app),
-            maybe_sanitize_url(self.settings.redis_url),
+            mask_url(self.settings.redis_url),
             self.settings.namespace,
         )
         loop = asyncio.get_running_loop()
