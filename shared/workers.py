@@ -2,7 +2,7 @@
 
 Known: named by worker events (``workers``), task events (``seen``) or inspect answers
 (``inspected``). Alive: celery's ``Worker.alive`` from the heartbeats the collector keeps
-(``shared.records.worker_alive``).
+(``shared.readers.worker_alive``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from shared.keys import Keys
-from shared.records import worker_alive
+from shared.readers import worker_alive
 
 
 async def known_workers(client: Any, keys: Keys) -> list[str]:

@@ -130,8 +130,8 @@ def test_no_import_circles() -> None:
 def test_the_checks_see_a_cross_service_import(tmp_path: Path) -> None:
     """The reader finds what the rules forbid (so the tests above can fail)."""
     probe = tmp_path / "probe.py"
-    probe.write_text("from services.enabler import store\nfrom . import workers\n")
+    probe.write_text("from services.enabler import writes\nfrom . import workers\n")
     found = imports(probe, "services.api.probe")
-    assert "services.enabler.store" in found and "services.api.workers" in found
-    assert owner("services.enabler.store") == "enabler"
+    assert "services.enabler.writes" in found and "services.api.workers" in found
+    assert owner("services.enabler.writes") == "enabler"
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from aiohttp import web
 
 from services.api import (
     auth,
     control,
-    events_ws,
-    health,
+    events,
     metrics,
     openapi,
     pages,
+    probes,
+    queues,
     stats,
     tasks,
     ui,
@@ -23,6 +25,32 @@ from services.api.browser import browser_middleware, nosniff
 from services.api.context import CONTEXT, make_context
 from services.api.errors import error_middleware
 from shared.settings import Settings, url_prefix
+
+
+class RouteModule(Protocol):
+    """What a route module exports: its routes and their OpenAPI paths, side by side."""
+
+    @property
+    def routes(self) -> Sequence[web.AbstractRouteDef]: ...
+
+    @property
+    def openapi_paths(self) -> openapi.Spec: ...
+
+
+#: Every route module, in the order their routes are matched.
+ROUTE_MODULES: tuple[RouteModule, ...] = (
+    tasks,
+    workers,
+    queues,
+    events,
+    metrics,
+    probes,
+    stats,  # aggregates for frontends (the dashboard)
+    auth,  # whoami
+    ui,  # the dashboard at /
+    pages,  # Flower's page URLs
+    control,  # worker and task control, the audit trail
+)
 
 
 async def _close_redis(app: web.Application) -> None:
@@ -51,32 +79,16 @@ def make_app(settings: Settings) -> web.Application:
     )
     app.on_response_prepare.append(nosniff)
     app[CONTEXT] = make_context(settings)
-    routes: list[web.AbstractRouteDef] = [
-        *tasks.routes,
-        *workers.routes,
-        *events_ws.routes,
-        *metrics.routes,
-        *health.routes,
-        *stats.routes,  # aggregates for frontends (the dashboard)
-        *auth.routes,  # whoami
-        *ui.routes,  # the dashboard at /
-        *pages.routes,  # Flower's page URLs
-    ]
-    extra_spec: openapi.Spec = {
-        **stats.openapi_paths,
-        **auth.openapi_paths,
-        **ui.openapi_paths,
-        **pages.openapi_paths,
-    }
-    routes.extend(control.routes)  # worker and task control
-    extra_spec.update(control.openapi_paths)
-    app.on_startup.append(control.on_startup)
-    app.on_cleanup.append(control.on_cleanup)
+    routes: list[web.AbstractRouteDef] = []
+    paths: openapi.Spec = {}
+    for module in ROUTE_MODULES:
+        routes.extend(module.routes)
+        paths.update(module.openapi_paths)
     prefix = url_prefix(settings)
-    routes.append(openapi.handler(openapi.build(extra_spec, prefix)))
+    routes.append(openapi.handler(openapi.build(paths, prefix)))
     app.add_routes(under(prefix, routes))
     if prefix:  # the prefix itself: to the dashboard, whose relative links need the slash
         app.add_routes([web.get(prefix, _prefix_root, name="prefix-root")])
-    app.cleanup_ctx.append(events_ws.hub_ctx)
+    app.cleanup_ctx.extend([events.hub_ctx, control.control_ctx])
     app.on_cleanup.append(_close_redis)
     return app

@@ -19,8 +19,9 @@ import msgspec
 from aiohttp import web
 
 from services.api.context import Context, ctx
+from services.api.openapi import Spec
 from shared.keys import RUNTIME_BUCKETS, SEP
-from shared.records import worker_alive
+from shared.readers import worker_alive
 from shared.workers import event_state, known_workers
 
 #: Most RECEIVED tasks per worker read to label prefetched tasks by name.
@@ -72,7 +73,7 @@ class Exposition:
         return "\n".join(self.lines) + "\n"
 
 
-#: (field of the collector's health hash, metric, help) — see services/collector/health.py
+#: (field of the collector's health hash, metric, help) — see services/collector/status.py
 _COLLECTOR_FIGURES = (
     ("rate", "pollen_collector_events_per_second", "Events applied per second"),
     ("lag", "pollen_collector_lag_seconds", "Seconds from an event's timestamp to its commit"),
@@ -239,3 +240,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 routes = [web.get("/metrics", metrics, name="metrics")]
+openapi_paths: Spec = {
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics (Flower's names plus pollen_*)",
+            "responses": {"200": {"description": "text exposition format"}},
+        }
+    },
+}

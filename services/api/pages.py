@@ -47,7 +47,7 @@ async def broker_page(request: web.Request) -> web.StreamResponse:
 
 
 async def workers_page(request: web.Request) -> web.StreamResponse:
-    if not params.boolean(request, "json", False):
+    if not params.boolean(request.query, "json", False):
         raise _to_view(request, "workers")
     data = []
     for row in await worker_rows(ctx(request), time.time()):

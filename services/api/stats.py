@@ -24,7 +24,7 @@ from services.api.context import Context, ctx
 from services.api.errors import bad_param
 from services.api.openapi import ERRORS, json_body, param
 from shared.keys import RUNTIME_BUCKETS, SEP
-from shared.records import worker_from_hash
+from shared.readers import worker_from_hash
 from shared.workers import event_state, known_workers
 
 _encode = msgspec.json.encode
@@ -82,7 +82,7 @@ async def worker_rows(c: Context, now: float) -> list[dict[str, Any]]:
 async def tasks_per_minute(request: web.Request) -> web.Response:
     c = ctx(request)
     most = c.settings.chart_retention_days * 1440
-    minutes = params.integer(request, "minutes", 60, minimum=1)
+    minutes = params.integer(request.query, "minutes", 60, minimum=1)
     assert minutes is not None
     if minutes > most:
         raise bad_param("minutes", f"at most {most} (POLLEN_CHART_RETENTION_DAYS)")
@@ -146,8 +146,8 @@ def quantile(q: float, counts: list[float]) -> float | None:
 
 async def runtime_stats(request: web.Request) -> web.Response:
     c = ctx(request)
-    only_worker = params.text(request, "workername")
-    only_task = params.text(request, "taskname")
+    only_worker = params.text(request.query, "workername")
+    only_task = params.text(request.query, "taskname")
     pipe = c.redis.pipeline(transaction=False)
     for shard in c.keys.all_shards:
         pipe.hgetall(shard.runtime)

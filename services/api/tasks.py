@@ -17,9 +17,11 @@ from aiohttp import web
 from services.api import params
 from services.api.context import Context, ctx
 from services.api.errors import bad_param, not_found
-from services.api.query import SORT_KEYS, TaskQuery
-from services.api.search import QuerySyntaxError, parse_query
-from shared.records import TASK_JSON_SOURCES
+from services.api.openapi import ERROR, ERRORS, Spec, json_body, param
+from services.api.query import SORT_KEYS, CursorError, TaskQuery
+from services.api.query.search import QuerySyntaxError, parse_query
+from shared.events import TASK_FIELDS
+from shared.readers import TASK_JSON_SOURCES
 
 _encode = msgspec.json.encode
 JSON = "application/json"
@@ -79,12 +81,12 @@ async def fetch(c: Context, uuids: list[str], listing: bool) -> list[tuple[str, 
 
 def parse_task_query(request: web.Request, max_page: int) -> tuple[TaskQuery, bool]:
     """The query and whether its page size was capped at ``max_page``."""
-    limit = params.integer(request, "limit", None)
+    limit = params.integer(request.query, "limit", None)
     capped = limit is None or limit > max_page
     limit = max_page if limit is None or limit > max_page else limit
-    offset = params.integer(request, "offset", 0)
+    offset = params.integer(request.query, "offset", 0)
     assert offset is not None
-    sort_by = params.text(request, "sort_by")
+    sort_by = params.text(request.query, "sort_by")
     sort, desc = "", True
     if sort_by:
         sort = sort_by.lstrip("-")
@@ -101,17 +103,17 @@ def parse_task_query(request: web.Request, max_page: int) -> tuple[TaskQuery, bo
     except QuerySyntaxError as exc:
         raise bad_param("search", str(exc)) from None
     query = TaskQuery(
-        state=params.text(request, "state", all_is_none=True),
-        name=params.text(request, "taskname", all_is_none=True),
-        worker=params.text(request, "workername", all_is_none=True),
-        received=params.time_range(request, "received_start", "received_end"),
-        started=params.time_range(request, "started_start", "started_end"),
+        state=params.text(request.query, "state", all_is_none=True),
+        name=params.text(request.query, "taskname", all_is_none=True),
+        worker=params.text(request.query, "workername", all_is_none=True),
+        received=params.time_range(request.query, "received_start", "received_end"),
+        started=params.time_range(request.query, "started_start", "started_end"),
         search=search.strip(),
         sort=sort,
         desc=desc,
         offset=offset,
         limit=limit,
-        cursor=params.text(request, "cursor"),
+        cursor=params.text(request.query, "cursor"),
     )
     return query, capped
 
@@ -124,7 +126,10 @@ def _client_gone(request: web.Request) -> bool:
 async def list_tasks(request: web.Request) -> web.Response:
     c = ctx(request)
     query, capped = parse_task_query(request, c.settings.max_page)
-    page = await c.engine.run(query, lambda: not _client_gone(request))
+    try:
+        page = await c.engine.run(query, lambda: not _client_gone(request))
+    except CursorError as exc:
+        raise bad_param("cursor", str(exc)) from None
     tasks = await fetch(c, page.uuids, listing=True)
     body = b"{" + b",".join(_encode(u) + b":" + task for u, task in tasks) + b"}"
     headers = {H_EXAMINED: str(page.examined), H_SCAN_CAPPED: "true" if page.capped else "false"}
@@ -154,3 +159,92 @@ routes: list[Any] = [
     web.get("/api/task/info/{uuid:.+}", task_info),
     web.get("/api/task/types", task_types),
 ]
+TASK = {
+    "type": "object",
+    "description": "celery's Task.as_dict() with worker as the hostname",
+    "properties": {name: {} for name in TASK_FIELDS},
+}
+_TIME = {
+    "type": "string",
+    "description": "'YYYY-MM-DD HH:MM' in the server's local time (as Flower), or unix seconds",
+}
+_TASK_HEADERS = {
+    H_EXAMINED: {
+        "description": "index entries examined by filters and search",
+        "schema": {"type": "integer"},
+    },
+    H_SCAN_CAPPED: {
+        "description": "true when the scan stopped at POLLEN_SEARCH_SCAN_LIMIT (page may be short)",
+        "schema": {"type": "string"},
+    },
+    H_PAGE_CAPPED: {
+        "description": "present when the page size was capped at POLLEN_MAX_PAGE (its value)",
+        "schema": {"type": "integer"},
+    },
+    H_NEXT_CURSOR: {
+        "description": "pass as cursor= for the next page (present when the page is full)",
+        "schema": {"type": "string"},
+    },
+}
+openapi_paths: Spec = {
+    "/api/tasks": {
+        "get": {
+            "summary": "List tasks (Flower-compatible)",
+            "parameters": [
+                param(
+                    "limit",
+                    "page size (default and maximum: POLLEN_MAX_PAGE)",
+                    {"type": "integer", "minimum": 0},
+                ),
+                param("offset", "tasks skipped", {"type": "integer", "minimum": 0}),
+                param(
+                    "sort_by",
+                    "name, state, received or started; '-' prefix: descending",
+                    {"type": "string"},
+                ),
+                param("workername", "worker hostname (case-insensitive; All = any)"),
+                param("taskname", "task name (case-insensitive; All = any)"),
+                param("state", "task state (case-insensitive; All = any)"),
+                param("received_start", "received at or after (tasks never received pass)", _TIME),
+                param("received_end", "received at or before (tasks never received pass)", _TIME),
+                param("started_start", "started at or after (tasks never started pass)", _TIME),
+                param("started_end", "started at or before (tasks never started pass)", _TIME),
+                param("search", "Flower's task-filter query syntax"),
+                param("cursor", "X-Pollen-Next-Cursor of the previous page"),
+            ],
+            "responses": {
+                "200": {
+                    **json_body(
+                        "ordered object uuid -> task",
+                        {"type": "object", "additionalProperties": TASK},
+                    ),
+                    "headers": _TASK_HEADERS,
+                },
+                **ERRORS,
+            },
+        }
+    },
+    "/api/task/info/{uuid}": {
+        "get": {
+            "summary": "One task (Flower-compatible)",
+            "parameters": [param("uuid", "task id", where="path")],
+            "responses": {
+                "200": json_body("the task", TASK),
+                "404": json_body("unknown task", ERROR),
+                **ERRORS,
+            },
+        }
+    },
+    "/api/task/types": {
+        "get": {
+            "summary": "Task names seen",
+            "responses": {
+                "200": json_body(
+                    "task names",
+                    {"type": "object", "properties": {"task-types": {"type": "array"}}},
+                ),
+                **ERRORS,
+            },
+        }
+    },
+}

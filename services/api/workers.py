@@ -1,7 +1,7 @@
-"""Worker and queue endpoints: ``/api/workers`` and ``/api/queues/length``.
+"""Flower's ``/api/workers``.
 
 Liveness (``status=1``) is celery's ``Worker.alive`` from the heartbeats the collector keeps
-(``shared.records.worker_alive``). The full form is what the enabler stores from inspect
+(``shared.readers.worker_alive``). The full form is what the enabler stores from inspect
 (``<ns>:inspect:<hostname>``, read with ``shared.inspected.worker_inspect``); a worker
 that has not answered an inspect yet is described by its event fields instead.
 """
@@ -17,8 +17,9 @@ from aiohttp import web
 from services.api import params
 from services.api.context import ctx
 from services.api.errors import not_found
-from shared.inspected import queue_lengths, worker_inspect
-from shared.records import worker_alive, worker_from_hash
+from services.api.openapi import BOOL, ERROR, ERRORS, Spec, json_body, param
+from shared.inspected import worker_inspect
+from shared.readers import worker_alive, worker_from_hash
 from shared.workers import event_state, known_workers
 
 _encode = msgspec.json.encode
@@ -30,9 +31,9 @@ TASK_LISTS = ("active", "reserved", "scheduled", "revoked")
 async def list_workers(request: web.Request) -> web.Response:
     c = ctx(request)
     # refresh is accepted for Flower clients; the enabler refreshes inspect data on its own
-    params.boolean(request, "refresh", False)
-    status = params.boolean(request, "status", False)
-    workername = params.text(request, "workername")
+    params.boolean(request.query, "refresh", False)
+    status = params.boolean(request.query, "status", False)
+    workername = params.text(request.query, "workername")
     hosts = await known_workers(c.redis, c.keys)
     now = time.time()
     if status:
@@ -61,13 +62,23 @@ async def list_workers(request: web.Request) -> web.Response:
     return web.Response(body=_encode(out), content_type=JSON)
 
 
-async def queue_length(request: web.Request) -> web.Response:
-    c = ctx(request)
-    samples = queue_lengths(await c.redis.hgetall(c.keys.queues))
-    return web.Response(body=_encode({"active_queues": samples}), content_type=JSON)
-
-
 routes: list[Any] = [
     web.get("/api/workers", list_workers),
-    web.get("/api/queues/length", queue_length),
 ]
+openapi_paths: Spec = {
+    "/api/workers": {
+        "get": {
+            "summary": "Workers: inspect data, or liveness with status=1 (Flower-compatible)",
+            "parameters": [
+                param("refresh", "accepted; inspect data is refreshed by the enabler", BOOL),
+                param("workername", "one worker (adds its active/reserved/scheduled/revoked)"),
+                param("status", "only {hostname: alive}", BOOL),
+            ],
+            "responses": {
+                "200": json_body("hostname -> inspect answers (or event fields)"),
+                "404": json_body("unknown worker", ERROR),
+                **ERRORS,
+            },
+        }
+    },
+}

@@ -19,8 +19,8 @@ from typing import Any
 from celery import Celery
 
 from services.collector.decode import Decoded, Decoder
-from services.collector.health import Health
 from services.collector.sources import AmqpSource, Incoming, Source, open_source
+from services.collector.status import Status
 from services.collector.writer import Prepared, Writer
 from shared.backoff import Backoff
 from shared.broker import load_app, shown_url
@@ -53,7 +53,7 @@ class Collector:
         self.id = f"{socket.gethostname()}-{os.getpid()}"
         self.stopping = threading.Event()
         self.source: Source | None = None
-        self.health: Health | None = None
+        self.status: Status | None = None
         self._last_age_check = 0.0
         self._last_health = 0.0
 
@@ -69,7 +69,7 @@ class Collector:
             prefetch=settings.batch_size,
         )
         self.source = source
-        self.health = health = Health(self.keys, self.id, source.name)
+        self.status = status = Status(self.keys, self.id, source.name)
         log.info(
             "collector %s consuming from %s (%s%s) into %s, namespace %r, %d shard(s)",
             self.id,
@@ -97,11 +97,11 @@ class Collector:
                     broker.recovered()
                 except broker_errors as exc:
                     broker.failed(exc)
-                    health.error("broker")
+                    status.error("broker")
                     source.close()
                     self.stopping.wait(broker.delay())
                     continue
-                health.dropped = getattr(source, "dropped", 0)
+                status.dropped = getattr(source, "dropped", 0)
                 job = self._prepare(batch)
                 if job is not None:
                     while not self.stopping.is_set():
@@ -139,7 +139,7 @@ class Collector:
 
     def _write(self, pending: queue.Queue[_Job | None], done: queue.Queue[_Job]) -> None:
         """Writer thread: run each job's scripts until Redis takes them, in order."""
-        assert self.health is not None
+        assert self.status is not None
         backoff = Backoff("redis", log)
         while (job := pending.get()) is not None:
             for prepared in job.prepared:
@@ -150,10 +150,10 @@ class Collector:
                         break
                     except REDIS_ERRORS as exc:
                         backoff.failed(exc)
-                        self.health.error("redis")
+                        self.status.error("redis")
                         if self.stopping.wait(backoff.delay()):
                             return  # stopping during an outage: leave the rest unacknowledged
-                self.health.batch(
+                self.status.batch(
                     result.applied, result.duplicates, result.evicted, prepared.newest
                 )
             done.put(job)
@@ -166,7 +166,7 @@ class Collector:
         broker: Backoff,
     ) -> None:
         """Acknowledge the batches Redis has taken (on the broker's thread)."""
-        assert self.health is not None
+        assert self.status is not None
         while True:
             try:
                 job = done.get_nowait()
@@ -178,11 +178,11 @@ class Collector:
                 # the batch is in Redis; the broker will redeliver it, and a redelivered
                 # event is recognised and skipped
                 broker.failed(exc)
-                self.health.error("broker")
+                self.status.error("broker")
                 source.close()
 
     def _decode(self, batch: list[Incoming]) -> list[Decoded]:
-        assert self.health is not None
+        assert self.status is not None
         events: list[Decoded] = []
         for message in batch:
             result = self.decoder.decode(
@@ -190,17 +190,17 @@ class Collector:
             )
             events.extend(result.events)
             for bad in result.bad:
-                self.health.bad(bad.reason, bad.sample)
+                self.status.bad(bad.reason, bad.sample)
             if result.truncated:
-                self.health.truncated(result.truncated)
+                self.status.truncated(result.truncated)
         return events
 
     def _flush_health(self, force: bool = False) -> None:
         now = time.monotonic()
-        if self.health is None or (not force and now - self._last_health < HEALTH_INTERVAL):
+        if self.status is None or (not force and now - self._last_health < HEALTH_INTERVAL):
             return
         self._last_health = now
         try:
-            self.health.flush(self.redis)
+            self.status.flush(self.redis)
         except REDIS_ERRORS:
             log.debug("health not written (Redis unavailable)")

@@ -34,7 +34,7 @@ from celery import Celery
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from services.enabler import store
+from services.enabler import writes
 from services.enabler.queues import QueueSampler
 from shared import scripts
 from shared.backoff import Backoff
@@ -204,7 +204,7 @@ class Enabler:
                 log.error("inspect %s failed: %r", method, result)
                 continue
             answers = {str(k): v for k, v in (result or {}).items() if v is not None}
-            await store.store_answers(
+            await writes.store_answers(
                 self.redis,
                 self.keys,
                 method,
@@ -311,7 +311,7 @@ class Enabler:
 
     async def queue_names(self) -> list[str]:
         names = set(self.configured_queues)
-        names |= await store.inspected_queue_names(self.redis, self.keys)
+        names |= await writes.inspected_queue_names(self.redis, self.keys)
         # as Flower: the default queue when nothing tells which queues exist
         return sorted(names) or ["celery"]
 
@@ -322,7 +322,7 @@ class Enabler:
         except self.sample_errors as exc:
             self.broker_backoff.failed(exc)
             raise
-        await store.store_queues(self.redis, self.keys, samples, self.settings.queue_history)
+        await writes.store_queues(self.redis, self.keys, samples, self.settings.queue_history)
 
     async def queue_loop(self) -> None:
         if not self.sampler.supported:

@@ -18,7 +18,6 @@ from aiohttp.test_utils import make_mocked_request
 from services.api.app import make_app
 from services.api.auth import PRINCIPAL_KEY, Credentials, require_role
 from services.api.errors import ApiError
-from services.api.openapi import PATHS
 from shared.settings import load
 from tests.api.conftest import Api, api_env, clear_namespace, seed
 from tests.api.dataset import task_events
@@ -317,5 +316,5 @@ def test_every_route_is_documented(open_api: Api) -> None:
     spec = json.loads(open_api.get("/api/openapi.json")[2])
     documented = {(path, method) for path, ops in spec["paths"].items() for method in ops}
     assert registered <= documented, registered - documented
-    assert {(p, m) for p, ops in PATHS.items() for m in ops} <= registered
+    assert documented <= registered, documented - registered
     assert spec["openapi"].startswith("3.")

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from services.collector.decode import REASONS, Decoder, DecodeResult
 from services.collector.writer import Writer
-from shared import records
+from shared import readers
 from shared.events import StreamEvent
 from shared.keys import Keys
 from shared.settings import Settings
@@ -211,7 +211,7 @@ def test_apply_mutated_events(
     for host in raw_list(r.zrange(shard.workers, 0, -1)):
         readback.worker(r, keys, host.decode(), now=1_790_000_100.0)
     for host in raw_list(r.zrange(shard.seen, 0, -1)):
-        records.worker_alive({}, r.zscore(shard.seen, host), 1_790_000_100.0)
+        readers.worker_alive({}, r.zscore(shard.seen, host), 1_790_000_100.0)
     for _, fields in entries(r.xrange(shard.stream)):
         msgspec.json.decode(fields[b"e"], type=StreamEvent)
 

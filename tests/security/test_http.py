@@ -245,7 +245,8 @@ def test_bad_numbers_are_a_400(
 
 def test_forged_cursor_is_a_400(stack: Stack) -> None:
     """A cursor that decodes and fits the query's shape but holds a score Redis refuses."""
-    from services.api.query import CursorData, TaskQuery, encode_cursor
+    from services.api.query import TaskQuery
+    from services.api.query.cursor import CursorData, encode_cursor
 
     shape = TaskQuery(limit=10).shape()
     for score in ("nan", "abc", ""):

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from services.api import events_ws
+from services.api import events
 from services.api.auth import bind_refusal
 from services.healthcheck import CHECKS
 from shared.settings import load, setting_names
@@ -386,7 +386,7 @@ def test_the_proxy_passes_websockets_through() -> None:
     locations = ws_locations(text)
     assert locations
     paths = []
-    for route in events_ws.routes:
+    for route in events.routes:
         path = str(getattr(route, "path", ""))
         paths.append(re.sub(r"\{[^}]+\}", "task-succeeded", path))
     assert "/api/events" in paths

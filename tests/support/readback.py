@@ -9,7 +9,7 @@ import redis
 
 from services.collector.decode import Decoded, Decoder
 from services.collector.writer import Applied, Writer
-from shared import records
+from shared import readers
 from shared.keys import Keys
 from tests.support.replies import raw_hash, raw_set
 
@@ -41,14 +41,14 @@ def task(r: redis.Redis, keys: Keys, uuid: str) -> dict[str, Any] | None:
     children: set[str] = set()
     for shard in keys.all_shards:
         children.update(m.decode() for m in raw_set(r.smembers(shard.children(uuid))))
-    return records.task_from_hash(h, children)
+    return readers.task_from_hash(h, children)
 
 
 def worker(r: redis.Redis, keys: Keys, hostname: str, now: float) -> dict[str, Any]:
     h = raw_hash(r.hgetall(keys.shard_for(hostname).worker(hostname)))
     seen = [r.zscore(shard.seen, hostname) for shard in keys.all_shards]
     task_seen = max((s for s in seen if s is not None), default=None)
-    return records.worker_from_hash(hostname, h, task_seen, now)
+    return readers.worker_from_hash(hostname, h, task_seen, now)
 
 
 def task_names(r: redis.Redis, keys: Keys) -> list[str]:

@@ -35,7 +35,7 @@ HEALTH_TTL = 86400
 SAMPLE_TTL = 86400
 
 
-class Health:
+class Status:
     def __init__(self, keys: Keys, collector_id: str, source: str) -> None:
         self.keys = keys
         self.id = collector_id

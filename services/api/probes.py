@@ -10,6 +10,7 @@ import msgspec
 from aiohttp import web
 
 from services.api.context import ctx
+from services.api.openapi import Spec, json_body
 from shared.connections import REDIS_ERRORS
 
 _encode = msgspec.json.encode
@@ -56,3 +57,20 @@ routes: list[Any] = [
     web.get("/readyz", readyz, name="readyz"),
     web.get("/healthcheck", healthcheck, name="healthcheck"),
 ]
+openapi_paths: Spec = {
+    "/healthz": {
+        "get": {"summary": "Liveness", "responses": {"200": json_body("the process answers")}}
+    },
+    "/readyz": {
+        "get": {
+            "summary": "Readiness: Redis answers and a collector heartbeat is fresh",
+            "responses": {
+                "200": json_body("ready"),
+                "503": json_body("not ready, with the reason"),
+            },
+        }
+    },
+    "/healthcheck": {
+        "get": {"summary": "Flower's health check", "responses": {"200": {"description": "OK"}}}
+    },
+}
