@@ -21,7 +21,6 @@ import binascii
 import hmac
 import ipaddress
 from dataclasses import dataclass
-from typing import Any
 
 import msgspec
 from aiohttp import hdrs, web
@@ -30,7 +29,7 @@ from multidict import CIMultiDict
 
 from services.api.context import ctx
 from services.api.errors import ApiError, Handler, forbidden
-from services.api.openapi import ERRORS, json_body
+from services.api.openapi import ERRORS, Spec, json_body, operation
 from shared.settings import (
     ROLES,
     Settings,
@@ -299,26 +298,24 @@ async def whoami(request: web.Request) -> web.Response:
 routes: list[web.AbstractRouteDef] = [web.get("/api/whoami", whoami)]
 
 #: OpenAPI paths of these endpoints (merged into ``/api/openapi.json`` by the app factory).
-openapi_paths: dict[str, Any] = {
-    "/api/whoami": {
-        "get": {
-            "summary": "The caller's credential name and whether control endpoints are allowed",
-            "responses": {
-                "200": json_body(
-                    "can_control is false in read-only mode or for a read-only credential",
-                    {
-                        "type": "object",
-                        "properties": {
-                            "name": {"type": "string"},
-                            "role": {"type": "string", "enum": ["viewer", "operator", "admin"]},
-                            "can_control": {"type": "boolean"},
-                            "can_shutdown": {"type": "boolean"},
-                            "read_only": {"type": "boolean"},
-                        },
-                    },
-                ),
-                "401": ERRORS["401"],
+openapi_paths: Spec = {
+    "/api/whoami": operation(
+        "get",
+        "The caller's credential name and whether control endpoints are allowed",
+        [],
+        json_body(
+            "can_control is false in read-only mode or for a read-only credential",
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "role": {"type": "string", "enum": ["viewer", "operator", "admin"]},
+                    "can_control": {"type": "boolean"},
+                    "can_shutdown": {"type": "boolean"},
+                    "read_only": {"type": "boolean"},
+                },
             },
-        }
-    },
+        ),
+        {"401": ERRORS["401"]},
+    ),
 }

@@ -19,7 +19,7 @@ import msgspec
 from aiohttp import web
 
 from services.api.context import Context, ctx
-from services.api.openapi import Spec
+from services.api.openapi import Spec, operation
 from shared.keys import RUNTIME_BUCKETS, SEP
 from shared.readers import worker_alive
 from shared.workers import event_state, known_workers
@@ -241,10 +241,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 routes = [web.get("/metrics", metrics, name="metrics")]
 openapi_paths: Spec = {
-    "/metrics": {
-        "get": {
-            "summary": "Prometheus metrics (Flower's names plus pollen_*)",
-            "responses": {"200": {"description": "text exposition format"}},
-        }
-    },
+    "/metrics": operation(
+        "get",
+        "Prometheus metrics (Flower's names plus pollen_*)",
+        [],
+        {"description": "text exposition format"},
+        {},
+    ),
 }

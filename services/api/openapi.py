@@ -58,12 +58,13 @@ def operation(
     method: str,
     summary: str,
     parameters: list[Spec],
-    ok: Spec,
+    ok: Spec | None,
     errors: Spec | None = None,
     **extra: Any,
 ) -> Spec:
-    """One path item with one operation: its 200 answer, ``ERRORS`` (or ``errors``)."""
-    responses = {"200": ok, **(ERRORS if errors is None else errors)}
+    """One path item with one operation: its 200 answer (None: it has none, e.g. a redirect)
+    and ``ERRORS`` (or ``errors``); ``extra``: more of the operation's fields."""
+    responses = {**({} if ok is None else {"200": ok}), **(ERRORS if errors is None else errors)}
     return {method: {"summary": summary, "parameters": parameters, "responses": responses, **extra}}
 
 

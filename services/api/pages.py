@@ -20,7 +20,7 @@ from aiohttp import web
 
 from services.api import params
 from services.api.context import ctx
-from services.api.openapi import ERRORS
+from services.api.openapi import ERRORS, Spec, json_body, operation, param
 from services.api.stats import worker_rows
 from shared.events import WORKER_EVENT_FIELDS
 from shared.settings import url_prefix
@@ -72,45 +72,22 @@ routes: list[Any] = [
     web.get("/workers", workers_page, name="page-workers"),
 ]
 
-openapi_paths: dict[str, Any] = {
-    "/workers": {
-        "get": {
-            "summary": "Flower's workers page: ?json=1 answers its JSON, else the dashboard",
-            "parameters": [
-                {
-                    "name": "json",
-                    "in": "query",
-                    "required": False,
-                    "description": "1: Flower's {data: [worker]} answer",
-                    "schema": {"type": "string"},
-                }
-            ],
-            "responses": {
-                "200": {
-                    "description": "the workers as Flower's WorkersView gives them",
-                    "content": {"application/json": {"schema": {"type": "object"}}},
-                },
-                "302": {"description": "to the dashboard's workers view"},
-                **ERRORS,
-            },
-        }
-    },
+openapi_paths: Spec = {
+    "/workers": operation(
+        "get",
+        "Flower's workers page: ?json=1 answers its JSON, else the dashboard",
+        [param("json", "1: Flower's {data: [worker]} answer")],
+        json_body("the workers as Flower's WorkersView gives them"),
+        {"302": {"description": "to the dashboard's workers view"}, **ERRORS},
+    ),
     **{
-        path: {
-            "get": {
-                "summary": f"Flower's page URL: redirects to the dashboard's {view} view",
-                "parameters": [
-                    {
-                        "name": name,
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    }
-                    for name in names
-                ],
-                "responses": {"302": {"description": "to the dashboard"}},
-            }
-        }
+        path: operation(
+            "get",
+            f"Flower's page URL: redirects to the dashboard's {view} view",
+            [param(name, name, where="path") for name in names],
+            None,
+            {"302": {"description": "to the dashboard"}},
+        )
         for path, view, names in (
             ("/task/{uuid}", "task", ("uuid",)),
             ("/worker/{name}", "worker", ("name",)),

@@ -10,7 +10,7 @@ import msgspec
 from aiohttp import web
 
 from services.api.context import ctx
-from services.api.openapi import Spec, json_body
+from services.api.openapi import Spec, json_body, operation
 from shared.connections import REDIS_ERRORS
 
 _encode = msgspec.json.encode
@@ -58,19 +58,13 @@ routes: list[Any] = [
     web.get("/healthcheck", healthcheck, name="healthcheck"),
 ]
 openapi_paths: Spec = {
-    "/healthz": {
-        "get": {"summary": "Liveness", "responses": {"200": json_body("the process answers")}}
-    },
-    "/readyz": {
-        "get": {
-            "summary": "Readiness: Redis answers and a collector heartbeat is fresh",
-            "responses": {
-                "200": json_body("ready"),
-                "503": json_body("not ready, with the reason"),
-            },
-        }
-    },
-    "/healthcheck": {
-        "get": {"summary": "Flower's health check", "responses": {"200": {"description": "OK"}}}
-    },
+    "/healthz": operation("get", "Liveness", [], json_body("the process answers"), {}),
+    "/readyz": operation(
+        "get",
+        "Readiness: Redis answers and a collector heartbeat is fresh",
+        [],
+        json_body("ready"),
+        {"503": json_body("not ready, with the reason")},
+    ),
+    "/healthcheck": operation("get", "Flower's health check", [], {"description": "OK"}, {}),
 }

@@ -22,7 +22,7 @@ from aiohttp import web
 from services.api import params
 from services.api.context import Context, ctx
 from services.api.errors import bad_param
-from services.api.openapi import ERRORS, json_body, param
+from services.api.openapi import Spec, json_body, operation, param
 from shared.keys import RUNTIME_BUCKETS, SEP
 from shared.readers import worker_from_hash
 from shared.workers import event_state, known_workers
@@ -192,68 +192,56 @@ def _ok(description: str, properties: dict[str, Any]) -> dict[str, Any]:
     return json_body(description, {"type": "object", "properties": properties})
 
 
-#: OpenAPI paths of these endpoints (merged into ``/api/openapi.json`` by the app factory).
-openapi_paths: dict[str, Any] = {
-    "/api/stats/workers": {
-        "get": {
-            "summary": "Workers' event fields, liveness, tasks executing and events by type",
-            "responses": {
-                "200": _ok(
-                    "workers sorted by hostname: hostname, pid, freq, clock, active, processed, "
-                    "loadavg, sw_ident, sw_ver, sw_sys, last_heartbeat, alive, executing, "
-                    "events ({type: count}), inspected (the enabler has inspect answers)",
-                    {"time": {"type": "number"}, "workers": {"type": "array"}},
-                ),
-                **ERRORS,
+openapi_paths: Spec = {
+    "/api/stats/workers": operation(
+        "get",
+        "Workers' event fields, liveness, tasks executing and events by type",
+        [],
+        _ok(
+            "workers sorted by hostname: hostname, pid, freq, clock, active, processed, "
+            "loadavg, sw_ident, sw_ver, sw_sys, last_heartbeat, alive, executing, "
+            "events ({type: count}), inspected (the enabler has inspect answers)",
+            {"time": {"type": "number"}, "workers": {"type": "array"}},
+        ),
+    ),
+    "/api/stats/tasks-per-minute": operation(
+        "get",
+        "Task events per minute by task name and state (charts)",
+        [
+            param(
+                "minutes",
+                "minutes up to now (default 60, at most POLLEN_CHART_RETENTION_DAYS days)",
+                {"type": "integer", "minimum": 1},
+            )
+        ],
+        _ok(
+            "series[i].counts[j]: events of that task name whose subject gives that "
+            "state (task-succeeded: SUCCESS...), in the minute start + j * step "
+            "(epoch seconds, by the event's own timestamp); at most "
+            f"{MAX_SERIES} series, those with the most events (series_total: how "
+            "many there were)",
+            {
+                "start": {"type": "number"},
+                "step": {"type": "integer"},
+                "minutes": {"type": "integer"},
+                "time": {"type": "number"},
+                "series": {"type": "array"},
+                "series_total": {"type": "integer"},
             },
-        }
-    },
-    "/api/stats/tasks-per-minute": {
-        "get": {
-            "summary": "Task events per minute by task name and state (charts)",
-            "parameters": [
-                param(
-                    "minutes",
-                    "minutes up to now (default 60, at most POLLEN_CHART_RETENTION_DAYS days)",
-                    {"type": "integer", "minimum": 1},
-                )
-            ],
-            "responses": {
-                "200": _ok(
-                    "series[i].counts[j]: events of that task name whose subject gives that "
-                    "state (task-succeeded: SUCCESS...), in the minute start + j * step "
-                    "(epoch seconds, by the event's own timestamp); at most "
-                    f"{MAX_SERIES} series, those with the most events (series_total: how "
-                    "many there were)",
-                    {
-                        "start": {"type": "number"},
-                        "step": {"type": "integer"},
-                        "minutes": {"type": "integer"},
-                        "time": {"type": "number"},
-                        "series": {"type": "array"},
-                        "series_total": {"type": "integer"},
-                    },
-                ),
-                **ERRORS,
-            },
-        }
-    },
-    "/api/stats/runtime": {
-        "get": {
-            "summary": "Runtime histogram and percentiles per task name (succeeded tasks)",
-            "parameters": [
-                param("workername", "only this worker's runtimes"),
-                param("taskname", "only this task name"),
-            ],
-            "responses": {
-                "200": _ok(
-                    "per task name: count, sum, mean, counts per bucket (buckets' upper "
-                    "bounds in seconds, then +Inf), p50/p90/p99 estimated like Prometheus' "
-                    "histogram_quantile (a rank in +Inf gives the highest finite bound)",
-                    {"buckets": {"type": "array"}, "tasks": {"type": "array"}},
-                ),
-                **ERRORS,
-            },
-        }
-    },
+        ),
+    ),
+    "/api/stats/runtime": operation(
+        "get",
+        "Runtime histogram and percentiles per task name (succeeded tasks)",
+        [
+            param("workername", "only this worker's runtimes"),
+            param("taskname", "only this task name"),
+        ],
+        _ok(
+            "per task name: count, sum, mean, counts per bucket (buckets' upper "
+            "bounds in seconds, then +Inf), p50/p90/p99 estimated like Prometheus' "
+            "histogram_quantile (a rank in +Inf gives the highest finite bound)",
+            {"buckets": {"type": "array"}, "tasks": {"type": "array"}},
+        ),
+    ),
 }

@@ -17,7 +17,7 @@ from aiohttp import web
 from services.api import params
 from services.api.context import Context, ctx
 from services.api.errors import bad_param, not_found
-from services.api.openapi import ERROR, ERRORS, Spec, json_body, param
+from services.api.openapi import ERROR, ERRORS, Spec, json_body, operation, param
 from services.api.query import SORT_KEYS, CursorError, TaskQuery
 from services.api.query.search import QuerySyntaxError, parse_query
 from shared.events import TASK_FIELDS
@@ -168,83 +168,66 @@ _TIME = {
     "type": "string",
     "description": "'YYYY-MM-DD HH:MM' in the server's local time (as Flower), or unix seconds",
 }
-_TASK_HEADERS = {
-    H_EXAMINED: {
-        "description": "index entries examined by filters and search",
-        "schema": {"type": "integer"},
-    },
-    H_SCAN_CAPPED: {
-        "description": "true when the scan stopped at POLLEN_SEARCH_SCAN_LIMIT (page may be short)",
-        "schema": {"type": "string"},
-    },
-    H_PAGE_CAPPED: {
-        "description": "present when the page size was capped at POLLEN_MAX_PAGE (its value)",
-        "schema": {"type": "integer"},
-    },
-    H_NEXT_CURSOR: {
-        "description": "pass as cursor= for the next page (present when the page is full)",
-        "schema": {"type": "string"},
+#: What each header of a page says.
+_HEADERS = {
+    H_EXAMINED: ("index entries examined by filters and search", "integer"),
+    H_SCAN_CAPPED: (
+        "true when the scan stopped at POLLEN_SEARCH_SCAN_LIMIT (page may be short)",
+        "string",
+    ),
+    H_PAGE_CAPPED: (
+        "present when the page size was capped at POLLEN_MAX_PAGE (its value)",
+        "integer",
+    ),
+    H_NEXT_CURSOR: (
+        "pass as cursor= for the next page (present when the page is full)",
+        "string",
+    ),
+}
+_PAGE = {
+    **json_body("ordered object uuid -> task", {"type": "object", "additionalProperties": TASK}),
+    "headers": {
+        name: {"description": text, "schema": {"type": kind}}
+        for name, (text, kind) in _HEADERS.items()
     },
 }
 openapi_paths: Spec = {
-    "/api/tasks": {
-        "get": {
-            "summary": "List tasks (Flower-compatible)",
-            "parameters": [
-                param(
-                    "limit",
-                    "page size (default and maximum: POLLEN_MAX_PAGE)",
-                    {"type": "integer", "minimum": 0},
-                ),
-                param("offset", "tasks skipped", {"type": "integer", "minimum": 0}),
-                param(
-                    "sort_by",
-                    "name, state, received or started; '-' prefix: descending",
-                    {"type": "string"},
-                ),
-                param("workername", "worker hostname (case-insensitive; All = any)"),
-                param("taskname", "task name (case-insensitive; All = any)"),
-                param("state", "task state (case-insensitive; All = any)"),
-                param("received_start", "received at or after (tasks never received pass)", _TIME),
-                param("received_end", "received at or before (tasks never received pass)", _TIME),
-                param("started_start", "started at or after (tasks never started pass)", _TIME),
-                param("started_end", "started at or before (tasks never started pass)", _TIME),
-                param("search", "Flower's task-filter query syntax"),
-                param("cursor", "X-Pollen-Next-Cursor of the previous page"),
-            ],
-            "responses": {
-                "200": {
-                    **json_body(
-                        "ordered object uuid -> task",
-                        {"type": "object", "additionalProperties": TASK},
-                    ),
-                    "headers": _TASK_HEADERS,
-                },
-                **ERRORS,
-            },
-        }
-    },
-    "/api/task/info/{uuid}": {
-        "get": {
-            "summary": "One task (Flower-compatible)",
-            "parameters": [param("uuid", "task id", where="path")],
-            "responses": {
-                "200": json_body("the task", TASK),
-                "404": json_body("unknown task", ERROR),
-                **ERRORS,
-            },
-        }
-    },
-    "/api/task/types": {
-        "get": {
-            "summary": "Task names seen",
-            "responses": {
-                "200": json_body(
-                    "task names",
-                    {"type": "object", "properties": {"task-types": {"type": "array"}}},
-                ),
-                **ERRORS,
-            },
-        }
-    },
+    "/api/tasks": operation(
+        "get",
+        "List tasks (Flower-compatible)",
+        [
+            param(
+                "limit",
+                "page size (default and maximum: POLLEN_MAX_PAGE)",
+                {"type": "integer", "minimum": 0},
+            ),
+            param("offset", "tasks skipped", {"type": "integer", "minimum": 0}),
+            param("sort_by", "name, state, received or started; '-' prefix: descending"),
+            param("workername", "worker hostname (case-insensitive; All = any)"),
+            param("taskname", "task name (case-insensitive; All = any)"),
+            param("state", "task state (case-insensitive; All = any)"),
+            param("received_start", "received at or after (tasks never received pass)", _TIME),
+            param("received_end", "received at or before (tasks never received pass)", _TIME),
+            param("started_start", "started at or after (tasks never started pass)", _TIME),
+            param("started_end", "started at or before (tasks never started pass)", _TIME),
+            param("search", "Flower's task-filter query syntax"),
+            param("cursor", "X-Pollen-Next-Cursor of the previous page"),
+        ],
+        _PAGE,
+    ),
+    "/api/task/info/{uuid}": operation(
+        "get",
+        "One task (Flower-compatible)",
+        [param("uuid", "task id", where="path")],
+        json_body("the task", TASK),
+        {**ERRORS, "404": json_body("unknown task", ERROR)},
+    ),
+    "/api/task/types": operation(
+        "get",
+        "Task names seen",
+        [],
+        json_body(
+            "task names", {"type": "object", "properties": {"task-types": {"type": "array"}}}
+        ),
+    ),
 }

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from services.api.errors import not_found
+from services.api.openapi import Spec, operation, param
 
 ROOT = Path(__file__).resolve().parent / "dashboard"
 _TYPES = {
@@ -82,30 +83,22 @@ routes: list[Any] = [
     web.get("/dashboard/{name}", asset, name="dashboard-asset"),
 ]
 
-openapi_paths: dict[str, Any] = {
-    "/": {
-        "get": {
-            "summary": "The dashboard (HTML; its data comes from this API)",
-            "responses": {"200": {"description": "the dashboard page"}},
-        }
-    },
-    "/dashboard/{name}": {
-        "get": {
-            "summary": "The dashboard's own scripts and styles",
-            "parameters": [
-                {
-                    "name": "name",
-                    "in": "path",
-                    "required": True,
-                    "description": "file name, e.g. app.js",
-                    "schema": {"type": "string"},
-                }
-            ],
-            "responses": {
-                "200": {"description": "the file"},
-                "304": {"description": "unchanged (If-None-Match)"},
-                "404": {"description": "no such file"},
-            },
-        }
-    },
+openapi_paths: Spec = {
+    "/": operation(
+        "get",
+        "The dashboard (HTML; its data comes from this API)",
+        [],
+        {"description": "the dashboard page"},
+        {},
+    ),
+    "/dashboard/{name}": operation(
+        "get",
+        "The dashboard's own scripts and styles",
+        [param("name", "file name, e.g. app.js", where="path")],
+        {"description": "the file"},
+        {
+            "304": {"description": "unchanged (If-None-Match)"},
+            "404": {"description": "no such file"},
+        },
+    ),
 }

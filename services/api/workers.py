@@ -17,7 +17,7 @@ from aiohttp import web
 from services.api import params
 from services.api.context import ctx
 from services.api.errors import not_found
-from services.api.openapi import BOOL, ERROR, ERRORS, Spec, json_body, param
+from services.api.openapi import BOOL, ERROR, ERRORS, Spec, json_body, operation, param
 from shared.inspected import worker_inspect
 from shared.readers import worker_alive, worker_from_hash
 from shared.workers import event_state, known_workers
@@ -66,19 +66,15 @@ routes: list[Any] = [
     web.get("/api/workers", list_workers),
 ]
 openapi_paths: Spec = {
-    "/api/workers": {
-        "get": {
-            "summary": "Workers: inspect data, or liveness with status=1 (Flower-compatible)",
-            "parameters": [
-                param("refresh", "accepted; inspect data is refreshed by the enabler", BOOL),
-                param("workername", "one worker (adds its active/reserved/scheduled/revoked)"),
-                param("status", "only {hostname: alive}", BOOL),
-            ],
-            "responses": {
-                "200": json_body("hostname -> inspect answers (or event fields)"),
-                "404": json_body("unknown worker", ERROR),
-                **ERRORS,
-            },
-        }
-    },
+    "/api/workers": operation(
+        "get",
+        "Workers: inspect data, or liveness with status=1 (Flower-compatible)",
+        [
+            param("refresh", "accepted; inspect data is refreshed by the enabler", BOOL),
+            param("workername", "one worker (adds its active/reserved/scheduled/revoked)"),
+            param("status", "only {hostname: alive}", BOOL),
+        ],
+        json_body("hostname -> inspect answers (or event fields)"),
+        {**ERRORS, "404": json_body("unknown worker", ERROR)},
+    ),
 }

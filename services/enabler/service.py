@@ -105,6 +105,30 @@ class Enabler:
             await asyncio.wait_for(event.wait(), timeout)
         event.clear()
 
+    async def _every(
+        self,
+        wake: asyncio.Event,
+        interval: Callable[[], float],
+        step: Callable[[], Awaitable[object]],
+        errors: tuple[type[BaseException], ...],
+    ) -> None:
+        """``step`` every ``interval()`` seconds while active, at once when ``wake`` is set;
+        after a failure (``errors``, or Redis's) at the broker's backoff instead. ``step``
+        keeps the broker's backoff itself (it knows which of its errors are the broker's)."""
+        ok = True
+        while True:
+            await self._wait(wake, interval() if ok else self.broker_backoff.delay())
+            if not self.active:
+                continue
+            try:
+                await step()
+                ok = True
+            except errors:
+                ok = False
+            except REDIS_ERRORS as exc:
+                ok = False
+                self.redis_backoff.failed(exc)
+
     def _wake_all(self) -> None:
         for event in (self.wake_enable, self.wake_inspect, self.wake_queues):
             event.set()
@@ -218,23 +242,22 @@ class Enabler:
             raise broker_failure
         return missing
 
+    async def inspect_all(self) -> None:
+        """``inspect`` every worker, the broker's backoff kept."""
+        try:
+            await self.inspect()
+        except self.broker_errors as exc:
+            self.broker_backoff.failed(exc)
+            raise
+        self.broker_backoff.recovered()
+
     async def inspect_loop(self) -> None:
-        ok = True
-        while True:
-            interval = self.settings.inspect_interval
-            await self._wait(self.wake_inspect, interval if ok else self.broker_backoff.delay())
-            if not self.active:
-                continue
-            try:
-                await self.inspect()
-                ok = True
-                self.broker_backoff.recovered()
-            except self.broker_errors as exc:
-                ok = False
-                self.broker_backoff.failed(exc)
-            except REDIS_ERRORS as exc:
-                ok = False
-                self.redis_backoff.failed(exc)
+        await self._every(
+            self.wake_inspect,
+            lambda: self.settings.inspect_interval,
+            self.inspect_all,
+            self.broker_errors,
+        )
 
     # --- workers coming online -----------------------------------------------------------------
 
@@ -331,20 +354,12 @@ class Enabler:
             )
             await self.stopping.wait()
             return
-        ok = True
-        while True:
-            interval = self.settings.queue_interval
-            await self._wait(self.wake_queues, interval if ok else self.broker_backoff.delay())
-            if not self.active:
-                continue
-            try:
-                await self.sample_queues()
-                ok = True
-            except self.sample_errors:
-                ok = False
-            except REDIS_ERRORS as exc:
-                ok = False
-                self.redis_backoff.failed(exc)
+        await self._every(
+            self.wake_queues,
+            lambda: self.settings.queue_interval,
+            self.sample_queues,
+            self.sample_errors,
+        )
 
     # --- lifecycle -----------------------------------------------------------------------------
 

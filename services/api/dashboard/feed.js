@@ -1,7 +1,9 @@
 // Live feed: the event stream, newest first, with filters and pause. The page's one
 // EventStream resumes after a dropped connection from the last event it handed out, so the
 // feed has no gap and no duplicate across reconnects.
-import { batched, fmtClock, fmtTime, h, short, stateBadge, text, toHash } from './util.js';
+import {
+  batched, fmtClock, fmtTime, h, paramValues, short, stateBadge, text, toHash,
+} from './util.js';
 
 const MAX_ROWS = 1000;
 const MAX_HELD = 20000;
@@ -45,11 +47,7 @@ function row(ev) {
 
 export function feedView(el, { params, app }) {
   const f = {
-    type: params.get('type') || '',
-    taskname: params.get('taskname') || '',
-    worker: params.get('worker') || '',
-    state: params.get('state') || '',
-    text: params.get('text') || '',
+    ...paramValues(params, { type: '', taskname: '', worker: '', state: '', text: '' }),
     hideHeartbeats: params.get('heartbeats') === '0',
   };
   let match = matcher(f);

@@ -3,7 +3,8 @@
 // (throttled) as events arrive, so new and finished tasks show up without a reload.
 import { get, getJson } from './api.js';
 import {
-  STATES, batched, clear, fmtDuration, patchRows, fmtTime, h, short, stateBadge, text, toHash,
+  STATES, batched, clear, fmtDuration, fmtTime, h, paramValues, patchRows, short, stateBadge, text,
+  toHash,
 } from './util.js';
 
 const COLUMNS_KEY = 'pollen.task-columns';
@@ -97,16 +98,10 @@ export function applyEvent(task, ev) {
 }
 
 export function tasksView(el, { params, app }) {
-  const filters = {
-    state: params.get('state') || '',
-    taskname: params.get('taskname') || '',
-    workername: params.get('workername') || '',
-    search: params.get('search') || '',
-    received_start: params.get('received_start') || '',
-    received_end: params.get('received_end') || '',
-    sort_by: params.get('sort_by') || '',
-    limit: params.get('limit') || '25',
-  };
+  const filters = paramValues(params, {
+    state: '', taskname: '', workername: '', search: '', received_start: '', received_end: '',
+    sort_by: '', limit: '25',
+  });
   let columns = chosenColumns();
   const cursors = [null]; // cursors[i]: the cursor of page i (null: the first page)
   let nextCursor = null;

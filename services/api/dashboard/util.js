@@ -133,6 +133,13 @@ export function parseHash(hash) {
   return { path, params: new URLSearchParams(query || '') };
 }
 
+// The view's filters from the URL's parameters: each name's value, or its default ('').
+export function paramValues(params, defaults) {
+  const out = {};
+  for (const [name, fallback] of Object.entries(defaults)) out[name] = params.get(name) || fallback;
+  return out;
+}
+
 export function toHash(path, params) {
   const q = new URLSearchParams();
   for (const [k, v] of Object.entries(params || {})) {

@@ -14,7 +14,7 @@ from services.api.events.filter import parse_batch, parse_filter, parse_since
 from services.api.events.hub import HUB, EventHub
 from services.api.events.ids import StreamId
 from services.api.events.replay import replay
-from services.api.openapi import ERRORS, Spec, param
+from services.api.openapi import ERRORS, Spec, operation, param
 from services.api.websocket import WebSocket
 from shared.connections import REDIS_ERRORS
 
@@ -115,32 +115,31 @@ _PARAMS = [
     param("token", "bearer token (for clients that cannot set headers)"),
 ]
 
+_SWITCHING = {"101": {"description": "switching to WebSocket"}, **ERRORS}
+_TYPE = param("event_type", "e.g. task-succeeded", where="path")
 openapi_paths: Spec = {
-    "/api/events": {
-        "get": {
-            "summary": "Live events (WebSocket) with filters and resume",
-            "description": _WS,
-            "parameters": _PARAMS,
-            "responses": {"101": {"description": "switching to WebSocket"}, **ERRORS},
-        }
-    },
-    "/api/task/events/{event_type}/": {
-        "get": {
-            "summary": "Flower 1.0 task event WebSocket (one event type)",
-            "description": _WS,
-            "parameters": [param("event_type", "e.g. task-succeeded", where="path")],
-            "responses": {"101": {"description": "switching to WebSocket"}, **ERRORS},
-        }
-    },
-    "/api/task/events/{event_type}/{uuid}": {
-        "get": {
-            "summary": "Flower 1.0 task event WebSocket (one event type, one task)",
-            "description": _WS,
-            "parameters": [
-                param("event_type", "e.g. task-succeeded", where="path"),
-                param("uuid", "task id", where="path"),
-            ],
-            "responses": {"101": {"description": "switching to WebSocket"}, **ERRORS},
-        }
-    },
+    "/api/events": operation(
+        "get",
+        "Live events (WebSocket) with filters and resume",
+        _PARAMS,
+        None,
+        _SWITCHING,
+        description=_WS,
+    ),
+    "/api/task/events/{event_type}/": operation(
+        "get",
+        "Flower 1.0 task event WebSocket (one event type)",
+        [_TYPE],
+        None,
+        _SWITCHING,
+        description=_WS,
+    ),
+    "/api/task/events/{event_type}/{uuid}": operation(
+        "get",
+        "Flower 1.0 task event WebSocket (one event type, one task)",
+        [_TYPE, param("uuid", "task id", where="path")],
+        None,
+        _SWITCHING,
+        description=_WS,
+    ),
 }
