@@ -40,7 +40,7 @@ bench: $(STAMP)
 # Soak (about 15 minutes): 1M tasks through a private RabbitMQ node, collector, enabler and API
 # with POLLEN_MAX_TASKS=200000; checks Redis memory, process RSS and logs (SOAK_ARGS=--help).
 soak: $(STAMP) services
-	$(BIN)/python -m tests.faults.soak $(SOAK_ARGS)
+	$(BIN)/python -m tools.soak $(SOAK_ARGS)
 
 run: $(STAMP)
 	$(BIN)/python -m demo.launcher

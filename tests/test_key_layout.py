@@ -17,8 +17,8 @@ from kombu import Exchange
 
 import shared.keys
 from shared.keys import Keys
-from tests.dashboard.conftest import start_api
-from tests.enabler.helpers import client, collector, enabler, stop_all, wait_worker_up
+from tests.support.api import Api
+from tests.support.cluster import client, collector, enabler, stop_all, wait_worker_up
 from tests.support.replies import raw_list
 from tests.support.servers import Process, RedisServer, celery_worker, pollen_env, wait_for
 
@@ -68,7 +68,7 @@ def test_every_key_written_is_documented(tmp_path: Path) -> None:
         processes.append(collector(broker, state, tmp_path / "collector.log", NAMESPACE))
         processes.append(enabler(broker, state, tmp_path / "enabler.log", NAMESPACE, **settings))
         env = pollen_env(broker, state, NAMESPACE, result_backend="", **settings)
-        api = start_api(env, tmp_path / "api.log")
+        api = Api(env, tmp_path / "api.log")
         wait_worker_up(broker, WORKER)
         ids = [
             app.send_task("demo.app.add", (1, 2)).id,
@@ -96,7 +96,7 @@ def test_every_key_written_is_documented(tmp_path: Path) -> None:
         keys = Keys(NAMESPACE)
 
         def lifecycle_done() -> bool:
-            tasks = api.get("/api/tasks?limit=100") if api is not None else {}
+            tasks = api.data("/api/tasks?limit=100") if api is not None else {}
             states = {i: tasks.get(i, {}).get("state") for i in ids}
             wanted = (keys.inspect(WORKER), keys.queues, keys.queues_history, keys.audit,
                       keys.malformed, keys.enabler_lease)  # fmt: skip

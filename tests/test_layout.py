@@ -115,10 +115,14 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_circles() -> None:
-    """Among the product's modules, the benchmarks' and the tests'."""
+    """Among the product's modules, the benchmarks', the tests' and the tools'."""
     modules = {
         **product_modules(),
-        **{module_name(p): p for f in ("bench", "tests") for p in sorted((ROOT / f).rglob("*.py"))},
+        **{
+            module_name(p): p
+            for f in ("bench", "tests", "tools")
+            for p in sorted((ROOT / f).rglob("*.py"))
+        },
     }
     graph = {
         name: {t for t in imports(path) if t in modules and t != name}
@@ -135,3 +139,20 @@ def test_the_checks_see_a_cross_service_import(tmp_path: Path) -> None:
     assert "services.enabler.writes" in found and "services.api.workers" in found
     assert owner("services.enabler.writes") == "enabler"
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_tests_share_only_through_support() -> None:
+    """A test module imports from ``tests.support`` or from its own folder, never from another
+    test folder; ``bench`` and ``tools`` reach the tests only through ``tests.support``."""
+    wrong = set()
+    for folder in ("tests", "bench", "tools"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            name = module_name(path)
+            parts = name.split(".")
+            own = ".".join(parts[:2]) if folder == "tests" and len(parts) > 2 else None
+            for target in imports(path, name):
+                if not target.startswith("tests.") or target.startswith("tests.support"):
+                    continue
+                if own is None or not (target == own or target.startswith(own + ".")):
+                    wrong.add((name, target))
+    assert not wrong, sorted(wrong)

@@ -20,10 +20,10 @@ import redis.cluster
 from services.collector.writer import Writer
 from shared.keys import Keys
 from shared.settings import load
-from tests.api.conftest import Api, api_env, clear_namespace, seed
-from tests.api.dataset import task_events
 from tests.api.test_flower_compat import FILTERS, SEARCHES
 from tests.support import readback
+from tests.support.api import Api, api_env, clear_namespace, seed
+from tests.support.dataset import task_events
 from tests.support.servers import RedisCluster, RedisServer
 
 NAMESPACE = "apicl"

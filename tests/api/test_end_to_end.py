@@ -17,7 +17,7 @@ from celery import Celery
 from flower.events import EventsState
 from flower.utils.tasks import iter_tasks
 
-from tests.api.conftest import Api
+from tests.support.api import Api
 from tests.support.servers import RedisServer, celery_worker, pollen_env, service, wait_for
 
 

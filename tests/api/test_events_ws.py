@@ -16,8 +16,8 @@ import pytest
 import redis
 
 from shared.keys import Keys
-from tests.api.conftest import Api, clear_namespace, seed
-from tests.api.dataset import task_events
+from tests.support.api import Api, clear_namespace, seed
+from tests.support.dataset import task_events
 from tests.support.replies import entries
 from tests.support.servers import RedisServer
 

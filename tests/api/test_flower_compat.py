@@ -17,8 +17,8 @@ import pytest
 from flower.events import EventsState
 from flower.utils.tasks import iter_tasks
 
-from tests.api.conftest import Api, clear_namespace, seed
-from tests.api.dataset import task_events
+from tests.support.api import Api, api_env, clear_namespace, seed
+from tests.support.dataset import task_events
 from tests.support.servers import RedisServer
 
 TASKS = 300
@@ -84,8 +84,6 @@ def api(
     namespace = f"compat{shards}"
     clear_namespace(redis_server, namespace)
     seed(redis_server, namespace, EVENTS, shards)
-    from tests.api.conftest import api_env
-
     log = tmp_path_factory.mktemp("compat") / "api.log"
     running = Api(api_env(redis_server, namespace, shards=str(shards)), log)
     yield running

@@ -17,8 +17,8 @@ from urllib.parse import urlencode
 import pytest
 from celery import Celery
 
-from tests.api.conftest import Api
-from tests.api.dataset import task_events
+from tests.support.api import Api
+from tests.support.dataset import task_events
 from tests.support.servers import (
     PYTHON,
     Process,

@@ -11,9 +11,9 @@ from typing import Any
 
 import aiohttp
 
-from tests.api.conftest import Api
-from tests.api.dataset import task_events
 from tests.api.test_events_ws import collect, seed_async
+from tests.support.api import Api
+from tests.support.dataset import task_events
 from tests.support.servers import RedisServer, wait_for
 
 EVENTS = task_events(20, seed=13)

@@ -19,8 +19,8 @@ from services.api.app import make_app
 from services.api.auth import PRINCIPAL_KEY, Credentials, require_role
 from services.api.errors import ApiError
 from shared.settings import load
-from tests.api.conftest import Api, api_env, clear_namespace, seed
-from tests.api.dataset import task_events
+from tests.support.api import Api, api_env, clear_namespace, seed
+from tests.support.dataset import task_events
 from tests.support.servers import PYTHON, ROOT, RedisServer, free_port
 
 NAMESPACE = "sec"

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from services.api.app import make_app
 from shared.settings import Settings, load
-from tests.enabler.helpers import (
+from tests.support.cluster import (
     NAMESPACE,
     collector,
     enabler,
@@ -97,7 +97,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def _keys() -> Any:
-    from tests.enabler.helpers import KEYS
+    from tests.support.cluster import KEYS
 
     return KEYS
 

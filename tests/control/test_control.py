@@ -15,7 +15,7 @@ from typing import Any
 import redis
 
 from tests.control.conftest import ApiFactory, Stack
-from tests.enabler.helpers import KEYS, client, wait_worker_up
+from tests.support.cluster import KEYS, client, wait_worker_up
 from tests.support.servers import celery_worker
 
 
@@ -328,7 +328,7 @@ async def test_control_on_rabbitmq(
     stack: Stack, api: ApiFactory, amqp_url: str, state: redis.Redis
 ) -> None:
     """The same calls on RabbitMQ; the worker is known from the enabler's inspect answers."""
-    from tests.enabler.helpers import enabler, inspect_data, running
+    from tests.support.cluster import enabler, inspect_data, running
     from tests.support.servers import wait_for
 
     hostname = f"rabbit-{uuid.uuid4().hex[:6]}@test"

@@ -8,12 +8,7 @@ each view go to ``.run/screenshots/`` (``make screenshots``: ``docs/screenshots/
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import signal
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,29 +16,19 @@ from typing import Any
 
 import pytest
 
+from tests.support.api import Api
+from tests.support.browser import CHROMIUM_ARGS, chromium_executable
 from tests.support.servers import (
     PYTHON,
     ROOT,
     Process,
     RedisServer,
     celery_worker,
-    free_port,
     pollen_env,
     service,
     wait_for,
 )
 
-CHROMIUM = os.environ.get("POLLEN_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 #: Where the test run saves a screenshot of each view; `make screenshots` points this at
 #: docs/screenshots/ (the README's), a plain `make test` leaves the tracked ones alone.
 SCREENSHOTS = Path(os.environ.get("SCREENSHOTS_DIR") or ROOT / ".run" / "screenshots")
@@ -51,72 +36,6 @@ NAMESPACE = "dash"
 WORKER = "dash@pollen-demo"
 #: A queue no worker consumes at first, so the queue chart has something waiting.
 IDLE_QUEUE = "reports"
-
-
-def chromium_executable() -> str:
-    found = shutil.which(CHROMIUM) or (CHROMIUM if os.path.exists(CHROMIUM) else None)
-    if found is None:
-        pytest.fail(
-            f"Chromium is not installed ({CHROMIUM} not found): run .ci/run, or "
-            "`apt-get install chromium` (Debian's package), then run the tests again"
-        )
-    return found
-
-
-@dataclass
-class Api:
-    port: int
-    env: dict[str, str]
-    log: Path
-    process: Process = field(init=False)  # by start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=10) as resp:
-            return json.loads(resp.read())
-
-    def post(self, path: str) -> Any:
-        req = urllib.request.Request(self.url + path, data=b"", method="POST")
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read())
-
-    def up(self) -> bool:
-        if not self.process.alive():
-            raise RuntimeError(f"API exited:\n{self.process.output()}")
-        try:
-            prefix = self.env.get("POLLEN_URL_PREFIX", "").strip("/")
-            health = f"/{prefix}/healthz" if prefix else "/healthz"
-            with urllib.request.urlopen(self.url + health, timeout=2) as resp:
-                status: int = resp.status
-                return status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def start(self) -> Api:
-        self.process = service("api", self.env, self.log)
-        try:
-            wait_for(self.up, timeout=20, message=f"API on {self.port}")
-        except BaseException:
-            self.process.stop()  # nobody else holds it yet: it would outlive the tests
-            raise
-        return self
-
-    def kill(self) -> None:
-        self.process.signal(signal.SIGKILL)
-        self.process.proc.wait(10)
-
-    def stop(self) -> None:
-        self.process.stop()
-
-
-def start_api(env: dict[str, str], log: Path, **extra: str) -> Api:
-    port = free_port()
-    full = {**env, "POLLEN_API_PORT": str(port), "POLLEN_API_HOST": "127.0.0.1", **extra}
-    api = Api(port=port, env=full, log=log)
-    return api.start()
 
 
 @dataclass
@@ -176,8 +95,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "celery",
             )
         )
-        apis.append(start_api(env, workdir / "api.log"))
-        apis.append(start_api(env, workdir / "api-ro.log", POLLEN_READ_ONLY="1"))
+        apis.append(Api(env, workdir / "api.log"))
+        apis.append(Api(env, workdir / "api-ro.log", POLLEN_READ_ONLY="1"))
         processes.append(
             Process(
                 [PYTHON, "-m", "demo.traffic", "--rate", "6"],
@@ -190,20 +109,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             stack.send("demo.app.add", 1, 2, queue=IDLE_QUEUE)
         api = apis[0]
         wait_for(
-            lambda: api.get("/api/workers?status=1").get(WORKER),
+            lambda: api.data("/api/workers?status=1").get(WORKER),
             timeout=60,
             message="the worker online",
         )
         wait_for(
             lambda: (
-                api.get("/api/tasks?state=FAILURE&limit=1")
-                and len(api.get("/api/tasks?state=SUCCESS&limit=20")) >= 20
+                api.data("/api/tasks?state=FAILURE&limit=1")
+                and len(api.data("/api/tasks?state=SUCCESS&limit=20")) >= 20
             ),
             timeout=90,
             message="successes and failures in /api/tasks",
         )
         wait_for(
-            lambda: "registered" in api.get(f"/api/workers?workername={WORKER}")[WORKER],
+            lambda: "registered" in api.data(f"/api/workers?workername={WORKER}")[WORKER],
             timeout=60,
             message="inspect data of the worker",
         )

@@ -16,14 +16,8 @@ import redis
 from playwright.sync_api import expect
 
 from shared.keys import Keys
-from tests.dashboard.conftest import (
-    IDLE_QUEUE,
-    NAMESPACE,
-    WORKER,
-    Stack,
-    screenshot,
-    start_api,
-)
+from tests.dashboard.conftest import IDLE_QUEUE, NAMESPACE, WORKER, Stack, screenshot
+from tests.support.api import Api
 from tests.support.replies import entries
 from tests.support.servers import PYTHON, Process, wait_for
 
@@ -74,7 +68,7 @@ def test_tasks_filters_search_and_columns(page: Any, stack: Stack) -> None:
     marked = stack.send("demo.app.fail", needle)
     wait_for(
         lambda: (
-            stack.api.get(f"/api/tasks?search={needle}").get(marked, {}).get("state") == "FAILURE"
+            stack.api.data(f"/api/tasks?search={needle}").get(marked, {}).get("state") == "FAILURE"
         ),
         timeout=30,
         message="the marked task failed",
@@ -129,7 +123,7 @@ def test_tasks_filters_search_and_columns(page: Any, stack: Stack) -> None:
     pager = f"pager-{uuid.uuid4().hex[:10]}"
     waiting = {stack.send("demo.app.fail", pager, queue=IDLE_QUEUE) for _ in range(15)}
     wait_for(
-        lambda: len(stack.api.get(f"/api/tasks?search={pager}")) == 15,
+        lambda: len(stack.api.data(f"/api/tasks?search={pager}")) == 15,
         timeout=30,
         message="the tasks to page through",
     )
@@ -183,7 +177,7 @@ def test_finishing_task_shows_up_within_a_second(page: Any, stack: Stack) -> Non
     expect(row).to_have_attribute("data-state", "STARTED", timeout=15_000)
 
     def finished() -> bool:
-        found = stack.api.get(f"/api/task/info/{task_id}")
+        found = stack.api.data(f"/api/task/info/{task_id}")
         return bool(found["state"] == "SUCCESS")
 
     wait_for(finished, timeout=30, interval=0.02, message="the task succeeded in the API")
@@ -204,7 +198,7 @@ def test_task_detail(page: Any, stack: Stack) -> None:
     finally:
         app.close()
     wait_for(
-        lambda: stack.api.get(f"/api/task/info/{child}")["state"] == "SUCCESS",
+        lambda: stack.api.data(f"/api/task/info/{child}")["state"] == "SUCCESS",
         timeout=30,
         message="the chain finished",
     )
@@ -217,7 +211,7 @@ def test_task_detail(page: Any, stack: Stack) -> None:
     expect(fields.locator("tr[data-field=root]")).to_contain_text(parent)
     expect(fields.locator("tr[data-field=result]")).to_contain_text("30")
 
-    failed = next(iter(stack.api.get("/api/tasks?state=FAILURE&taskname=demo.app.fail&limit=1")))
+    failed = next(iter(stack.api.data("/api/tasks?state=FAILURE&taskname=demo.app.fail&limit=1")))
     open_view(page, stack.api.url, f"#/task/{failed}")
     expect(page.locator("#traceback")).to_contain_text("ValueError")
     for kind in ("task-received", "task-started", "task-failed"):
@@ -230,7 +224,7 @@ def test_task_detail(page: Any, stack: Stack) -> None:
 
     # revoke a task that cannot run yet (its queue has no consumer): confirmed, it turns REVOKED
     waiting = stack.send("demo.app.add", 5, 5, queue=IDLE_QUEUE)
-    wait_for(lambda: stack.api.get(f"/api/task/info/{waiting}"), timeout=20, message="sent task")
+    wait_for(lambda: stack.api.data(f"/api/task/info/{waiting}"), timeout=20, message="sent task")
     open_view(page, stack.api.url, f"#/task/{waiting}")
     page.locator("#revoke").click()
     page.locator("#confirm-ok").click()
@@ -306,7 +300,7 @@ def test_read_only_hides_controls(page: Any, stack: Stack) -> None:
     expect(page.locator("#who")).to_have_text("read-only")
     for control in ("#pool-grow", "#shutdown", "#add-consumer", "#worker-controls"):
         expect(page.locator(control)).to_have_count(0)
-    failed = next(iter(stack.read_only.get("/api/tasks?state=FAILURE&limit=1")))
+    failed = next(iter(stack.read_only.data("/api/tasks?state=FAILURE&limit=1")))
     open_view(page, stack.read_only.url, f"#/task/{failed}")
     expect(page.locator("#task-fields")).to_contain_text(failed)
     expect(page.locator("#revoke")).to_have_count(0)
@@ -317,7 +311,7 @@ def test_read_only_hides_controls(page: Any, stack: Stack) -> None:
 def test_token_sign_in(page: Any, stack: Stack) -> None:
     """With tokens configured the page's data needs one: the page asks, then uses it for REST
     and the WebSocket; a read-only token gives a read-only dashboard."""
-    secured = start_api(
+    secured = Api(
         stack.env, stack.workdir / "api-token.log", POLLEN_API_TOKENS="full-token,ro-token:ro"
     )
     try:

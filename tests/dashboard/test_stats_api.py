@@ -16,7 +16,7 @@ import pytest
 from services.api.stats import quantile
 from services.api.ui import FILES
 from shared.keys import RUNTIME_BUCKETS
-from tests.api.conftest import Api, api_env, clear_namespace, seed
+from tests.support.api import Api, api_env, clear_namespace, seed
 from tests.support.servers import RedisServer
 
 NAMESPACE = "stats"

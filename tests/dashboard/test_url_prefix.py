@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from playwright.sync_api import expect
 
-from tests.dashboard.conftest import IDLE_QUEUE, WORKER, Api, Stack, start_api
+from tests.dashboard.conftest import IDLE_QUEUE, WORKER, Stack
 from tests.dashboard.test_dashboard import no_errors
+from tests.support.api import Api
 from tests.support.servers import PYTHON, ROOT, Proxy, start_proxy
 
 PREFIX = "/flower"
@@ -25,7 +26,7 @@ PREFIX = "/flower"
 
 @pytest.fixture(scope="module")
 def prefixed(stack: Stack) -> Iterator[tuple[Api, Proxy]]:
-    api = start_api(stack.env, stack.workdir / "api-prefix.log", POLLEN_URL_PREFIX="flower/")
+    api = Api(stack.env, stack.workdir / "api-prefix.log", POLLEN_URL_PREFIX="flower/")
     proxy = start_proxy(api.port, stack.workdir / "nginx-prefix")
     try:
         yield api, proxy
@@ -74,7 +75,7 @@ def test_flower_page_urls_land_on_the_view(
 ) -> None:
     _, proxy = prefixed
     base = f"{proxy.url}{PREFIX}"
-    failed = next(iter(stack.api.get("/api/tasks?state=FAILURE&limit=1")))
+    failed = next(iter(stack.api.data("/api/tasks?state=FAILURE&limit=1")))
     page.goto(f"{base}/task/{failed}")
     expect(page.locator("#task-fields")).to_contain_text(failed)
     expect(page.locator("#traceback")).to_be_visible()

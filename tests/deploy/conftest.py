@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import textwrap
 import urllib.request
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.support.servers import PYTHON, Process, RedisServer, free_port, wait_for
+from tests.support.servers import PYTHON, Process, RabbitNode, RedisServer, free_port, wait_for
 
 BIN = Path(PYTHON).parent
 
@@ -87,67 +86,16 @@ def tls_redis(workdir: Path, certs: Certs) -> RedisServer:
     )  # fmt: skip
 
 
-class RabbitNode:
-    """A RabbitMQ node of the test's own (Debian's rabbitmq-server), listening only on TLS."""
-
-    def __init__(self, workdir: Path, certs: Certs) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.name = f"pollen-test-{self.port}@localhost"
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "rabbitmq.conf").write_text(
-            textwrap.dedent(f"""\
-                listeners.tcp = none
-                listeners.ssl.default = {self.port}
-                ssl_options.cacertfile = {certs.ca}
-                ssl_options.certfile = {certs.server_cert}
-                ssl_options.keyfile = {certs.server_key}
-                ssl_options.verify = verify_peer
-                ssl_options.fail_if_no_peer_cert = true
-                """)
-        )
-        (workdir / "enabled_plugins").write_text("[].\n")
-        self.process: Process | None = None
-
-    def start(self) -> RabbitNode:
-        # the script itself, not Debian's wrapper, which would switch to the rabbitmq user
-        server = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
-        if not server.exists():
-            pytest.fail("rabbitmq-server is not installed: run .ci/run (Debian's package)")
-        env = {
-            "HOME": str(self.workdir),  # its Erlang cookie
-            "RABBITMQ_NODENAME": self.name,
-            "RABBITMQ_DIST_PORT": str(free_port()),
-            "RABBITMQ_CONFIG_FILE": str(self.workdir / "rabbitmq"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.workdir / "enabled_plugins"),
-            "RABBITMQ_MNESIA_BASE": str(self.workdir / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(self.workdir / "log"),
-            "RABBITMQ_PID_FILE": str(self.workdir / "pid"),
-        }
-        self.process = Process([str(server)], self.workdir / "node.log", env, cwd=self.workdir)
-
-        def listening() -> bool:
-            assert self.process is not None
-            if not self.process.alive():
-                raise RuntimeError(f"rabbitmq-server exited:\n{self.process.output()[-3000:]}")
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return True
-
-        try:
-            wait_for(listening, timeout=60, message=f"RabbitMQ node {self.name}")
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop(timeout=30)
-
-
 @pytest.fixture(scope="package")
 def rabbit_tls(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[RabbitNode]:
-    node = RabbitNode(tmp_path_factory.mktemp("rabbit"), certs).start()
+    tls = textwrap.dedent(f"""\
+        ssl_options.cacertfile = {certs.ca}
+        ssl_options.certfile = {certs.server_cert}
+        ssl_options.keyfile = {certs.server_key}
+        ssl_options.verify = verify_peer
+        ssl_options.fail_if_no_peer_cert = true
+        """)
+    node = RabbitNode(tmp_path_factory.mktemp("rabbit"), tls=tls).start()
     try:
         yield node
     finally:

@@ -8,8 +8,9 @@ from pathlib import Path
 import redis
 
 from tests.deploy import checks
-from tests.deploy.conftest import Certs, Deployment, RabbitNode, tls_redis, write_project
+from tests.deploy.conftest import Certs, Deployment, tls_redis, write_project
 from tests.support.replies import raw_list
+from tests.support.servers import RabbitNode
 
 
 def test_rabbitmq_over_tls_with_renamed_exchanges(

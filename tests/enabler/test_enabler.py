@@ -13,7 +13,8 @@ import redis
 from kombu import Exchange, Queue
 
 from shared.inspected import INSPECT_METHODS
-from tests.enabler.helpers import (
+from tests.support import readback
+from tests.support.cluster import (
     KEYS,
     NAMESPACE,
     client,
@@ -25,7 +26,6 @@ from tests.enabler.helpers import (
     running,
     wait_worker_up,
 )
-from tests.support import readback
 from tests.support.replies import entries, raw_list
 from tests.support.servers import RedisServer, celery_worker, wait_for
 

@@ -23,8 +23,8 @@ from schemathesis.specs.openapi.checks import (
 
 from services.api.auth import Credentials
 from shared.settings import load
-from tests.api.conftest import Api, seed
-from tests.api.dataset import task_events
+from tests.support.api import Api, seed
+from tests.support.dataset import task_events
 from tests.support.servers import RedisServer
 
 TOKEN, RO_TOKEN = "fault-token-0123456789", "fault-ro-token"

@@ -20,16 +20,16 @@ import redis
 from kombu import Connection, Exchange, Producer
 
 from shared.keys import Keys
-from tests.faults.helpers import (
+from tests.support import readback
+from tests.support.replies import raw_hash, raw_list
+from tests.support.servers import Process, RedisServer, pollen_env, service, wait_for
+from tests.support.workloads import (
     applied_events,
     assert_same_state,
     mixed_plan,
     publish_mixed,
     queue_drained,
 )
-from tests.support import readback
-from tests.support.replies import raw_hash, raw_list
-from tests.support.servers import Process, RedisServer, pollen_env, service, wait_for
 
 REF = Keys("ref")
 

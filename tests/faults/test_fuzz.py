@@ -3,7 +3,7 @@ collector's apply path (``Writer.apply`` + ``apply_events.lua`` on a real Redis)
 events that still decode. Nothing raises, every element of a message is either decoded or
 counted as bad with a known reason, and whatever is applied reads back.
 
-The same decoder is fuzzed coverage-guided by atheris (``tests/faults/fuzz_atheris.py``) when
+The same decoder is fuzzed coverage-guided by atheris (``tools/fuzz_decoder.py``) when
 atheris is installed."""
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def test_apply_mutated_events(
 def test_decoder_atheris() -> None:
     """A bounded coverage-guided run of atheris over the decoder (5,000 inputs)."""
     out = subprocess.run(
-        [PYTHON, "-m", "tests.faults.fuzz_atheris", "-runs=5000", "-max_len=4096", "-seed=1"],
+        [PYTHON, "-m", "tools.fuzz_decoder", "-runs=5000", "-max_len=4096", "-seed=1"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -11,7 +11,6 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -19,60 +18,26 @@ import redis
 from celery import Celery
 
 from shared.keys import Keys
-from tests.api.conftest import Api
-from tests.faults.helpers import (
-    RabbitNode,
-    applied_events,
-    assert_same_state,
-    private_rabbitmq_possible,
-    publish_mixed,
-    queue_drained,
-)
+from tests.support.api import Api
+from tests.support.clients import WsReader
 from tests.support.replies import raw_hash
 from tests.support.servers import (
     Process,
+    RabbitNode,
     RedisServer,
     celery_worker,
     pollen_env,
+    private_rabbitmq_possible,
     rabbitmqctl,
     service,
     wait_for,
 )
 from tests.support.streams import publish_tasks
+from tests.support.workloads import applied_events, assert_same_state, publish_mixed, queue_drained
 
 
 def applied(r: redis.Redis, keys: Keys) -> int:
     return applied_events(r, keys)
-
-
-class WsReader(threading.Thread):
-    """A WebSocket client of ``/api/events`` in a thread of its own, keeping every message."""
-
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
-        super().__init__(daemon=True)
-        self.url = url
-        self.timeout = timeout
-        self.messages: list[dict[str, Any]] = []
-        self.connected = threading.Event()
-        self.closed: str | None = None
-        self.stop_flag = threading.Event()
-
-    def run(self) -> None:
-        asyncio.run(self._read())
-
-    async def _read(self) -> None:
-        async with aiohttp.ClientSession() as session, session.ws_connect(self.url) as ws:
-            self.connected.set()
-            deadline = time.monotonic() + self.timeout
-            while not self.stop_flag.is_set() and time.monotonic() < deadline:
-                try:
-                    msg = await ws.receive(timeout=0.5)
-                except TimeoutError:
-                    continue
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    self.closed = f"{msg.type} {msg.data!r} {msg.extra!r}"
-                    return
-                self.messages.append(json.loads(msg.data))
 
 
 def ws_status(url: str) -> int:

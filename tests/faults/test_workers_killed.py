@@ -12,7 +12,7 @@ import redis
 from celery import Celery
 
 from shared.keys import Keys
-from tests.api.conftest import Api
+from tests.support.api import Api
 from tests.support.servers import RedisServer, celery_worker, pollen_env, service, wait_for
 
 FREQ = 1.0

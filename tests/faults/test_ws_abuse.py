@@ -20,8 +20,8 @@ import redis
 
 from services.collector.writer import Writer
 from shared.settings import load
-from tests.api.conftest import Api, api_env
 from tests.support import readback
+from tests.support.api import Api, api_env
 from tests.support.servers import RedisServer
 
 NAMESPACE = "wsabuse"

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from shared.settings import Settings, load
-from tests.dashboard.conftest import CHROMIUM_ARGS, Api, chromium_executable, start_api
+from tests.support.api import Api
+from tests.support.browser import CHROMIUM_ARGS, chromium_executable
 from tests.support.servers import (
     Process,
     RedisServer,
@@ -102,9 +103,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 env={"DEMO_RESULT_BACKEND": f"redis://127.0.0.1:{server.port}/2"},
             )
         )
-        apis.append(start_api(env, workdir / "api-open.log"))
+        apis.append(Api(env, workdir / "api-open.log"))
         apis.append(
-            start_api(
+            Api(
                 env,
                 workdir / "api-basic.log",
                 POLLEN_BASIC_AUTH=f"{USER}:{PASSWORD},{RO_USER}:{RO_PASSWORD}:ro",
@@ -112,7 +113,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             )
         )
         apis.append(
-            start_api(
+            Api(
                 env,
                 workdir / "api-both.log",
                 POLLEN_BASIC_AUTH=f"{USER}:{PASSWORD}",
@@ -122,7 +123,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack = Stack(server, broker, env, apis[0], apis[1], apis[2], workdir, processes)
         wait_for(
             lambda: (
-                stack.open_api.get(f"/api/workers?workername={WORKER}").get(WORKER, {}).get("stats")
+                stack.open_api.data(f"/api/workers?workername={WORKER}")
+                .get(WORKER, {})
+                .get("stats")
             ),
             timeout=60,
             message="the worker's inspect data",

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.dashboard.conftest import Api
 from tests.security.conftest import PASSWORD, USER, WORKER, Stack, basic
+from tests.support.api import Api
 from tests.support.servers import free_port, wait_for
 
 ATTACK_PAGE = """<!doctype html>

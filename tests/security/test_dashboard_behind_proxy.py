@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import expect
 
-from tests.dashboard.conftest import Api, start_api
 from tests.security.conftest import PASSWORD, TOKEN, USER, WORKER, Stack, basic
+from tests.support.api import Api
 from tests.support.servers import start_proxy
 
 
@@ -32,7 +32,7 @@ def test_dashboard_behind_nginx(stack: Stack, browser: Any, mode: str) -> None:
     if mode == "open":
         api, script_auth = stack.open_api, {}
     elif mode == "tokens":
-        token_api = start_api(stack.env, stack.workdir / "api-tokens.log", POLLEN_API_TOKENS=TOKEN)
+        token_api = Api(stack.env, stack.workdir / "api-tokens.log", POLLEN_API_TOKENS=TOKEN)
         api, script_auth = token_api, {"Authorization": f"Bearer {TOKEN}"}
     elif mode == "basic":
         api, script_auth = stack.basic_api, basic(USER, PASSWORD)

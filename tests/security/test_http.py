@@ -21,7 +21,6 @@ import redis
 
 from services.collector.writer import Writer
 from shared.settings import load
-from tests.dashboard.conftest import Api, start_api
 from tests.security.conftest import (
     NAMESPACE,
     PASSWORD,
@@ -34,6 +33,7 @@ from tests.security.conftest import (
     basic,
 )
 from tests.support import readback
+from tests.support.api import Api
 from tests.support.servers import PYTHON, ROOT, RedisServer, wait_for
 
 EVIL = "http://evil.example"
@@ -123,7 +123,7 @@ def test_same_origin_and_scripts_pass(stack: Stack, headers: dict[str, str]) -> 
 
 
 def test_listed_origins_may_control(stack: Stack, tmp_path: Any) -> None:
-    api = start_api(stack.env, tmp_path / "api.log", POLLEN_CORS_ORIGINS="https://ops.example")
+    api = Api(stack.env, tmp_path / "api.log", POLLEN_CORS_ORIGINS="https://ops.example")
     try:
         status, headers, _ = call(api, "POST", GROW, {"Origin": "https://ops.example"})
         assert status == 200 and headers["Access-Control-Allow-Origin"] == "https://ops.example"
@@ -135,7 +135,7 @@ def test_listed_origins_may_control(stack: Stack, tmp_path: Any) -> None:
 
 
 def test_star_cors_reads_but_never_controls(stack: Stack, tmp_path: Any) -> None:
-    api = start_api(stack.env, tmp_path / "api.log", POLLEN_CORS_ORIGINS="*")
+    api = Api(stack.env, tmp_path / "api.log", POLLEN_CORS_ORIGINS="*")
     try:
         status, headers, _ = call(api, "GET", "/api/workers", {"Origin": EVIL})
         assert status == 200 and headers["Access-Control-Allow-Origin"] == "*"
@@ -169,7 +169,7 @@ def test_open_api_answers_loopback_hosts_only(stack: Stack, tmp_path: Any) -> No
         assert status == 403 and "POLLEN_ALLOWED_HOSTS" in error(body), (host, body)
     for host in ("localhost", f"localhost:{api.port}", "127.0.0.1", "[::1]:80", "a.localhost"):
         assert call(api, "GET", "/api/workers", {"Host": host})[0] == 200, host
-    allowed = start_api(stack.env, tmp_path / "api.log", POLLEN_ALLOWED_HOSTS="pollen.internal")
+    allowed = Api(stack.env, tmp_path / "api.log", POLLEN_ALLOWED_HOSTS="pollen.internal")
     try:
         assert call(allowed, "GET", "/api/workers", {"Host": "pollen.internal:5555"})[0] == 200
         assert call(allowed, "GET", "/api/workers", {"Host": "evil.example"})[0] == 403
@@ -318,7 +318,7 @@ def _reads(server: RedisServer) -> int:
 def test_result_wait_stops_when_the_client_leaves(stack: Stack, tmp_path: Path) -> None:
     # a result backend of its own, so every read it counts is this API's poller
     backend = RedisServer(tmp_path / "backend").start()
-    api = start_api(stack.env, tmp_path / "api.log", POLLEN_RESULT_BACKEND=backend.url)
+    api = Api(stack.env, tmp_path / "api.log", POLLEN_RESULT_BACKEND=backend.url)
     try:
         sock = socket.create_connection(("127.0.0.1", api.port))
         sock.sendall(
@@ -362,7 +362,7 @@ def test_search_stops_when_the_client_leaves(stack: Stack, tmp_path: Path) -> No
     for i in range(0, len(events), 1000):
         readback.apply(writer, events[i : i + 1000], now)
     env = {**stack.env, "POLLEN_NAMESPACE": "big", "POLLEN_REDIS_URL": server.url}
-    api = start_api(
+    api = Api(
         env, tmp_path / "api.log", POLLEN_QUERY_TIME_LIMIT="120", POLLEN_SEARCH_SCAN_LIMIT="1000000"
     )
 
@@ -405,7 +405,7 @@ def test_search_stops_when_the_client_leaves(stack: Stack, tmp_path: Path) -> No
 
 def test_query_time_is_bounded(stack: Stack) -> None:
     """``POLLEN_QUERY_TIME_LIMIT`` cuts a long scan short and says so."""
-    api = start_api(stack.env, stack.workdir / "api-short.log", POLLEN_QUERY_TIME_LIMIT="0.001")
+    api = Api(stack.env, stack.workdir / "api-short.log", POLLEN_QUERY_TIME_LIMIT="0.001")
     try:
         status, headers, _ = call(api, "GET", "/api/tasks?search=kwargs:nothing=here&limit=5")
         assert status == 200 and headers["X-Pollen-Scan-Capped"] == "true"
@@ -438,7 +438,7 @@ def test_tasks_per_minute_and_metrics_are_bounded(stack: Stack) -> None:
     try:
         readback.apply(Writer(client, settings), events, now)
         env = {**stack.env, "POLLEN_NAMESPACE": "amp"}
-        api = start_api(env, stack.workdir / "api-amp.log", POLLEN_METRICS_MAX_SAMPLES="100")
+        api = Api(env, stack.workdir / "api-amp.log", POLLEN_METRICS_MAX_SAMPLES="100")
         try:
             status, _, body = call(api, "GET", "/api/stats/tasks-per-minute?minutes=2880")
             answer = json.loads(body)
@@ -586,8 +586,8 @@ def test_offsets_across_shards_and_name_groups_are_bounded(stack: Stack, tmp_pat
     for i in range(0, len(events), 1000):
         readback.apply(writer, events[i : i + 1000], now)
     env = {**stack.env, "POLLEN_NAMESPACE": "deep", "POLLEN_REDIS_URL": server.url}
-    api = start_api(env, tmp_path / "api.log", POLLEN_SHARDS="3", POLLEN_SEARCH_SCAN_LIMIT="100")
-    slow = start_api(env, tmp_path / "slow.log", POLLEN_SHARDS="3", POLLEN_QUERY_TIME_LIMIT="0.001")
+    api = Api(env, tmp_path / "api.log", POLLEN_SHARDS="3", POLLEN_SEARCH_SCAN_LIMIT="100")
+    slow = Api(env, tmp_path / "slow.log", POLLEN_SHARDS="3", POLLEN_QUERY_TIME_LIMIT="0.001")
     try:
         status, headers, body = call(api, "GET", "/api/tasks?offset=2000&limit=5")
         assert status == 200 and headers["X-Pollen-Scan-Capped"] == "true"

@@ -20,10 +20,10 @@ import redis
 from playwright.sync_api import expect
 
 from services.collector.writer import Writer
-from tests.dashboard.conftest import Api, start_api
 from tests.security.conftest import NAMESPACE, WORKER, Stack
 from tests.security.test_http import call
 from tests.support import readback
+from tests.support.api import Api
 from tests.support.servers import PYTHON, ROOT, free_port, run_nginx
 
 #: nginx's users: name -> (password, groups it forwards)
@@ -44,7 +44,7 @@ def _sso_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def sso(stack: Stack) -> Iterator[tuple[Api, str]]:
     """The API trusting 127.0.0.1 and an nginx in front of it that signs users in."""
-    api = start_api(stack.env, stack.workdir / "api-sso.log", **_sso_env())
+    api = Api(stack.env, stack.workdir / "api-sso.log", **_sso_env())
     work = stack.workdir / "nginx-sso"
     work.mkdir(exist_ok=True)
     (work / "users").write_text("".join(f"{u}:{{PLAIN}}{p}\n" for u, (p, _) in USERS.items()))
@@ -147,7 +147,7 @@ def test_roles_in_the_dashboard_and_the_api(
 def test_identity_headers_count_only_from_the_proxy(stack: Stack, tmp_path: Path) -> None:
     """The same headers sent straight to an API that trusts another address: not signed in."""
     elsewhere = {**_sso_env(), "POLLEN_AUTH_PROXY_ADDRESSES": "10.255.255.1"}
-    api = start_api(stack.env, tmp_path / "api.log", **elsewhere)
+    api = Api(stack.env, tmp_path / "api.log", **elsewhere)
     try:
         claim = {"X-Forwarded-Email": "ada@example.com", "X-Forwarded-Groups": "sre"}
         assert call(api, "GET", "/api/workers", claim)[0] == 401
@@ -158,7 +158,7 @@ def test_identity_headers_count_only_from_the_proxy(stack: Stack, tmp_path: Path
 
 def test_users_without_a_role_can_be_refused(stack: Stack, tmp_path: Path) -> None:
     env = {**_sso_env(), "POLLEN_AUTH_PROXY_DEFAULT_ROLE": "none"}
-    api = start_api(stack.env, tmp_path / "api.log", **env)
+    api = Api(stack.env, tmp_path / "api.log", **env)
     try:
         status, _, body = call(api, "GET", "/api/workers", {"X-Forwarded-Email": "eve@x.org"})
         assert status == 403 and "POLLEN_ROLES" in json.loads(body)["error"]

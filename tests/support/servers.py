@@ -1,4 +1,5 @@
-"""Real servers for the tests: private redis-servers, RabbitMQ vhosts, service processes.
+"""Real servers for the tests: private redis-servers, RabbitMQ vhosts and nodes, service
+processes, nginx.
 
 Nothing here stands in for Redis, RabbitMQ or Celery; it starts and stops the real things.
 """
@@ -409,3 +410,120 @@ def start_proxy(upstream_port: int, workdir: Path) -> Proxy:
         assert old in server, f"deploy/nginx.conf no longer has {old!r}: update this test"
         server = server.replace(old, new)
     return run_nginx(workdir, server, port)
+
+
+# --- a private RabbitMQ node -----------------------------------------------------------------
+
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+
+
+def private_rabbitmq_possible() -> bool:
+    return os.path.exists(RABBITMQ_SERVER) and shutil.which("erl") is not None
+
+
+class RabbitNode:
+    """A RabbitMQ node of its own (Debian's rabbitmq-server: own node name, ports, data and log
+    dirs, cookie in its own HOME), so a test can stop and restart a broker without touching the
+    shared one. ``tls``: ``ssl_options`` lines of rabbitmq.conf; the node then listens on
+    ``port`` with TLS only."""
+
+    def __init__(self, workdir: Path, tls: str = "") -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.name = f"pollen-{uuid.uuid4().hex[:8]}@localhost"
+        self.proc: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        conf = "loopback_users = none\n"
+        if tls:
+            conf += f"listeners.tcp = none\nlisteners.ssl.default = {self.port}\n{tls}"
+        (workdir / "rabbitmq.conf").write_text(conf)
+        (workdir / "rabbitmq-env.conf").write_text("")
+        (workdir / "enabled_plugins").write_text("[].\n")
+        self.env = {
+            **os.environ,
+            "HOME": str(workdir),
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            **({} if tls else {"RABBITMQ_NODE_PORT": str(self.port)}),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(workdir / "log"),
+            "RABBITMQ_CONFIG_FILE": str(workdir / "rabbitmq.conf"),
+            "RABBITMQ_CONF_ENV_FILE": str(workdir / "rabbitmq-env.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(workdir / "rabbitmq.pid"),
+            "RABBITMQ_PLUGINS_EXPAND_DIR": str(workdir / "plugins-expand"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def start(self) -> RabbitNode:
+        if not private_rabbitmq_possible():
+            pytest.fail(f"{RABBITMQ_SERVER} is not installed: run .ci/services (Debian's package)")
+        log = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - the child keeps it
+        self.proc = subprocess.Popen(
+            [RABBITMQ_SERVER],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
+        log.close()
+
+        def accepting() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited: {self.log_tail()}")
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+
+        try:
+            wait_for(accepting, timeout=120, interval=0.2, message=f"RabbitMQ node {self.name}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log_tail(self) -> str:
+        return (self.workdir / "server.log").read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        """A clean stop (as ``systemctl restart`` does): SIGTERM, wait for the node to exit."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        # the node's children (erl_child_setup, inet_gethost) go with its process group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+# --- processes' memory and logs ----------------------------------------------------------------
+
+
+def rss_kb(pid: int) -> int:
+    """VmRSS of a process, in kB (from /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def log_problems(text: str) -> list[str]:
+    """Lines of a service log that report an error or a traceback."""
+    return [
+        line
+        for line in text.splitlines()
+        if " ERROR " in line or "Traceback" in line or " CRITICAL " in line
+    ]

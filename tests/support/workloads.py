@@ -1,23 +1,15 @@
-"""What the fault tests share: a varied event stream published through celery's own
-EventDispatcher, a full snapshot of a namespace's state for comparing a faulty run with a
-no-fault run of the same stream, a private RabbitMQ node that can be restarted, and reading a
-process's memory."""
+"""Workloads and their comparison: a varied event stream published through celery's own
+EventDispatcher, and a full snapshot of a namespace's state for comparing a faulty run with a
+no-fault run of the same stream."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import random
-import shutil
-import signal
-import socket
-import subprocess
 import time
 import uuid as uuidlib
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -25,7 +17,7 @@ from celery import Celery
 
 from shared.keys import Keys
 from tests.support.replies import entries, raw_hash, raw_set, scored, text
-from tests.support.servers import free_port, rabbitmqctl, wait_for
+from tests.support.servers import rabbitmqctl
 
 # --- a varied stream -------------------------------------------------------------------------
 
@@ -302,108 +294,3 @@ def assert_same_state(
     diff = differences(a, b)
     assert not diff, "state differs from the no-fault run:\n" + "\n".join(diff)
     return len(a)
-
-
-# --- a private RabbitMQ node -----------------------------------------------------------------
-
-RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
-
-
-def private_rabbitmq_possible() -> bool:
-    return os.path.exists(RABBITMQ_SERVER) and shutil.which("erl") is not None
-
-
-class RabbitNode:
-    """A RabbitMQ node of its own (own node name, ports, data and log dirs, cookie in its own
-    HOME), so a test can stop and restart a broker without touching the shared one."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.dist_port = free_port()
-        self.name = f"pollen-{uuidlib.uuid4().hex[:8]}@localhost"
-        self.proc: subprocess.Popen[bytes] | None = None
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "rabbitmq.conf").write_text("loopback_users = none\n")
-        (workdir / "rabbitmq-env.conf").write_text("")
-        (workdir / "enabled_plugins").write_text("[].\n")
-        self.env = {
-            **os.environ,
-            "HOME": str(workdir),
-            "RABBITMQ_NODENAME": self.name,
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(workdir / "log"),
-            "RABBITMQ_CONFIG_FILE": str(workdir / "rabbitmq.conf"),
-            "RABBITMQ_CONF_ENV_FILE": str(workdir / "rabbitmq-env.conf"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
-            "RABBITMQ_PID_FILE": str(workdir / "rabbitmq.pid"),
-            "RABBITMQ_PLUGINS_EXPAND_DIR": str(workdir / "plugins-expand"),
-            "ERL_EPMD_ADDRESS": "127.0.0.1",
-        }
-
-    @property
-    def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
-
-    def start(self) -> RabbitNode:
-        log = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - the child keeps it
-        self.proc = subprocess.Popen(
-            [RABBITMQ_SERVER],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            cwd=self.workdir,
-            start_new_session=True,
-        )
-        log.close()
-
-        def accepting() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"rabbitmq-server exited: {self.log_tail()}")
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return True
-
-        wait_for(accepting, timeout=120, interval=0.2, message=f"RabbitMQ node {self.name}")
-        return self
-
-    def log_tail(self) -> str:
-        return (self.workdir / "server.log").read_text(errors="replace")[-2000:]
-
-    def stop(self) -> None:
-        """A clean stop (as ``systemctl restart`` does): SIGTERM, wait for the node to exit."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        # the node's children (erl_child_setup, inet_gethost) go with its process group
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-# --- processes -------------------------------------------------------------------------------
-
-
-def rss_kb(pid: int) -> int:
-    """VmRSS of a process, in kB (from /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def log_problems(text: str) -> list[str]:
-    """Lines of a service log that report an error or a traceback."""
-    return [
-        line
-        for line in text.splitlines()
-        if " ERROR " in line or "Traceback" in line or " CRITICAL " in line
-    ]

@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing of the collector's decoder with atheris (libFuzzer).
 
-``python -m tests.faults.fuzz_atheris -runs=N`` (any libFuzzer option). The first input byte
+``python -m tools.fuzz_decoder -runs=N`` (any libFuzzer option). The first input byte
 picks the content type, the rest is the message body. The run fails (with the input saved by
 libFuzzer) when the decoder raises, gives an unknown reason, or neither decodes nor counts a
 body that is not an empty batch.

@@ -12,7 +12,7 @@ an API client and a WebSocket client reading meanwhile. Every few seconds it sam
   RSS grows more than 25% + 20 MB over its warm value,
 - no service logs an error or a traceback.
 
-Usage: ``python -m tests.faults.soak [--tasks N] [--max-tasks M] [--out FILE]``.
+Usage: ``python -m tools.soak [--tasks N] [--max-tasks M] [--out FILE]``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,20 @@ from typing import Any
 import redis
 
 from shared.keys import Keys
-from tests.faults.helpers import RabbitNode, applied_events, log_problems, rss_kb
-from tests.faults.test_outages import WsReader
-from tests.support.servers import PYTHON, ROOT, Process, RedisServer, free_port, pollen_env, service
+from tests.support.clients import WsReader
+from tests.support.servers import (
+    PYTHON,
+    ROOT,
+    Process,
+    RabbitNode,
+    RedisServer,
+    free_port,
+    log_problems,
+    pollen_env,
+    rss_kb,
+    service,
+)
+from tests.support.workloads import applied_events
 
 NAMESPACE = "soak"
 #: Redis bytes per kept task with its indexes, history and counters: README measures
