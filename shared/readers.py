@@ -80,6 +80,14 @@ def worker_alive(h: Hash, task_seen: float | None, now: float) -> bool:
     return last is not None and now < last + worker_freq(h) * EXPIRE_WINDOW
 
 
+def heartbeat_active(h: Hash) -> int | None:
+    """Tasks the worker says it is executing (``active`` of its newest worker event; Flower's
+    executing gauge); None before any."""
+    raw = h.get(b"active")
+    value = None if raw is None else _decode(raw)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def worker_from_hash(hostname: str, h: Hash, task_seen: float | None, now: float) -> dict[str, Any]:
     """The worker's event fields (celery's ``Worker`` fields), liveness and last heartbeat."""
     out: dict[str, Any] = {field: None for field in WORKER_EVENT_FIELDS}

@@ -1,12 +1,16 @@
 """``/metrics``: Prometheus text computed from Redis, so every replica reports the same.
 
-Flower's metric names and labels (``flower/events.py: PrometheusMetrics``):
-``flower_events_total`` and ``flower_task_runtime_seconds`` from the collector's ``counts`` and
-``runtime`` hashes; ``flower_worker_online`` from heartbeat liveness (a crashed worker goes to
-0, unlike Flower); ``flower_worker_number_of_currently_executing_tasks`` = tasks STARTED on the
-worker (``idx:sw:STARTED:<w>``); ``flower_worker_prefetched_tasks`` = tasks RECEIVED and not
-started on the worker (``idx:sw:RECEIVED:<w>``), by task name. Plus ``pollen_*``: collector
-lag, rate and heartbeat age, malformed events by reason, tasks stored, queue lengths.
+Flower's metric names, labels and meaning (``flower/events.py: PrometheusMetrics``), each
+family always written with its ``# HELP``/``# TYPE`` lines:
+``flower_events_total`` (task events only, as Flower's ``observe_task``) and
+``flower_task_runtime_seconds`` from the collector's ``counts`` and ``runtime`` hashes;
+``flower_worker_online`` from heartbeat liveness (a crashed worker goes to 0, unlike Flower);
+``flower_worker_number_of_currently_executing_tasks``: the worker's own ``active`` from its
+newest heartbeat (as Flower); ``flower_worker_prefetched_tasks``: tasks received and not yet
+started on the worker, by task name, for every worker and name that ever had a task received
+(0 when none waits now, as Flower's gauge goes back to 0). Plus ``pollen_*``: worker events by
+type, collector lag, rate and heartbeat age, malformed events by reason, tasks stored, queue
+lengths.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from aiohttp import web
 from services.api.context import Context, ctx
 from services.api.openapi import Spec, operation
 from shared.keys import RUNTIME_BUCKETS, SEP
-from shared.readers import worker_alive
+from shared.readers import heartbeat_active, worker_alive
 from shared.workers import event_state, known_workers
 
 #: Most RECEIVED tasks per worker read to label prefetched tasks by name.
@@ -127,9 +131,13 @@ async def render(c: Context) -> str:
 
     out.family("flower_events_total", "counter", "Number of events")
     for (worker, kind, name), count in sorted(events.items()):
-        out.sample(
-            "flower_events_total", [("worker", worker), ("type", kind), ("task", name)], count
-        )
+        if kind.startswith("task-"):
+            labels = [("worker", worker), ("type", kind), ("task", name)]
+            out.sample("flower_events_total", labels, count)
+    out.family("pollen_worker_events_total", "counter", "Worker events (online, heartbeat...)")
+    for (worker, kind, _), count in sorted(events.items()):
+        if not kind.startswith("task-"):
+            out.sample("pollen_worker_events_total", [("worker", worker), ("type", kind)], count)
 
     out.family("flower_task_runtime_seconds", "histogram", "Task runtime")
     series = sorted({(w, n) for w, n, _ in runtime})
@@ -149,21 +157,21 @@ async def render(c: Context) -> str:
     pipe = c.redis.pipeline(transaction=False)
     for host in hosts:
         for shard in shards:
-            pipe.zcard(shard.by_state_worker("STARTED", host))
             pipe.zrange(shard.by_state_worker("RECEIVED", host), 0, PREFETCH_SCAN - 1)
     replies = await pipe.execute()
-    executing: dict[str, int] = {}
     received: dict[str, list[str]] = defaultdict(list)
     for i, host in enumerate(hosts):
-        executing[host] = sum(replies[2 * (i * len(shards) + j)] for j in range(len(shards)))
         for j in range(len(shards)):
-            received[host].extend(m.decode() for m in replies[2 * (i * len(shards) + j) + 1])
+            received[host].extend(m.decode() for m in replies[i * len(shards) + j])
     pipe = c.redis.pipeline(transaction=False)
     pairs = [(host, uuid) for host in hosts for uuid in received[host]]
     for _, uuid in pairs:
         pipe.hget(c.keys.shard_for(uuid).task(uuid), "_n")
     names = await pipe.execute() if pairs else []
-    prefetched: Counter[tuple[str, str]] = Counter()
+    # every worker and task name that had a task received: Flower's gauge exists from then on
+    prefetched: Counter[tuple[str, str]] = Counter(
+        {(w, n): 0 for (w, kind, n) in events if kind == "task-received"}
+    )
     for (host, _), name in zip(pairs, names, strict=True):
         prefetched[(host, name.decode() if name else "")] += 1
 
@@ -187,12 +195,12 @@ async def render(c: Context) -> str:
         "gauge",
         "Number of tasks currently executing at a worker",
     )
-    for host in hosts:
-        out.sample(
-            "flower_worker_number_of_currently_executing_tasks",
-            [("worker", host)],
-            executing[host],
-        )
+    for host, (w, _) in zip(hosts, states, strict=True):
+        active = heartbeat_active(w)
+        if active is not None:
+            out.sample(
+                "flower_worker_number_of_currently_executing_tasks", [("worker", host)], active
+            )
 
     pipe = c.redis.pipeline(transaction=False)
     for collector, _ in collectors:

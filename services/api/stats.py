@@ -2,7 +2,7 @@
 collector already keeps; nothing here loads tasks.
 
 - ``GET /api/stats/workers``: every known worker's event fields (celery's ``Worker``), liveness,
-  tasks executing now (``idx:sw:STARTED:<w>``) and its events by type (``counts``).
+  tasks executing now (its heartbeat's ``active``) and its events by type (``counts``).
 - ``GET /api/stats/tasks-per-minute``: the ``minute:<m>`` hashes as dense series, one per
   (task name, state): events whose subject gives that state, by the event's own minute.
 - ``GET /api/stats/runtime``: the ``runtime`` histogram per task name (summed over workers, or
@@ -24,7 +24,7 @@ from services.api.context import Context, ctx
 from services.api.errors import bad_param
 from services.api.openapi import Spec, json_body, operation, param
 from shared.keys import RUNTIME_BUCKETS, SEP
-from shared.readers import worker_from_hash
+from shared.readers import heartbeat_active, worker_from_hash
 from shared.workers import event_state, known_workers
 
 _encode = msgspec.json.encode
@@ -57,9 +57,6 @@ async def worker_rows(c: Context, now: float) -> list[dict[str, Any]]:
     pipe = c.redis.pipeline(transaction=False)
     for shard in shards:
         pipe.hgetall(shard.counts)
-    for host in hosts:
-        for shard in shards:
-            pipe.zcard(shard.by_state_worker("STARTED", host))
     pipe.zrange(c.keys.inspected, 0, -1)
     replies = await pipe.execute()
     events: defaultdict[str, Counter[str]] = defaultdict(Counter)
@@ -67,12 +64,13 @@ async def worker_rows(c: Context, now: float) -> list[dict[str, Any]]:
         for field, count in counts.items():
             worker, kind, _ = field.decode().split(SEP, 2)
             events[worker][kind] += int(count)
-    executing = replies[len(shards) : -1]
     inspected = {m.decode() for m in replies[-1]}
     out = []
-    for i, (host, (h, seen)) in enumerate(zip(hosts, states, strict=True)):
+    for host, (h, seen) in zip(hosts, states, strict=True):
         worker = worker_from_hash(host, h, seen, now)
-        worker["executing"] = sum(executing[i * len(shards) : (i + 1) * len(shards)])
+        # as Flower: what the worker's newest heartbeat says, not tasks stored as STARTED
+        # (those stay STARTED when the worker dies)
+        worker["executing"] = heartbeat_active(h) or 0
         worker["events"] = dict(sorted(events[host].items()))
         worker["inspected"] = host in inspected
         out.append(worker)

@@ -54,6 +54,8 @@ class WorkerState {
           'sw_sys', 'pid']) {
           if (ev[f] !== undefined) w[f] = ev[f];
         }
+        // as Flower: executing is what the worker's heartbeat says
+        if (ev.active !== undefined) w.executing = ev.active;
         if (ev.type === 'worker-offline') {
           w.alive = false;
         } else {
@@ -64,10 +66,6 @@ class WorkerState {
         if (ev.type !== 'task-sent') {
           w.alive = true;
           w.last_heartbeat = Math.max(w.last_heartbeat || 0, ev.timestamp || 0);
-        }
-        if (ev.type === 'task-started') w.executing = (w.executing || 0) + 1;
-        if (['task-succeeded', 'task-failed', 'task-retried'].includes(ev.type)) {
-          w.executing = Math.max(0, (w.executing || 0) - 1);
         }
       }
     }
