@@ -15,7 +15,9 @@
 --   worker: k='w', h=hostname, s=subject, tj=timestamp, cj=clock, lj=local_received,
 --           f={field=json}, e=as above
 --
--- Keys touched (P = ARGV[1]; documented in shared/keys.py):
+-- Keys touched (P = ARGV[1]; documented in shared/keys.py), spelled P .. KEY.<suffix> with the
+-- prelude's KEY (shared/scripts.py puts before this script the names it uses, generated from
+-- the Python definitions):
 --   P task:<uuid>          hash: public fields as JSON text; hidden merge state:
 --                            _1.._N  the task's events, sorted, one per field (short values
 --                                    keep small hashes in Redis's compact listpack encoding):
@@ -44,24 +46,9 @@
 local P = ARGV[1]
 local cfg = cmsgpack.unpack(ARGV[2])
 local events = cmsgpack.unpack(ARGV[3])
-local SEP = '\31'
-
-local SUBJECT_STATE = {
-  sent = 'PENDING', received = 'RECEIVED', started = 'STARTED', failed = 'FAILURE',
-  retried = 'RETRY', succeeded = 'SUCCESS', revoked = 'REVOKED', rejected = 'REJECTED',
-}
--- celery.states.PRECEDENCE; unknown (custom) states rank 2.
-local PRECEDENCE = {
-  SUCCESS = 0, FAILURE = 1, REVOKED = 3, STARTED = 4, RECEIVED = 5, REJECTED = 6,
-  RETRY = 7, PENDING = 8,
-}
+-- KEY, SEP, SUBJECT_STATE, STATE, PRECEDENCE, UNKNOWN_PRECEDENCE and FIELD_BIT: the prelude.
+-- Order of an attempt's first subjects, for events stamped alike (sorts_before); others rank 3.
 local RANK = { sent = 0, received = 1, started = 2 }
--- Bit per field an event can write (shared.events.TASK_EVENT_FIELDS, same order).
-local FIELD_BIT = {
-  name = 1, args = 2, kwargs = 4, eta = 8, expires = 16, retries = 32, result = 64,
-  exception = 128, runtime = 256, traceback = 512, exchange = 1024, routing_key = 2048,
-  root_id = 4096, parent_id = 8192,
-}
 local MAX_HISTORY = 100
 
 local function state_of(subject)
@@ -69,7 +56,7 @@ local function state_of(subject)
 end
 
 local function precedence(state)
-  return PRECEDENCE[state] or 2
+  return PRECEDENCE[state] or UNKNOWN_PRECEDENCE
 end
 
 local function has_bit(mask, bit)
@@ -123,13 +110,13 @@ end
 
 -- celery's fold: Task.event over the sorted history.
 local function fold(list)
-  local state, tj, cj = 'PENDING', nil, '0'
+  local state, tj, cj = STATE.PENDING, nil, '0'
   for i = 1, #list do
     local e = list[i]
     local s = state_of(e.subject)
-    if s ~= 'RETRY' and state ~= 'RETRY' and precedence(s) > precedence(state) then
+    if s ~= STATE.RETRY and state ~= STATE.RETRY and precedence(s) > precedence(state) then
       -- logically earlier: merged; RECEIVED keeps only its own fields (no timestamp/clock)
-      if s ~= 'RECEIVED' then tj, cj = e.tj, e.cj end
+      if s ~= STATE.RECEIVED then tj, cj = e.tj, e.cj end
     else
       state, tj, cj = s, e.tj, e.cj
     end
@@ -140,12 +127,12 @@ end
 local function group_keys(state, name, worker)
   local keys = {}
   if state then
-    keys[#keys + 1] = P .. 'idx:state:' .. state
-    if name then keys[#keys + 1] = P .. 'idx:sn:' .. state .. ':' .. name end
-    if worker then keys[#keys + 1] = P .. 'idx:sw:' .. state .. ':' .. worker end
+    keys[#keys + 1] = P .. KEY.idx_state .. state
+    if name then keys[#keys + 1] = P .. KEY.idx_sn .. state .. ':' .. name end
+    if worker then keys[#keys + 1] = P .. KEY.idx_sw .. state .. ':' .. worker end
   end
-  if name then keys[#keys + 1] = P .. 'idx:name:' .. name end
-  if worker then keys[#keys + 1] = P .. 'idx:worker:' .. worker end
+  if name then keys[#keys + 1] = P .. KEY.idx_name .. name end
+  if worker then keys[#keys + 1] = P .. KEY.idx_worker .. worker end
   return keys
 end
 
@@ -175,7 +162,7 @@ end
 
 local function emit(open_json, extra)
   local entry = open_json .. extra .. '}'
-  local id = redis.call('XADD', P .. 'stream', 'MAXLEN', '~', cfg.stream_maxlen, '*', 'e', entry)
+  local id = redis.call('XADD', P .. KEY.stream, 'MAXLEN', '~', cfg.stream_maxlen, '*', 'e', entry)
   redis.call('PUBLISH', cfg.channel, open_json .. extra .. ',"stream_id":"' .. id .. '"}')
 end
 
@@ -183,15 +170,15 @@ end
 -- under a task name; sign -1 takes it back.
 local function count(record, name, sign)
   local h, subject, minute, state, rb, rj = unpack(record)
-  add(sums, P .. 'counts', h .. SEP .. 'task-' .. subject .. SEP .. name, sign)
-  local key = P .. 'minute:' .. minute
+  add(sums, P .. KEY.counts, h .. SEP .. 'task-' .. subject .. SEP .. name, sign)
+  local key = P .. KEY.minute .. minute
   add(sums, key, name .. SEP .. state, sign)
   expiring[key] = true
   if rb ~= '' then
     local prefix = h .. SEP .. name .. SEP
-    add(sums, P .. 'runtime', prefix .. rb, sign)
-    add(sums, P .. 'runtime', prefix .. 'count', sign)
-    add(fsums, P .. 'runtime', prefix .. 'sum', sign * tonumber(rj))
+    add(sums, P .. KEY.runtime, prefix .. rb, sign)
+    add(sums, P .. KEY.runtime, prefix .. 'count', sign)
+    add(fsums, P .. KEY.runtime, prefix .. 'sum', sign * tonumber(rj))
   end
 end
 
@@ -209,7 +196,7 @@ end
 
 -- A task as loaded by this call: its stored fields, then the writes this batch makes.
 local function load_task(u)
-  local key = P .. 'task:' .. u
+  local key = P .. KEY.task .. u
   local flat = redis.call('HGETALL', key)
   local stored = {}
   for i = 1, #flat, 2 do stored[flat[i]] = flat[i + 1] end
@@ -364,16 +351,16 @@ local function save_task(t)
 
   -- indexes
   local tj = t.tj
-  redis.call('ZADD', P .. 'idx:ts', tj, u)
+  redis.call('ZADD', P .. KEY.idx_ts, tj, u)
   if t.received then
-    redis.call('ZADD', P .. 'idx:received', t.received, u)
+    redis.call('ZADD', P .. KEY.idx_received, t.received, u)
   elseif t.new then
-    redis.call('ZADD', P .. 'idx:received', '-inf', u)
+    redis.call('ZADD', P .. KEY.idx_received, '-inf', u)
   end
   if t.started then
-    redis.call('ZADD', P .. 'idx:started', t.started, u)
+    redis.call('ZADD', P .. KEY.idx_started, t.started, u)
   elseif t.new then
-    redis.call('ZADD', P .. 'idx:started', '-inf', u)
+    redis.call('ZADD', P .. KEY.idx_started, '-inf', u)
   end
   local old_keys = group_keys(t.old_state, t.old_name, t.old_worker)
   local new_keys = group_keys(t.state, t.name, t.worker)
@@ -388,11 +375,11 @@ local function save_task(t)
   for _, k in ipairs(new_keys) do
     if moved or not was[k] then redis.call('ZADD', k, tj, u) end
   end
-  if t.state ~= t.old_state then sadd(P .. 'states', t.state) end
-  if t.name and t.name ~= t.old_name then sadd(P .. 'names', t.name) end
+  if t.state ~= t.old_state then sadd(P .. KEY.states, t.state) end
+  if t.name and t.name ~= t.old_name then sadd(P .. KEY.names, t.name) end
   if t.parent ~= t.old_parent then
-    if t.old_parent then redis.call('SREM', P .. 'children:' .. t.old_parent, u) end
-    if t.parent then redis.call('SADD', P .. 'children:' .. t.parent, u) end
+    if t.old_parent then redis.call('SREM', P .. KEY.children .. t.old_parent, u) end
+    if t.parent then redis.call('SADD', P .. KEY.children .. t.parent, u) end
   end
 end
 
@@ -412,7 +399,7 @@ local function flush_counters()
     end
   end
   for key, _ in pairs(expiring) do redis.call('EXPIRE', key, cfg.minute_ttl) end
-  for host, tj in pairs(seen) do redis.call('ZADD', P .. 'seen', 'GT', tj, host) end
+  for host, tj in pairs(seen) do redis.call('ZADD', P .. KEY.seen, 'GT', tj, host) end
   for key, members in pairs(added) do
     local args = { 'SADD', key }
     for m, _ in pairs(members) do args[#args + 1] = m end
@@ -431,8 +418,8 @@ end
 
 local function apply_worker(ev)
   local host = ev.h
-  local key = P .. 'worker:' .. host
-  local dedup = P .. 'wdedup:' .. host
+  local key = P .. KEY.worker .. host
+  local dedup = P .. KEY.wdedup .. host
   if redis.call('ZADD', dedup, 'NX', ev.tj, ev.tj .. '|' .. ev.cj .. '|' .. ev.s) == 0 then
     return false
   end
@@ -480,27 +467,27 @@ local function apply_worker(ev)
       hset[#hset + 1] = '_hbts'
       hset[#hset + 1] = ev.tj
     end
-    redis.call('ZADD', P .. 'workers', 'GT', ev.lj, host)
+    redis.call('ZADD', P .. KEY.workers, 'GT', ev.lj, host)
   end
   if #hset > 1 then redis.call('HSET', unpack(hset)) end
 
-  add(sums, P .. 'counts', host .. SEP .. 'worker-' .. ev.s .. SEP, 1)
+  add(sums, P .. KEY.counts, host .. SEP .. 'worker-' .. ev.s .. SEP, 1)
   emit(ev.e, '')
   return true
 end
 
 local function evict(u)
-  local key = P .. 'task:' .. u
+  local key = P .. KEY.task .. u
   local f = redis.call('HMGET', key, '_s', '_n', '_w', '_p')
-  redis.call('ZREM', P .. 'idx:ts', u)
-  redis.call('ZREM', P .. 'idx:received', u)
-  redis.call('ZREM', P .. 'idx:started', u)
+  redis.call('ZREM', P .. KEY.idx_ts, u)
+  redis.call('ZREM', P .. KEY.idx_received, u)
+  redis.call('ZREM', P .. KEY.idx_started, u)
   for _, k in ipairs(group_keys(nonempty(f[1]), nonempty(f[2]), nonempty(f[3]))) do
     redis.call('ZREM', k, u)
   end
   local parent = nonempty(f[4])
-  if parent then redis.call('SREM', P .. 'children:' .. parent, u) end
-  redis.call('DEL', key, P .. 'children:' .. u)
+  if parent then redis.call('SREM', P .. KEY.children .. parent, u) end
+  redis.call('DEL', key, P .. KEY.children .. u)
 end
 
 local applied, duplicates, evicted = 0, 0, 0
@@ -527,18 +514,18 @@ end
 flush_counters()
 
 -- retention: by count (oldest first), then by age (failed tasks have their own TTL)
-local excess = redis.call('ZCARD', P .. 'idx:ts') - cfg.max_tasks
+local excess = redis.call('ZCARD', P .. KEY.idx_ts) - cfg.max_tasks
 if excess > 0 then
-  local victims = redis.call('ZRANGE', P .. 'idx:ts', 0, math.min(excess, cfg.evict_batch) - 1)
+  local victims = redis.call('ZRANGE', P .. KEY.idx_ts, 0, math.min(excess, cfg.evict_batch) - 1)
   for _, u in ipairs(victims) do evict(u) end
   evicted = evicted + #victims
 end
 if cfg.age_check then
-  for _, state in ipairs(redis.call('SMEMBERS', P .. 'states')) do
+  for _, state in ipairs(redis.call('SMEMBERS', P .. KEY.states)) do
     local ttl = cfg.task_ttl
-    if state == 'FAILURE' then ttl = cfg.failed_ttl end
+    if state == STATE.FAILURE then ttl = cfg.failed_ttl end
     if ttl > 0 and evicted < cfg.evict_batch then
-      local victims = redis.call('ZRANGEBYSCORE', P .. 'idx:state:' .. state, '-inf',
+      local victims = redis.call('ZRANGEBYSCORE', P .. KEY.idx_state .. state, '-inf',
         '(' .. (cfg.now - ttl), 'LIMIT', 0, cfg.evict_batch - evicted)
       for _, u in ipairs(victims) do evict(u) end
       evicted = evicted + #victims
