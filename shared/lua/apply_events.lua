@@ -7,13 +7,15 @@
 -- ARGV[1]  P, the shard's key prefix, e.g. 'pollen:{pollen}:'
 -- ARGV[2]  msgpack config: now, max_tasks, task_ttl, failed_ttl, stream_maxlen, channel,
 --          minute_ttl, evict_batch, age_check (bool)
--- ARGV[3]  msgpack array of events (maps; values that are JSON text end in 'j'):
---   task:   k='t', u=uuid, uj, s=subject, tj=timestamp, cj=clock, h=hostname, hj, f={field=json},
---           n=raw name (when carried), p=raw parent_id (when carried), r=retries (sent and
---           received), e=normalized event JSON
---           without its closing brace, rb=runtime bucket, rj=runtime (task-succeeded)
---   worker: k='w', h=hostname, s=subject, tj=timestamp, cj=clock, lj=local_received,
---           f={field=json}, e=as above
+-- ARGV[3]  msgpack array of events (services/collector/writer.py: task_args, worker_args), maps
+--          whose *_json values are JSON text:
+--   task:   kind='task', uuid, uuid_json, subject ('succeeded'...), timestamp_json, clock_json,
+--           hostname, hostname_json, fields={field=json} (the fields it carries, FIELD_BIT's),
+--           open_json (the normalized event JSON without its closing brace); when carried:
+--           name and parent_id (raw), retries (text; task-sent and task-received only),
+--           runtime_bucket and runtime_json (task-succeeded)
+--   worker: kind='worker', hostname, subject ('heartbeat'...), timestamp_json, clock_json,
+--           local_received_json, fields={field=json}, open_json
 --
 -- Keys touched (P = ARGV[1]; documented in shared/keys.py), spelled P .. KEY.<suffix> with the
 -- prelude's KEY (shared/scripts.py puts before this script the names it uses, generated from
@@ -220,11 +222,11 @@ end
 local function apply_task(t, ev)
   local history = t.history
   local mask = 0
-  for f, _ in pairs(ev.f) do
+  for f, _ in pairs(ev.fields) do
     local bit = FIELD_BIT[f]
     if bit then mask = mask + bit end
   end
-  local e = new_entry(ev.tj, ev.cj, ev.s, mask, ev.r)
+  local e = new_entry(ev.timestamp_json, ev.clock_json, ev.subject, mask, ev.retries)
 
   -- duplicate (the same event delivered twice), then the new sorted order
   local before = {}
@@ -257,14 +259,14 @@ local function apply_task(t, ev)
   end
 
   local w = t.writes
-  for f, v in pairs(ev.f) do
+  for f, v in pairs(ev.fields) do
     if not has_bit(later_mask, FIELD_BIT[f]) then
       w[f] = v
       if f == 'name' then
-        t.name = nonempty(ev.n)
+        t.name = nonempty(ev.name)
         t.name_json = v
       elseif f == 'parent_id' then
-        t.parent = nonempty(ev.p)
+        t.parent = nonempty(ev.parent_id)
       end
     end
   end
@@ -274,12 +276,12 @@ local function apply_task(t, ev)
     if e.subject == 'started' then t.started = e.tj end
   end
   if e.subject == 'sent' then
-    if not later_client then w.client = ev.hj end
+    if not later_client then w.client = ev.hostname_json end
   elseif not later_worker then
-    w.worker = ev.hj
-    t.worker = ev.h
+    w.worker = ev.hostname_json
+    t.worker = ev.hostname
   end
-  if t.new and not w.uuid then w.uuid = ev.uj end
+  if t.new and not w.uuid then w.uuid = ev.uuid_json end
 
   local state, tj, cj = fold(history)
   t.state, t.tj = state, tj
@@ -287,14 +289,15 @@ local function apply_task(t, ev)
 
   -- counters (by the task's name after this event, as Flower labels them); an event that
   -- arrives before the task's name is counted unnamed and moved under the name once known
-  local record = { ev.h, ev.s, tostring(math.floor(e.ts / 60)), state_of(e.subject),
-                   ev.rb or '', ev.rj or '' }
+  local record = { ev.hostname, ev.subject, tostring(math.floor(e.ts / 60)), state_of(e.subject),
+                   ev.runtime_bucket or '', ev.runtime_json or '' }
   count(record, t.name or '', 1)
   if not t.name then t.unnamed[#t.unnamed + 1] = record end
-  if e.subject ~= 'sent' and (not seen[ev.h] or e.ts > tonumber(seen[ev.h])) then
-    seen[ev.h] = e.tj
+  if e.subject ~= 'sent' and (not seen[ev.hostname] or e.ts > tonumber(seen[ev.hostname])) then
+    seen[ev.hostname] = e.tj
   end
-  emit(ev.e, ',"task_name":' .. (t.name_json or 'null') .. ',"task_state":"' .. state .. '"')
+  emit(ev.open_json,
+       ',"task_name":' .. (t.name_json or 'null') .. ',"task_state":"' .. state .. '"')
   return true
 end
 
@@ -417,28 +420,28 @@ local function later(tj_a, cj_a, text_b)
 end
 
 local function apply_worker(ev)
-  local host = ev.h
+  local host, tj, cj, lj = ev.hostname, ev.timestamp_json, ev.clock_json, ev.local_received_json
   local key = P .. KEY.worker .. host
   local dedup = P .. KEY.wdedup .. host
-  if redis.call('ZADD', dedup, 'NX', ev.tj, ev.tj .. '|' .. ev.cj .. '|' .. ev.s) == 0 then
+  if redis.call('ZADD', dedup, 'NX', tj, tj .. '|' .. cj .. '|' .. ev.subject) == 0 then
     return false
   end
   redis.call('ZREMRANGEBYRANK', dedup, 0, -257)
 
   -- each field from the latest worker event (by sender time, clock) that carries it
   local names, provenance = {}, {}
-  for f, _ in pairs(ev.f) do
+  for f, _ in pairs(ev.fields) do
     names[#names + 1] = f
     provenance[#provenance + 1] = '_k.' .. f
   end
   local hset = { key }
   if #names > 0 then
     local known = redis.call('HMGET', key, unpack(provenance))
-    local stamp = ev.tj .. '|' .. ev.cj
+    local stamp = tj .. '|' .. cj
     for i, f in ipairs(names) do
-      if later(ev.tj, ev.cj, known[i] or nil) then
+      if later(tj, cj, known[i] or nil) then
         hset[#hset + 1] = f
-        hset[#hset + 1] = ev.f[f]
+        hset[#hset + 1] = ev.fields[f]
         hset[#hset + 1] = provenance[i]
         hset[#hset + 1] = stamp
       end
@@ -449,30 +452,30 @@ local function apply_worker(ev)
   -- ordered by sender time so that a late heartbeat does not undo a newer offline
   local live = redis.call('HMGET', key, '_hb', '_hbts', '_offts')
   local hb, hbts, offts = tonumber(live[1]), tonumber(live[2]), tonumber(live[3])
-  local ts = tonumber(ev.tj)
-  if ev.s == 'offline' then
+  local ts = tonumber(tj)
+  if ev.subject == 'offline' then
     if not offts or ts > offts then
       hset[#hset + 1] = '_offts'
-      hset[#hset + 1] = ev.tj
+      hset[#hset + 1] = tj
     end
     if not hbts or ts > hbts then
       redis.call('HDEL', key, '_hb', '_hbts')
     end
   elseif not offts or ts > offts then
-    if not hb or tonumber(ev.lj) > hb then
+    if not hb or tonumber(lj) > hb then
       hset[#hset + 1] = '_hb'
-      hset[#hset + 1] = ev.lj
+      hset[#hset + 1] = lj
     end
     if not hbts or ts > hbts then
       hset[#hset + 1] = '_hbts'
-      hset[#hset + 1] = ev.tj
+      hset[#hset + 1] = tj
     end
-    redis.call('ZADD', P .. KEY.workers, 'GT', ev.lj, host)
+    redis.call('ZADD', P .. KEY.workers, 'GT', lj, host)
   end
   if #hset > 1 then redis.call('HSET', unpack(hset)) end
 
-  add(sums, P .. KEY.counts, host .. SEP .. 'worker-' .. ev.s .. SEP, 1)
-  emit(ev.e, '')
+  add(sums, P .. KEY.counts, host .. SEP .. 'worker-' .. ev.subject .. SEP, 1)
+  emit(ev.open_json, '')
   return true
 end
 
@@ -494,11 +497,11 @@ local applied, duplicates, evicted = 0, 0, 0
 local tasks, order = {}, {}
 for _, ev in ipairs(events) do
   local ok
-  if ev.k == 't' then
-    local t = tasks[ev.u]
+  if ev.kind == 'task' then
+    local t = tasks[ev.uuid]
     if not t then
-      t = load_task(ev.u)
-      tasks[ev.u] = t
+      t = load_task(ev.uuid)
+      tasks[ev.uuid] = t
       order[#order + 1] = t
     end
     ok = apply_task(t, ev)
