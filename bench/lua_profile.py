@@ -5,17 +5,31 @@ A copy of the script (the shipped one is not touched) has every ``redis.call`` w
 (``INFO commandstats``) minus the commands' time (less the probes' own cost) is the Lua logic.
 
 ``python -m bench.lua_profile --tasks 20000``
+
+``--against REV`` instead compares this tree's script and Lua arguments with those of git
+revision ``REV`` on the same events, paired: both run in one Redis (two namespaces), batch by
+batch in alternating order, each call timed by ``INFO commandstats``, so the machine's noise
+(other processes on the cores) falls on both alike. A change to ``apply_events.lua`` or to
+``services/collector/writer.py`` is measured this way:
+
+``python -m bench.lua_profile --tasks 20000 --batched --against main --rounds 5``
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
+import statistics
+import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import redis
 
 from bench.micro import bodies
@@ -24,7 +38,7 @@ from services.collector.decode import Decoded, Decoder
 from services.collector.writer import Writer
 from shared import scripts
 from shared.settings import load
-from tests.support.servers import RedisServer
+from tests.support.servers import ROOT, RedisServer
 
 PROFILE_KEY = "bench:lua:usec"
 CALLS_KEY = "bench:lua:calls"
@@ -170,13 +184,116 @@ def run(tasks: int, batched: bool, workdir: Path) -> dict[str, Any]:
         server.stop()
 
 
+#: Run in a tree's own code (PYTHONPATH): its apply_events source and, per batch, the calls its
+#: Writer prepares. Only APIs every revision has: bodies, Decoder, Writer.prepare, source.
+_DUMP_CALLS = """
+import sys
+import msgspec, redis
+from bench.micro import bodies
+from services.collector.decode import Decoder
+from services.collector.writer import Writer
+from shared import scripts
+from shared.settings import load
+
+tasks, batched, namespace = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
+settings = load({"POLLEN_NAMESPACE": namespace})
+decoder = Decoder(settings.max_field_bytes)
+decoded = []
+for body in bodies(tasks, batched):
+    decoded.extend(decoder.decode(body, "application/json", "utf-8", 1.79e9).events)
+writer = Writer(redis.Redis(), settings)  # prepare() is pure: nothing connects
+batches = []
+for i in range(0, len(decoded), settings.batch_size):
+    prepared = writer.prepare(decoded[i : i + settings.batch_size], 1.79e9)
+    batches.append([[s.stream, s.prefix, c, p] for s, c, p in prepared.calls])
+out = {"source": scripts.source("apply_events"), "events": len(decoded), "batches": batches}
+sys.stdout.buffer.write(msgspec.msgpack.encode(out))
+"""
+
+
+def _calls(tree: Path, tasks: int, batched: bool, namespace: str) -> Any:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    args = [sys.executable, "-c", _DUMP_CALLS, str(tasks), "1" if batched else "0", namespace]
+    done = subprocess.run(args, cwd=tree, env=env, capture_output=True, check=True)
+    return msgspec.msgpack.decode(done.stdout)
+
+
+def _export(rev: str, dest: Path) -> Path:
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as archive:
+        archive.extractall(dest, filter="data")
+    return dest
+
+
+def compare(against: str, tasks: int, batched: bool, rounds: int, workdir: Path) -> dict[str, Any]:
+    """Script time per event of revision ``against`` and of this tree, paired (see above)."""
+    trees = {"against": _export(against, workdir / "against"), "current": ROOT}
+    dumps = {name: _calls(tree, tasks, batched, f"cmp-{name}") for name, tree in trees.items()}
+    events = dumps["current"]["events"]
+    if dumps["against"]["events"] != events:
+        raise ValueError(f"{against} decodes {dumps['against']['events']} events, not {events}")
+    server = RedisServer(workdir / "redis-compare").start()
+    client = redis.Redis(port=server.port)
+    try:
+        shas = {name: client.script_load(d["source"]) for name, d in dumps.items()}
+        usec: dict[str, list[float]] = {name: [] for name in dumps}
+        # per batch, current / against: a burst of load elsewhere hits one pair, not a round
+        ratios: list[float] = []
+        pairs = list(zip(dumps["against"]["batches"], dumps["current"]["batches"], strict=True))
+        for _ in range(rounds):
+            client.flushall()
+            total = dict.fromkeys(dumps, 0)
+            for i, pair in enumerate(pairs):
+                named = list(zip(dumps, pair, strict=True))
+                took = {}
+                for name, calls in named if i % 2 == 0 else reversed(named):
+                    before = _script_usec(client)
+                    for stream, prefix, config, packed in calls:
+                        client.evalsha(shas[name], 1, stream, prefix, config, packed)
+                    took[name] = _script_usec(client) - before
+                    total[name] += took[name]
+                ratios.append(took["current"] / max(1, took["against"]))
+            for name in dumps:
+                usec[name].append(total[name] / events)
+        quartiles = statistics.quantiles(ratios, n=4)
+        return {
+            "against": against,
+            "tasks": tasks,
+            "batched": batched,
+            "events": events,
+            "rounds": rounds,
+            "script_usec_per_event": usec,
+            "median_usec_per_event": {n: statistics.median(v) for n, v in usec.items()},
+            # the median batch's change and the middle half of the batches' changes
+            "current_vs_against": {
+                "median": quartiles[1] - 1,
+                "p25": quartiles[0] - 1,
+                "p75": quartiles[2] - 1,
+                "batches": len(ratios),
+            },
+            "arg_bytes_per_event": {
+                name: sum(len(call[3]) for calls in d["batches"] for call in calls) / events
+                for name, d in dumps.items()
+            },
+        }
+    finally:
+        client.close()
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=int, default=20_000)
     p.add_argument("--batched", action="store_true")
+    p.add_argument("--against", metavar="REV", help="compare with git revision REV, paired")
+    p.add_argument("--rounds", type=int, default=5, help="with --against: passes over the events")
     a = p.parse_args(argv)
     with scratch() as wd:
-        json.dump(run(a.tasks, a.batched, wd), sys.stdout, indent=2)
+        if a.against:
+            out = compare(a.against, a.tasks, a.batched, a.rounds, wd)
+        else:
+            out = run(a.tasks, a.batched, wd)
+        json.dump(out, sys.stdout, indent=2)
     print()
 
 

@@ -709,6 +709,8 @@ def render(doc: dict[str, Any]) -> None:
         "--tasks 10000 [--batched] [--rate 3000] [--procs 2]",
         ".venv/bin/python -m bench.micro --tasks 50000 [--batched] [--profile out.txt]",
         ".venv/bin/python -m bench.lua_profile --tasks 20000 --batched",
+        ".venv/bin/python -m bench.lua_profile --tasks 20000 --batched --rounds 7 --against REV"
+        "  # paired",
         ".venv/bin/python -m bench.api_queries --tasks 100000",
         "```",
         "",

@@ -32,6 +32,8 @@ TASK_EVENT_TO_STATE: dict[str, str] = {
 
 #: Task fields an event may write (celery's ``Task._fields`` minus those celery computes:
 #: uuid, state, timestamp, clock, worker, client, children, root/parent and the per-type times).
+#: Append only: a field's position is its bit in the masks ``apply_events.lua`` stores in task
+#: hashes (``FIELD_BIT``, ``shared/scripts.py``).
 TASK_EVENT_FIELDS: tuple[str, ...] = (
     "name",
     "args",

@@ -131,6 +131,37 @@ def shard_of(identity: str, shards: int) -> int:
 
 
 @dataclass(frozen=True)
+class Suffixes:
+    """What follows ``Shard.prefix`` in each per-shard key: the one spelling, read by ``Shard``
+    and handed to the Lua scripts as ``KEY.<field>`` (``shared/scripts.py``). A suffix that
+    ends in ``:`` is followed by the key's parameters."""
+
+    task: str = "task:"
+    idx_ts: str = "idx:ts"
+    idx_received: str = "idx:received"
+    idx_started: str = "idx:started"
+    idx_state: str = "idx:state:"
+    idx_name: str = "idx:name:"
+    idx_worker: str = "idx:worker:"
+    idx_sn: str = "idx:sn:"
+    idx_sw: str = "idx:sw:"
+    children: str = "children:"
+    names: str = "names"
+    states: str = "states"
+    wdedup: str = "wdedup:"
+    worker: str = "worker:"
+    workers: str = "workers"
+    seen: str = "seen"
+    counts: str = "counts"
+    minute: str = "minute:"
+    runtime: str = "runtime"
+    stream: str = "stream"
+
+
+SUFFIXES = Suffixes()
+
+
+@dataclass(frozen=True)
 class Shard:
     """Key names of one shard."""
 
@@ -143,74 +174,74 @@ class Shard:
         return f"{self.namespace}:{{{self.tag}}}:"
 
     def task(self, uuid: str) -> str:
-        return f"{self.prefix}task:{uuid}"
+        return f"{self.prefix}{SUFFIXES.task}{uuid}"
 
     @property
     def by_timestamp(self) -> str:
-        return f"{self.prefix}idx:ts"
+        return f"{self.prefix}{SUFFIXES.idx_ts}"
 
     @property
     def by_received(self) -> str:
-        return f"{self.prefix}idx:received"
+        return f"{self.prefix}{SUFFIXES.idx_received}"
 
     @property
     def by_started(self) -> str:
-        return f"{self.prefix}idx:started"
+        return f"{self.prefix}{SUFFIXES.idx_started}"
 
     def by_state(self, state: str) -> str:
-        return f"{self.prefix}idx:state:{state}"
+        return f"{self.prefix}{SUFFIXES.idx_state}{state}"
 
     def by_name(self, name: str) -> str:
-        return f"{self.prefix}idx:name:{name}"
+        return f"{self.prefix}{SUFFIXES.idx_name}{name}"
 
     def by_worker(self, hostname: str) -> str:
-        return f"{self.prefix}idx:worker:{hostname}"
+        return f"{self.prefix}{SUFFIXES.idx_worker}{hostname}"
 
     def by_state_name(self, state: str, name: str) -> str:
-        return f"{self.prefix}idx:sn:{state}:{name}"
+        return f"{self.prefix}{SUFFIXES.idx_sn}{state}:{name}"
 
     def by_state_worker(self, state: str, hostname: str) -> str:
-        return f"{self.prefix}idx:sw:{state}:{hostname}"
+        return f"{self.prefix}{SUFFIXES.idx_sw}{state}:{hostname}"
 
     def children(self, uuid: str) -> str:
-        return f"{self.prefix}children:{uuid}"
+        return f"{self.prefix}{SUFFIXES.children}{uuid}"
 
     @property
     def names(self) -> str:
-        return f"{self.prefix}names"
+        return f"{self.prefix}{SUFFIXES.names}"
 
     @property
     def states(self) -> str:
-        return f"{self.prefix}states"
+        return f"{self.prefix}{SUFFIXES.states}"
 
     def worker_dedup(self, hostname: str) -> str:
-        return f"{self.prefix}wdedup:{hostname}"
+        return f"{self.prefix}{SUFFIXES.wdedup}{hostname}"
 
     def worker(self, hostname: str) -> str:
-        return f"{self.prefix}worker:{hostname}"
+        return f"{self.prefix}{SUFFIXES.worker}{hostname}"
 
     @property
     def workers(self) -> str:
-        return f"{self.prefix}workers"
+        return f"{self.prefix}{SUFFIXES.workers}"
 
     @property
     def seen(self) -> str:
-        return f"{self.prefix}seen"
+        return f"{self.prefix}{SUFFIXES.seen}"
 
     @property
     def counts(self) -> str:
-        return f"{self.prefix}counts"
+        return f"{self.prefix}{SUFFIXES.counts}"
 
     def minute(self, epoch_minute: int) -> str:
-        return f"{self.prefix}minute:{epoch_minute}"
+        return f"{self.prefix}{SUFFIXES.minute}{epoch_minute}"
 
     @property
     def runtime(self) -> str:
-        return f"{self.prefix}runtime"
+        return f"{self.prefix}{SUFFIXES.runtime}"
 
     @property
     def stream(self) -> str:
-        return f"{self.prefix}stream"
+        return f"{self.prefix}{SUFFIXES.stream}"
 
 
 @dataclass(frozen=True)

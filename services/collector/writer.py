@@ -65,46 +65,47 @@ def task_args(event: ev.TaskEvent, open_json: bytes) -> dict[str, Any]:
         if value is not UNSET:
             fields[name] = _text(value)
     args: dict[str, Any] = {
-        "k": "t",
-        "u": event.uuid,
-        "uj": _text(event.uuid),
-        "s": subject,
-        "tj": _text(event.timestamp),
-        "cj": str(event.clock),
-        "h": event.hostname,
-        "hj": _text(event.hostname),
-        "f": fields,
-        "e": open_json.decode(),
+        "kind": "task",
+        "uuid": event.uuid,
+        "uuid_json": _text(event.uuid),
+        "subject": subject,
+        "timestamp_json": _text(event.timestamp),
+        "clock_json": str(event.clock),
+        "hostname": event.hostname,
+        "hostname_json": _text(event.hostname),
+        "fields": fields,
+        "open_json": open_json.decode(),
     }
     if "name" in fields and isinstance(event.name, str):
-        args["n"] = event.name
+        args["name"] = event.name
     if "parent_id" in fields and isinstance(event.parent_id, str):
-        args["p"] = event.parent_id
+        args["parent_id"] = event.parent_id
     if subject in ("sent", "received") and isinstance(event.retries, int):
-        args["r"] = str(event.retries)
+        args["retries"] = str(event.retries)
     if subject == "succeeded" and isinstance(event.runtime, float | int):
         runtime = float(event.runtime)
         i = bisect.bisect_left(RUNTIME_BUCKETS, runtime)
-        args["rb"] = _BUCKET_LABELS[i] if i < len(RUNTIME_BUCKETS) else "+Inf"
-        args["rj"] = _text(runtime)
+        args["runtime_bucket"] = _BUCKET_LABELS[i] if i < len(RUNTIME_BUCKETS) else "+Inf"
+        args["runtime_json"] = _text(runtime)
     return args
 
 
 def worker_args(event: ev.WorkerEvent, open_json: bytes, local_received: float) -> dict[str, Any]:
+    """The Lua-side description of a worker event (see the header of apply_events.lua)."""
     fields = {}
     for name in ev.WORKER_EVENT_FIELDS:
         value = getattr(event, name)
         if value is not UNSET:
             fields[name] = _text(value)
     return {
-        "k": "w",
-        "h": event.hostname,
-        "s": ev.event_type(event)[7:],
-        "tj": _text(event.timestamp),
-        "cj": str(event.clock),
-        "lj": _text(local_received),
-        "f": fields,
-        "e": open_json.decode(),
+        "kind": "worker",
+        "hostname": event.hostname,
+        "subject": ev.event_type(event)[7:],
+        "timestamp_json": _text(event.timestamp),
+        "clock_json": str(event.clock),
+        "local_received_json": _text(local_received),
+        "fields": fields,
+        "open_json": open_json.decode(),
     }
 
 

@@ -7,15 +7,19 @@
 -- ARGV[1]  P, the shard's key prefix, e.g. 'pollen:{pollen}:'
 -- ARGV[2]  msgpack config: now, max_tasks, task_ttl, failed_ttl, stream_maxlen, channel,
 --          minute_ttl, evict_batch, age_check (bool)
--- ARGV[3]  msgpack array of events (maps; values that are JSON text end in 'j'):
---   task:   k='t', u=uuid, uj, s=subject, tj=timestamp, cj=clock, h=hostname, hj, f={field=json},
---           n=raw name (when carried), p=raw parent_id (when carried), r=retries (sent and
---           received), e=normalized event JSON
---           without its closing brace, rb=runtime bucket, rj=runtime (task-succeeded)
---   worker: k='w', h=hostname, s=subject, tj=timestamp, cj=clock, lj=local_received,
---           f={field=json}, e=as above
+-- ARGV[3]  msgpack array of events (services/collector/writer.py: task_args, worker_args), maps
+--          whose *_json values are JSON text:
+--   task:   kind='task', uuid, uuid_json, subject ('succeeded'...), timestamp_json, clock_json,
+--           hostname, hostname_json, fields={field=json} (the fields it carries, FIELD_BIT's),
+--           open_json (the normalized event JSON without its closing brace); when carried:
+--           name and parent_id (raw), retries (text; task-sent and task-received only),
+--           runtime_bucket and runtime_json (task-succeeded)
+--   worker: kind='worker', hostname, subject ('heartbeat'...), timestamp_json, clock_json,
+--           local_received_json, fields={field=json}, open_json
 --
--- Keys touched (P = ARGV[1]; documented in shared/keys.py):
+-- Keys touched (P = ARGV[1]; documented in shared/keys.py), spelled P .. KEY.<suffix> with the
+-- prelude's KEY (shared/scripts.py puts before this script the names it uses, generated from
+-- the Python definitions):
 --   P task:<uuid>          hash: public fields as JSON text; hidden merge state:
 --                            _1.._N  the task's events, sorted, one per field (short values
 --                                    keep small hashes in Redis's compact listpack encoding):
@@ -44,24 +48,9 @@
 local P = ARGV[1]
 local cfg = cmsgpack.unpack(ARGV[2])
 local events = cmsgpack.unpack(ARGV[3])
-local SEP = '\31'
-
-local SUBJECT_STATE = {
-  sent = 'PENDING', received = 'RECEIVED', started = 'STARTED', failed = 'FAILURE',
-  retried = 'RETRY', succeeded = 'SUCCESS', revoked = 'REVOKED', rejected = 'REJECTED',
-}
--- celery.states.PRECEDENCE; unknown (custom) states rank 2.
-local PRECEDENCE = {
-  SUCCESS = 0, FAILURE = 1, REVOKED = 3, STARTED = 4, RECEIVED = 5, REJECTED = 6,
-  RETRY = 7, PENDING = 8,
-}
+-- KEY, SEP, SUBJECT_STATE, STATE, PRECEDENCE, UNKNOWN_PRECEDENCE and FIELD_BIT: the prelude.
+-- Order of an attempt's first subjects, for events stamped alike (sorts_before); others rank 3.
 local RANK = { sent = 0, received = 1, started = 2 }
--- Bit per field an event can write (shared.events.TASK_EVENT_FIELDS, same order).
-local FIELD_BIT = {
-  name = 1, args = 2, kwargs = 4, eta = 8, expires = 16, retries = 32, result = 64,
-  exception = 128, runtime = 256, traceback = 512, exchange = 1024, routing_key = 2048,
-  root_id = 4096, parent_id = 8192,
-}
 local MAX_HISTORY = 100
 
 local function state_of(subject)
@@ -69,7 +58,7 @@ local function state_of(subject)
 end
 
 local function precedence(state)
-  return PRECEDENCE[state] or 2
+  return PRECEDENCE[state] or UNKNOWN_PRECEDENCE
 end
 
 local function has_bit(mask, bit)
@@ -123,13 +112,13 @@ end
 
 -- celery's fold: Task.event over the sorted history.
 local function fold(list)
-  local state, tj, cj = 'PENDING', nil, '0'
+  local state, tj, cj = STATE.PENDING, nil, '0'
   for i = 1, #list do
     local e = list[i]
     local s = state_of(e.subject)
-    if s ~= 'RETRY' and state ~= 'RETRY' and precedence(s) > precedence(state) then
+    if s ~= STATE.RETRY and state ~= STATE.RETRY and precedence(s) > precedence(state) then
       -- logically earlier: merged; RECEIVED keeps only its own fields (no timestamp/clock)
-      if s ~= 'RECEIVED' then tj, cj = e.tj, e.cj end
+      if s ~= STATE.RECEIVED then tj, cj = e.tj, e.cj end
     else
       state, tj, cj = s, e.tj, e.cj
     end
@@ -140,12 +129,12 @@ end
 local function group_keys(state, name, worker)
   local keys = {}
   if state then
-    keys[#keys + 1] = P .. 'idx:state:' .. state
-    if name then keys[#keys + 1] = P .. 'idx:sn:' .. state .. ':' .. name end
-    if worker then keys[#keys + 1] = P .. 'idx:sw:' .. state .. ':' .. worker end
+    keys[#keys + 1] = P .. KEY.idx_state .. state
+    if name then keys[#keys + 1] = P .. KEY.idx_sn .. state .. ':' .. name end
+    if worker then keys[#keys + 1] = P .. KEY.idx_sw .. state .. ':' .. worker end
   end
-  if name then keys[#keys + 1] = P .. 'idx:name:' .. name end
-  if worker then keys[#keys + 1] = P .. 'idx:worker:' .. worker end
+  if name then keys[#keys + 1] = P .. KEY.idx_name .. name end
+  if worker then keys[#keys + 1] = P .. KEY.idx_worker .. worker end
   return keys
 end
 
@@ -175,7 +164,7 @@ end
 
 local function emit(open_json, extra)
   local entry = open_json .. extra .. '}'
-  local id = redis.call('XADD', P .. 'stream', 'MAXLEN', '~', cfg.stream_maxlen, '*', 'e', entry)
+  local id = redis.call('XADD', P .. KEY.stream, 'MAXLEN', '~', cfg.stream_maxlen, '*', 'e', entry)
   redis.call('PUBLISH', cfg.channel, open_json .. extra .. ',"stream_id":"' .. id .. '"}')
 end
 
@@ -183,15 +172,15 @@ end
 -- under a task name; sign -1 takes it back.
 local function count(record, name, sign)
   local h, subject, minute, state, rb, rj = unpack(record)
-  add(sums, P .. 'counts', h .. SEP .. 'task-' .. subject .. SEP .. name, sign)
-  local key = P .. 'minute:' .. minute
+  add(sums, P .. KEY.counts, h .. SEP .. 'task-' .. subject .. SEP .. name, sign)
+  local key = P .. KEY.minute .. minute
   add(sums, key, name .. SEP .. state, sign)
   expiring[key] = true
   if rb ~= '' then
     local prefix = h .. SEP .. name .. SEP
-    add(sums, P .. 'runtime', prefix .. rb, sign)
-    add(sums, P .. 'runtime', prefix .. 'count', sign)
-    add(fsums, P .. 'runtime', prefix .. 'sum', sign * tonumber(rj))
+    add(sums, P .. KEY.runtime, prefix .. rb, sign)
+    add(sums, P .. KEY.runtime, prefix .. 'count', sign)
+    add(fsums, P .. KEY.runtime, prefix .. 'sum', sign * tonumber(rj))
   end
 end
 
@@ -209,7 +198,7 @@ end
 
 -- A task as loaded by this call: its stored fields, then the writes this batch makes.
 local function load_task(u)
-  local key = P .. 'task:' .. u
+  local key = P .. KEY.task .. u
   local flat = redis.call('HGETALL', key)
   local stored = {}
   for i = 1, #flat, 2 do stored[flat[i]] = flat[i + 1] end
@@ -233,11 +222,11 @@ end
 local function apply_task(t, ev)
   local history = t.history
   local mask = 0
-  for f, _ in pairs(ev.f) do
+  for f, _ in pairs(ev.fields) do
     local bit = FIELD_BIT[f]
     if bit then mask = mask + bit end
   end
-  local e = new_entry(ev.tj, ev.cj, ev.s, mask, ev.r)
+  local e = new_entry(ev.timestamp_json, ev.clock_json, ev.subject, mask, ev.retries)
 
   -- duplicate (the same event delivered twice), then the new sorted order
   local before = {}
@@ -270,14 +259,14 @@ local function apply_task(t, ev)
   end
 
   local w = t.writes
-  for f, v in pairs(ev.f) do
+  for f, v in pairs(ev.fields) do
     if not has_bit(later_mask, FIELD_BIT[f]) then
       w[f] = v
       if f == 'name' then
-        t.name = nonempty(ev.n)
+        t.name = nonempty(ev.name)
         t.name_json = v
       elseif f == 'parent_id' then
-        t.parent = nonempty(ev.p)
+        t.parent = nonempty(ev.parent_id)
       end
     end
   end
@@ -287,12 +276,12 @@ local function apply_task(t, ev)
     if e.subject == 'started' then t.started = e.tj end
   end
   if e.subject == 'sent' then
-    if not later_client then w.client = ev.hj end
+    if not later_client then w.client = ev.hostname_json end
   elseif not later_worker then
-    w.worker = ev.hj
-    t.worker = ev.h
+    w.worker = ev.hostname_json
+    t.worker = ev.hostname
   end
-  if t.new and not w.uuid then w.uuid = ev.uj end
+  if t.new and not w.uuid then w.uuid = ev.uuid_json end
 
   local state, tj, cj = fold(history)
   t.state, t.tj = state, tj
@@ -300,14 +289,15 @@ local function apply_task(t, ev)
 
   -- counters (by the task's name after this event, as Flower labels them); an event that
   -- arrives before the task's name is counted unnamed and moved under the name once known
-  local record = { ev.h, ev.s, tostring(math.floor(e.ts / 60)), state_of(e.subject),
-                   ev.rb or '', ev.rj or '' }
+  local record = { ev.hostname, ev.subject, tostring(math.floor(e.ts / 60)), state_of(e.subject),
+                   ev.runtime_bucket or '', ev.runtime_json or '' }
   count(record, t.name or '', 1)
   if not t.name then t.unnamed[#t.unnamed + 1] = record end
-  if e.subject ~= 'sent' and (not seen[ev.h] or e.ts > tonumber(seen[ev.h])) then
-    seen[ev.h] = e.tj
+  if e.subject ~= 'sent' and (not seen[ev.hostname] or e.ts > tonumber(seen[ev.hostname])) then
+    seen[ev.hostname] = e.tj
   end
-  emit(ev.e, ',"task_name":' .. (t.name_json or 'null') .. ',"task_state":"' .. state .. '"')
+  emit(ev.open_json,
+       ',"task_name":' .. (t.name_json or 'null') .. ',"task_state":"' .. state .. '"')
   return true
 end
 
@@ -364,16 +354,16 @@ local function save_task(t)
 
   -- indexes
   local tj = t.tj
-  redis.call('ZADD', P .. 'idx:ts', tj, u)
+  redis.call('ZADD', P .. KEY.idx_ts, tj, u)
   if t.received then
-    redis.call('ZADD', P .. 'idx:received', t.received, u)
+    redis.call('ZADD', P .. KEY.idx_received, t.received, u)
   elseif t.new then
-    redis.call('ZADD', P .. 'idx:received', '-inf', u)
+    redis.call('ZADD', P .. KEY.idx_received, '-inf', u)
   end
   if t.started then
-    redis.call('ZADD', P .. 'idx:started', t.started, u)
+    redis.call('ZADD', P .. KEY.idx_started, t.started, u)
   elseif t.new then
-    redis.call('ZADD', P .. 'idx:started', '-inf', u)
+    redis.call('ZADD', P .. KEY.idx_started, '-inf', u)
   end
   local old_keys = group_keys(t.old_state, t.old_name, t.old_worker)
   local new_keys = group_keys(t.state, t.name, t.worker)
@@ -388,11 +378,11 @@ local function save_task(t)
   for _, k in ipairs(new_keys) do
     if moved or not was[k] then redis.call('ZADD', k, tj, u) end
   end
-  if t.state ~= t.old_state then sadd(P .. 'states', t.state) end
-  if t.name and t.name ~= t.old_name then sadd(P .. 'names', t.name) end
+  if t.state ~= t.old_state then sadd(P .. KEY.states, t.state) end
+  if t.name and t.name ~= t.old_name then sadd(P .. KEY.names, t.name) end
   if t.parent ~= t.old_parent then
-    if t.old_parent then redis.call('SREM', P .. 'children:' .. t.old_parent, u) end
-    if t.parent then redis.call('SADD', P .. 'children:' .. t.parent, u) end
+    if t.old_parent then redis.call('SREM', P .. KEY.children .. t.old_parent, u) end
+    if t.parent then redis.call('SADD', P .. KEY.children .. t.parent, u) end
   end
 end
 
@@ -412,7 +402,7 @@ local function flush_counters()
     end
   end
   for key, _ in pairs(expiring) do redis.call('EXPIRE', key, cfg.minute_ttl) end
-  for host, tj in pairs(seen) do redis.call('ZADD', P .. 'seen', 'GT', tj, host) end
+  for host, tj in pairs(seen) do redis.call('ZADD', P .. KEY.seen, 'GT', tj, host) end
   for key, members in pairs(added) do
     local args = { 'SADD', key }
     for m, _ in pairs(members) do args[#args + 1] = m end
@@ -430,28 +420,28 @@ local function later(tj_a, cj_a, text_b)
 end
 
 local function apply_worker(ev)
-  local host = ev.h
-  local key = P .. 'worker:' .. host
-  local dedup = P .. 'wdedup:' .. host
-  if redis.call('ZADD', dedup, 'NX', ev.tj, ev.tj .. '|' .. ev.cj .. '|' .. ev.s) == 0 then
+  local host, tj, cj, lj = ev.hostname, ev.timestamp_json, ev.clock_json, ev.local_received_json
+  local key = P .. KEY.worker .. host
+  local dedup = P .. KEY.wdedup .. host
+  if redis.call('ZADD', dedup, 'NX', tj, tj .. '|' .. cj .. '|' .. ev.subject) == 0 then
     return false
   end
   redis.call('ZREMRANGEBYRANK', dedup, 0, -257)
 
   -- each field from the latest worker event (by sender time, clock) that carries it
   local names, provenance = {}, {}
-  for f, _ in pairs(ev.f) do
+  for f, _ in pairs(ev.fields) do
     names[#names + 1] = f
     provenance[#provenance + 1] = '_k.' .. f
   end
   local hset = { key }
   if #names > 0 then
     local known = redis.call('HMGET', key, unpack(provenance))
-    local stamp = ev.tj .. '|' .. ev.cj
+    local stamp = tj .. '|' .. cj
     for i, f in ipairs(names) do
-      if later(ev.tj, ev.cj, known[i] or nil) then
+      if later(tj, cj, known[i] or nil) then
         hset[#hset + 1] = f
-        hset[#hset + 1] = ev.f[f]
+        hset[#hset + 1] = ev.fields[f]
         hset[#hset + 1] = provenance[i]
         hset[#hset + 1] = stamp
       end
@@ -462,56 +452,56 @@ local function apply_worker(ev)
   -- ordered by sender time so that a late heartbeat does not undo a newer offline
   local live = redis.call('HMGET', key, '_hb', '_hbts', '_offts')
   local hb, hbts, offts = tonumber(live[1]), tonumber(live[2]), tonumber(live[3])
-  local ts = tonumber(ev.tj)
-  if ev.s == 'offline' then
+  local ts = tonumber(tj)
+  if ev.subject == 'offline' then
     if not offts or ts > offts then
       hset[#hset + 1] = '_offts'
-      hset[#hset + 1] = ev.tj
+      hset[#hset + 1] = tj
     end
     if not hbts or ts > hbts then
       redis.call('HDEL', key, '_hb', '_hbts')
     end
   elseif not offts or ts > offts then
-    if not hb or tonumber(ev.lj) > hb then
+    if not hb or tonumber(lj) > hb then
       hset[#hset + 1] = '_hb'
-      hset[#hset + 1] = ev.lj
+      hset[#hset + 1] = lj
     end
     if not hbts or ts > hbts then
       hset[#hset + 1] = '_hbts'
-      hset[#hset + 1] = ev.tj
+      hset[#hset + 1] = tj
     end
-    redis.call('ZADD', P .. 'workers', 'GT', ev.lj, host)
+    redis.call('ZADD', P .. KEY.workers, 'GT', lj, host)
   end
   if #hset > 1 then redis.call('HSET', unpack(hset)) end
 
-  add(sums, P .. 'counts', host .. SEP .. 'worker-' .. ev.s .. SEP, 1)
-  emit(ev.e, '')
+  add(sums, P .. KEY.counts, host .. SEP .. 'worker-' .. ev.subject .. SEP, 1)
+  emit(ev.open_json, '')
   return true
 end
 
 local function evict(u)
-  local key = P .. 'task:' .. u
+  local key = P .. KEY.task .. u
   local f = redis.call('HMGET', key, '_s', '_n', '_w', '_p')
-  redis.call('ZREM', P .. 'idx:ts', u)
-  redis.call('ZREM', P .. 'idx:received', u)
-  redis.call('ZREM', P .. 'idx:started', u)
+  redis.call('ZREM', P .. KEY.idx_ts, u)
+  redis.call('ZREM', P .. KEY.idx_received, u)
+  redis.call('ZREM', P .. KEY.idx_started, u)
   for _, k in ipairs(group_keys(nonempty(f[1]), nonempty(f[2]), nonempty(f[3]))) do
     redis.call('ZREM', k, u)
   end
   local parent = nonempty(f[4])
-  if parent then redis.call('SREM', P .. 'children:' .. parent, u) end
-  redis.call('DEL', key, P .. 'children:' .. u)
+  if parent then redis.call('SREM', P .. KEY.children .. parent, u) end
+  redis.call('DEL', key, P .. KEY.children .. u)
 end
 
 local applied, duplicates, evicted = 0, 0, 0
 local tasks, order = {}, {}
 for _, ev in ipairs(events) do
   local ok
-  if ev.k == 't' then
-    local t = tasks[ev.u]
+  if ev.kind == 'task' then
+    local t = tasks[ev.uuid]
     if not t then
-      t = load_task(ev.u)
-      tasks[ev.u] = t
+      t = load_task(ev.uuid)
+      tasks[ev.uuid] = t
       order[#order + 1] = t
     end
     ok = apply_task(t, ev)
@@ -527,18 +517,18 @@ end
 flush_counters()
 
 -- retention: by count (oldest first), then by age (failed tasks have their own TTL)
-local excess = redis.call('ZCARD', P .. 'idx:ts') - cfg.max_tasks
+local excess = redis.call('ZCARD', P .. KEY.idx_ts) - cfg.max_tasks
 if excess > 0 then
-  local victims = redis.call('ZRANGE', P .. 'idx:ts', 0, math.min(excess, cfg.evict_batch) - 1)
+  local victims = redis.call('ZRANGE', P .. KEY.idx_ts, 0, math.min(excess, cfg.evict_batch) - 1)
   for _, u in ipairs(victims) do evict(u) end
   evicted = evicted + #victims
 end
 if cfg.age_check then
-  for _, state in ipairs(redis.call('SMEMBERS', P .. 'states')) do
+  for _, state in ipairs(redis.call('SMEMBERS', P .. KEY.states)) do
     local ttl = cfg.task_ttl
-    if state == 'FAILURE' then ttl = cfg.failed_ttl end
+    if state == STATE.FAILURE then ttl = cfg.failed_ttl end
     if ttl > 0 and evicted < cfg.evict_batch then
-      local victims = redis.call('ZRANGEBYSCORE', P .. 'idx:state:' .. state, '-inf',
+      local victims = redis.call('ZRANGEBYSCORE', P .. KEY.idx_state .. state, '-inf',
         '(' .. (cfg.now - ttl), 'LIMIT', 0, cfg.evict_batch - evicted)
       for _, u in ipairs(victims) do evict(u) end
       evicted = evicted + #victims

@@ -17,7 +17,7 @@
 --            (bool: only tasks without a name), received/started = {min, max} (a task without
 --            that time passes, as in Flower), search = prefilter tree (services/api/search.py:
 --            'and'/'or' nodes, 'v' raw values of _n/_s/_w, 't' substrings, 'm' maybe, 'n' no)
--- Reads (P = ARGV[1]; documented in shared/keys.py):
+-- Reads (P = ARGV[1]; documented in shared/keys.py; spelled P .. KEY.<suffix>, the prelude's):
 --   KEYS[1] (zset) and, when a filter is set, P task:<uuid> (hash): one HMGET per entry
 --   examined of the fields the filter reads among _s, _n, _w, received, started, args,
 --   kwargs, result.
@@ -295,7 +295,7 @@ while not stop do
     member = items[i]
     examined = examined + 1
     if asc then rank = rank + 1 else rank = rank - 1 end
-    if #fields > 0 then h = redis.call('HMGET', P .. 'task:' .. member, unpack(fields)) end
+    if #fields > 0 then h = redis.call('HMGET', P .. KEY.task .. member, unpack(fields)) end
     local ok = true
     if states and not states[h[at._s]] then ok = false end
     if ok and noname and h[at._n] and h[at._n] ~= '' then ok = false end

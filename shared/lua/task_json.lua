@@ -6,8 +6,8 @@
 -- ARGV[1]  P, the shard's key prefix, e.g. 'pollen:{pollen}:'
 -- ARGV[2]  msgpack list of the hash fields to read, the first one always stored ('uuid')
 -- ARGV[3..]  task uuids
--- Reads (P = ARGV[1]; documented in shared/keys.py): P task:<uuid> (hash), P children:<uuid>
--- (set).
+-- Reads (P = ARGV[1]; documented in shared/keys.py; spelled P .. KEY.<suffix>, the prelude's):
+-- P task:<uuid> (hash), P children:<uuid> (set).
 -- Returns, per uuid, {values, children}: values are the fields' JSON texts NUL-joined ('' when
 -- absent; JSON text never holds a raw NUL), or false when the task is not in this shard;
 -- children are its children in this shard.
@@ -19,7 +19,7 @@ local n = #fields
 local out = {}
 for a = 3, #ARGV do
   local u = ARGV[a]
-  local h = redis.call('HMGET', P .. 'task:' .. u, unpack(fields))
+  local h = redis.call('HMGET', P .. KEY.task .. u, unpack(fields))
   local values = false
   if h[1] then
     for i = 2, n do
@@ -27,6 +27,6 @@ for a = 3, #ARGV do
     end
     values = table.concat(h, '\0')
   end
-  out[#out + 1] = { values, redis.call('SMEMBERS', P .. 'children:' .. u) }
+  out[#out + 1] = { values, redis.call('SMEMBERS', P .. KEY.children .. u) }
 end
 return out
