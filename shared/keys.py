@@ -162,6 +162,31 @@ SUFFIXES = Suffixes()
 
 
 @dataclass(frozen=True)
+class Hidden:
+    """The hidden fields of the task and worker hashes (``_``-prefixed: readers leave them
+    out): the one spelling, read by Python readers and handed to the Lua scripts as
+    ``HIDDEN.<field>``."""
+
+    #: a task's raw state, name, worker and parent_id (what its index keys are made of)
+    state: str = "_s"
+    name: str = "_n"
+    worker: str = "_w"
+    parent: str = "_p"
+    #: a task's sorted event history: ``_1`` .. ``_<N>``, N in ``history_len``
+    history: str = "_"
+    history_len: str = "_hn"
+    #: a task's events counted before its name was known (moved under the name later)
+    unnamed: str = "_u"
+    #: a worker's newest heartbeat: receive time and sender timestamp; newest offline time
+    heartbeat: str = "_hb"
+    heartbeat_ts: str = "_hbts"
+    offline_ts: str = "_offts"
+
+
+HIDDEN = Hidden()
+
+
+@dataclass(frozen=True)
 class Shard:
     """Key names of one shard."""
 

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from shared.events import TASK_FIELDS, WORKER_EVENT_FIELDS
+from shared.keys import HIDDEN
 
 #: celery's ``Worker.freq`` before any worker event is seen, and its expire window (200 %).
 DEFAULT_FREQ = 60.0
@@ -19,6 +20,8 @@ EXPIRE_WINDOW = 2.0
 
 _decode = msgspec.json.decode
 _NULL = b"null"
+_HB = HIDDEN.heartbeat.encode()
+_OFFLINE = HIDDEN.offline_ts.encode()
 
 Hash = Mapping[bytes, bytes]
 
@@ -59,8 +62,8 @@ def worker_last_heartbeat(h: Hash, task_seen: float | None) -> float | None:
     Worker events count with their receive time; task events (``task_seen``, the newest task
     event timestamp from that worker) with their sender time, as in ``State._event``.
     """
-    hb = float(h[b"_hb"]) if b"_hb" in h else None
-    offline = float(h[b"_offts"]) if b"_offts" in h else None
+    hb = float(h[_HB]) if _HB in h else None
+    offline = float(h[_OFFLINE]) if _OFFLINE in h else None
     if task_seen is not None and (offline is None or task_seen > offline):
         hb = task_seen if hb is None else max(hb, task_seen)
     return hb

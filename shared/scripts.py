@@ -8,6 +8,7 @@ suffix, a state or a field order of its own:
 Lua name            from
 ==================  ===================================================================
 KEY                 ``shared.keys.SUFFIXES``: ``P .. KEY.idx_state .. state``
+HIDDEN              ``shared.keys.HIDDEN``: hidden hash fields, ``HIDDEN.state == '_s'``
 SEP                 ``shared.keys.SEP``, the separator inside composite hash fields
 SUBJECT_STATE       ``shared.events.TASK_EVENT_TO_STATE``: event subject -> state
 STATE               its states by name: ``STATE.RETRY == 'RETRY'``
@@ -52,6 +53,7 @@ def definitions() -> dict[str, LuaValue]:
     }
     return {
         "KEY": dataclasses.asdict(keys.SUFFIXES),
+        "HIDDEN": dataclasses.asdict(keys.HIDDEN),
         "SEP": keys.SEP,
         "SUBJECT_STATE": dict(events.TASK_EVENT_TO_STATE),
         "STATE": {state: state for state in events.TASK_EVENT_TO_STATE.values()},

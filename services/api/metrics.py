@@ -24,7 +24,7 @@ from aiohttp import web
 
 from services.api.context import Context, ctx
 from services.api.openapi import Spec, operation
-from shared.keys import RUNTIME_BUCKETS, SEP
+from shared.keys import HIDDEN, RUNTIME_BUCKETS, SEP
 from shared.readers import heartbeat_active, worker_alive
 from shared.workers import event_state, known_workers
 
@@ -166,7 +166,7 @@ async def render(c: Context) -> str:
     pipe = c.redis.pipeline(transaction=False)
     pairs = [(host, uuid) for host in hosts for uuid in received[host]]
     for _, uuid in pairs:
-        pipe.hget(c.keys.shard_for(uuid).task(uuid), "_n")
+        pipe.hget(c.keys.shard_for(uuid).task(uuid), HIDDEN.name)
     names = await pipe.execute() if pairs else []
     # every worker and task name that had a task received: Flower's gauge exists from then on
     prefetched: Counter[tuple[str, str]] = Counter(

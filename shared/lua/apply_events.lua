@@ -204,7 +204,7 @@ local function load_task(u)
   for i = 1, #flat, 2 do stored[flat[i]] = flat[i + 1] end
   local history = {}
   for i = 1, tonumber(stored._hn or '0') do
-    history[i] = parse_entry(stored['_' .. i])
+    history[i] = parse_entry(stored[HIDDEN.history .. i])
   end
   local t = {
     key = key, u = u, history = history, writes = {}, new = #history == 0,
@@ -315,23 +315,23 @@ local function save_task(t)
   local from = (t.history_changed_from or (#history + 1))
   if shift > 0 then from = 1 end
   for i = math.max(from, first), #history do
-    hset[#hset + 1] = '_' .. (i - shift)
+    hset[#hset + 1] = HIDDEN.history .. (i - shift)
     hset[#hset + 1] = format_entry(history[i])
   end
-  hset[#hset + 1] = '_hn'
+  hset[#hset + 1] = HIDDEN.history_len
   hset[#hset + 1] = tostring(#history - shift)
-  hset[#hset + 1] = '_s'
+  hset[#hset + 1] = HIDDEN.state
   hset[#hset + 1] = t.state
   if t.name ~= t.old_name then
-    hset[#hset + 1] = '_n'
+    hset[#hset + 1] = HIDDEN.name
     hset[#hset + 1] = t.name or ''
   end
   if t.worker ~= t.old_worker then
-    hset[#hset + 1] = '_w'
+    hset[#hset + 1] = HIDDEN.worker
     hset[#hset + 1] = t.worker
   end
   if t.parent ~= t.old_parent then
-    hset[#hset + 1] = '_p'
+    hset[#hset + 1] = HIDDEN.parent
     hset[#hset + 1] = t.parent or ''
   end
   if #t.unnamed > 0 then
@@ -340,13 +340,13 @@ local function save_task(t)
         count(record, '', -1)
         count(record, t.name, 1)
       end
-      if t.had_unnamed then redis.call('HDEL', t.key, '_u') end
+      if t.had_unnamed then redis.call('HDEL', t.key, HIDDEN.unnamed) end
     else
       local parts = {}
       for _, record in ipairs(t.unnamed) do
         parts[#parts + 1] = table.concat(record, FIELD_SEP) .. RECORD_END
       end
-      hset[#hset + 1] = '_u'
+      hset[#hset + 1] = HIDDEN.unnamed
       hset[#hset + 1] = table.concat(parts)
     end
   end
@@ -450,24 +450,24 @@ local function apply_worker(ev)
 
   -- liveness as celery's Worker: heartbeats are receive times, cleared by worker-offline;
   -- ordered by sender time so that a late heartbeat does not undo a newer offline
-  local live = redis.call('HMGET', key, '_hb', '_hbts', '_offts')
+  local live = redis.call('HMGET', key, HIDDEN.heartbeat, HIDDEN.heartbeat_ts, HIDDEN.offline_ts)
   local hb, hbts, offts = tonumber(live[1]), tonumber(live[2]), tonumber(live[3])
   local ts = tonumber(tj)
   if ev.subject == 'offline' then
     if not offts or ts > offts then
-      hset[#hset + 1] = '_offts'
+      hset[#hset + 1] = HIDDEN.offline_ts
       hset[#hset + 1] = tj
     end
     if not hbts or ts > hbts then
-      redis.call('HDEL', key, '_hb', '_hbts')
+      redis.call('HDEL', key, HIDDEN.heartbeat, HIDDEN.heartbeat_ts)
     end
   elseif not offts or ts > offts then
     if not hb or tonumber(lj) > hb then
-      hset[#hset + 1] = '_hb'
+      hset[#hset + 1] = HIDDEN.heartbeat
       hset[#hset + 1] = lj
     end
     if not hbts or ts > hbts then
-      hset[#hset + 1] = '_hbts'
+      hset[#hset + 1] = HIDDEN.heartbeat_ts
       hset[#hset + 1] = tj
     end
     redis.call('ZADD', P .. KEY.workers, 'GT', lj, host)
@@ -481,7 +481,7 @@ end
 
 local function evict(u)
   local key = P .. KEY.task .. u
-  local f = redis.call('HMGET', key, '_s', '_n', '_w', '_p')
+  local f = redis.call('HMGET', key, HIDDEN.state, HIDDEN.name, HIDDEN.worker, HIDDEN.parent)
   redis.call('ZREM', P .. KEY.idx_ts, u)
   redis.call('ZREM', P .. KEY.idx_received, u)
   redis.call('ZREM', P .. KEY.idx_started, u)

@@ -126,9 +126,9 @@ local function need(f)
     at[f] = #fields
   end
 end
-if filter.states then need('_s') end
-if filter.names or filter.noname then need('_n') end
-if filter.workers then need('_w') end
+if filter.states then need(HIDDEN.state) end
+if filter.names or filter.noname then need(HIDDEN.name) end
+if filter.workers then need(HIDDEN.worker) end
 if filter.received then need('received') end
 if filter.started then need('started') end
 

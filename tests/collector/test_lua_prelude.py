@@ -50,6 +50,7 @@ def test_tables_evaluated_by_redis_equal_the_python_definitions(r: redis.Redis) 
         r, full_prelude() + " return cjson.encode({" + ", ".join(f"{n} = {n}" for n in names) + "})"
     )
     assert got["KEY"] == dataclasses.asdict(keys.SUFFIXES)
+    assert got["HIDDEN"] == dataclasses.asdict(keys.HIDDEN)
     assert got["SEP"] == keys.SEP
     assert got["SUBJECT_STATE"] == events.TASK_EVENT_TO_STATE
     assert got["SUBJECT_STATE"] == celery_event_state.TASK_EVENT_TO_STATE
@@ -129,9 +130,10 @@ def test_scripts_spell_no_key_suffix_or_state(name: str) -> None:
     defined = scripts.definitions()
     suffixes = dataclasses.asdict(keys.SUFFIXES).values()
     state_names = set(events.TASK_EVENT_TO_STATE.values())
+    hidden = set(dataclasses.asdict(keys.HIDDEN).values())
     lua = lua_file(name)
-    spelled = [s for s in string_literals(lua) if s in suffixes or s in state_names]
-    assert not spelled, f"{name}.lua spells {spelled}: use the prelude's KEY.x / STATE.X"
+    spelled = [s for s in string_literals(lua) if s in suffixes or s in state_names or s in hidden]
+    assert not spelled, f"{name}.lua spells {spelled}: use the prelude's KEY.x / STATE.X / HIDDEN.x"
     body = code(lua)
     # the prelude's names are not redefined, and every member used exists
     for each in defined:

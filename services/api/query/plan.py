@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from services.api.query.search import NEVER, Known, implied, needs_known, parse_query, prefilter
-from shared.keys import Keys, Shard
+from shared.keys import HIDDEN, Keys, Shard
 
 #: Most values (names, states or workers) a search term may resolve to and still choose the
 #: index walked (more would merge that many zsets; the term is then checked per task instead).
@@ -166,9 +166,9 @@ async def plan(client: Any, keys: Keys, q: TaskQuery) -> list[Segment] | None:
     pre = prefilter(expr, known)
     # name/state/worker terms the search requires narrow the indexes walked
     required = implied(pre)
-    states = _narrow(_resolve(q.state, known_states), required.get("_s"))
-    names = _narrow(_resolve(q.name, known_names), required.get("_n"))
-    workers = _narrow(_resolve(q.worker, known_workers), required.get("_w"))
+    states = _narrow(_resolve(q.state, known_states), required.get(HIDDEN.state))
+    names = _narrow(_resolve(q.name, known_names), required.get(HIDDEN.name))
+    workers = _narrow(_resolve(q.worker, known_workers), required.get(HIDDEN.worker))
     if states == () or names == () or workers == () or pre == NEVER:
         return None
     shards = keys.all_shards

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from shared.keys import HIDDEN
+
 SEARCH_FIELDS = frozenset({"name", "state", "worker", "args", "kwargs", "result"})
 EXACT_FIELDS = frozenset({"state"})
 MIN_SUBSTRING_LENGTH = 3
@@ -323,7 +325,7 @@ def matches(expr: Expr, doc: Document) -> bool:
 # --- prefilter (Lua: conservative) -------------------------------------------------------------
 
 #: Fields of the task hash whose few distinct values Python matches exactly (``Known``).
-VALUE_FIELDS = {"name": "_n", "state": "_s", "worker": "_w"}
+VALUE_FIELDS = {"name": HIDDEN.name, "state": HIDDEN.state, "worker": HIDDEN.worker}
 #: A prefilter that no task passes.
 NEVER: list[Any] = ["n"]
 

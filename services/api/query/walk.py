@@ -15,7 +15,7 @@ import msgspec
 from services.api.query.cursor import CursorData, CursorError, decode_cursor, encode_cursor
 from services.api.query.plan import Segment, TaskQuery, _group_order, plan, task_names
 from services.api.query.search import Document, Expr, matches, parse_query
-from shared.keys import Keys, Shard
+from shared.keys import HIDDEN, Keys, Shard
 
 #: Most entries one Lua call examines, and the time after which it stops examining: each call
 #: holds Redis for a few milliseconds at most, however costly an entry is to check.
@@ -250,7 +250,10 @@ class _Stream:
         """Flower's exact search semantics for the tasks Lua could not decide."""
         pipe = self.engine.client.pipeline(transaction=False)
         for m in members:
-            pipe.hmget(self.shard.task(m.decode()), "_n", "_s", "_w", "args", "kwargs", "result")
+            pipe.hmget(
+                self.shard.task(m.decode()),
+                *(HIDDEN.name, HIDDEN.state, HIDDEN.worker, "args", "kwargs", "result"),
+            )
         out = []
         for m, (n, s, w, args, kwargs, result) in zip(members, await pipe.execute(), strict=True):
             doc = Document.of(
