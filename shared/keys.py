@@ -34,6 +34,9 @@ S counts                         hash    ``<worker>\\x1f<event type>\\x1f<task n
 S minute:<epoch minute>          hash    ``<task name>\\x1f<STATE>`` -> events that minute
 S runtime                        hash    ``<worker>\\x1f<task name>\\x1f<bucket>`` -> count,
                                          buckets of ``RUNTIME_BUCKETS`` plus ``sum`` and ``count``
+S prefetch                       hash    ``<worker>\\x1f<task name>`` -> ``<timestamp>,<uuid>,
+                                         <seconds>``: Flower's prefetch time, from the latest
+                                         event (by timestamp, then uuid)
 S stream                         stream  every applied event, normalized JSON in field ``e``
 ===============================  ======  ==========================================================
 
@@ -155,6 +158,7 @@ class Suffixes:
     counts: str = "counts"
     minute: str = "minute:"
     runtime: str = "runtime"
+    prefetch: str = "prefetch"
     stream: str = "stream"
 
 
@@ -263,6 +267,10 @@ class Shard:
     @property
     def runtime(self) -> str:
         return f"{self.prefix}{SUFFIXES.runtime}"
+
+    @property
+    def prefetch(self) -> str:
+        return f"{self.prefix}{SUFFIXES.prefetch}"
 
     @property
     def stream(self) -> str:

@@ -217,6 +217,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     inspect_timeout: Positive = 2.0
     #: Seconds a worker's stored inspect answers are kept after its last answer.
     inspect_ttl: Positive = 86400.0
+    #: Seconds an offline worker is kept (Flower's ``--purge_offline_workers``); then its
+    #: hash, inspect answers and every metric series labelled with it are removed (its tasks
+    #: keep their ``worker``). 0: kept until ``max_workers`` makes room.
+    offline_worker_ttl: NonNegativeInt = 7 * 86400
+    #: Most workers kept: beyond it the longest-offline workers are removed first (a live
+    #: worker never is).
+    max_workers: PositiveInt = 10_000
     #: Seconds between queue length samples.
     queue_interval: Positive = 5.0
     #: Minutes of per-minute queue length history kept for charts.

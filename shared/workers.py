@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.keys import Keys
-from shared.readers import worker_alive
+from shared.keys import HIDDEN, Keys
+from shared.readers import EXPIRE_WINDOW, Hash, worker_alive, worker_freq, worker_last_heartbeat
 
 
 async def known_workers(client: Any, keys: Keys) -> list[str]:
@@ -64,3 +64,28 @@ async def alive_workers(client: Any, keys: Keys, now: float) -> set[str]:
         if worker_alive(h, seen, now):
             alive.add(host)
     return alive
+
+
+def offline_since(h: Hash, task_seen: float | None, inspected: float | None) -> float:
+    """When the worker went offline by celery's rule: its newest sign of life (a heartbeat, a
+    task event, an inspect answer) plus 2 x its heartbeat interval, or the time of its
+    worker-offline when that is the newest thing it said. A live worker's is in the future."""
+    window = worker_freq(h) * EXPIRE_WINDOW
+    last = worker_last_heartbeat(h, task_seen)
+    raw = h.get(HIDDEN.offline_ts.encode())
+    if last is None and raw is not None and (inspected is None or inspected <= float(raw)):
+        return float(raw)
+    return max(last or 0.0, inspected or 0.0) + window
+
+
+def to_purge(offline: dict[str, float], now: float, ttl: float, most: int) -> list[str]:
+    """The workers to forget: offline longer than ``ttl`` (0: no age limit), then, while more
+    than ``most`` are known, the longest offline first; never one that is alive.
+    ``offline``: every known worker's ``offline_since``."""
+    gone = sorted((since, host) for host, since in offline.items() if since <= now)
+    doomed = [host for since, host in gone if ttl and now - since >= ttl]
+    excess = len(offline) - len(doomed) - most
+    if excess > 0:
+        rest = [host for _, host in gone if host not in set(doomed)]
+        doomed.extend(rest[:excess])
+    return doomed

@@ -6,9 +6,12 @@ family always written with its ``# HELP``/``# TYPE`` lines:
 ``flower_task_runtime_seconds`` from the collector's ``counts`` and ``runtime`` hashes;
 ``flower_worker_online`` from heartbeat liveness (a crashed worker goes to 0, unlike Flower);
 ``flower_worker_number_of_currently_executing_tasks``: the worker's own ``active`` from its
-newest heartbeat (as Flower); ``flower_worker_prefetched_tasks``: tasks received and not yet
-started on the worker, by task name, for every worker and name that ever had a task received
-(0 when none waits now, as Flower's gauge goes back to 0). Plus ``pollen_*``: worker events by
+newest heartbeat (as Flower); ``flower_task_prefetch_time_seconds``: per worker and task
+name, started - received at the latest task-started, 0 after the latest task-succeeded or
+task-failed (Flower's ``observe_task``, latest by sender time);
+``flower_worker_prefetched_tasks``: tasks received and not yet started on the worker, by
+task name, for every worker and name that ever had a task received (0 when none waits now,
+as Flower's gauge goes back to 0). Plus ``pollen_*``: worker events by
 type, collector lag, rate and heartbeat age, malformed events by reason, tasks stored, queue
 lengths.
 """
@@ -110,6 +113,7 @@ async def render(c: Context) -> str:
         pipe.hgetall(shard.counts)
         pipe.hgetall(shard.runtime)
         pipe.zcard(shard.by_timestamp)
+        pipe.hgetall(shard.prefetch)
     pipe.zrange(c.keys.collectors, 0, -1, withscores=True)
     pipe.hgetall(c.keys.malformed)
     pipe.hgetall(c.keys.queues)
@@ -117,15 +121,24 @@ async def render(c: Context) -> str:
     events: Counter[tuple[str, str, str]] = Counter()
     runtime: defaultdict[tuple[str, str, str], float] = defaultdict(float)
     tasks_stored = 0
+    # (worker, name) -> (timestamp, seconds) of the latest event over the shards
+    prefetch_time: dict[tuple[str, str], tuple[float, float]] = {}
     for i in range(len(shards)):
-        for field, count in replies[3 * i].items():
+        counts, runtimes, stored, prefetches = replies[4 * i : 4 * i + 4]
+        for field, count in counts.items():
             worker, kind, name = field.decode().split(SEP, 2)
             events[(worker, kind, name)] += int(count)
-        for field, count in replies[3 * i + 1].items():
+        for field, count in runtimes.items():
             worker, name, bucket = field.decode().split(SEP, 2)
             runtime[(worker, name, bucket)] += float(count)
-        tasks_stored += replies[3 * i + 2]
-    collectors, malformed, queues = replies[3 * len(shards) :]
+        tasks_stored += stored
+        for field, value in prefetches.items():
+            worker, name = field.decode().split(SEP, 1)
+            stamp, _, seconds_text = value.split(b",")
+            ts, seconds = float(stamp), float(seconds_text)
+            if (worker, name) not in prefetch_time or ts > prefetch_time[(worker, name)][0]:
+                prefetch_time[(worker, name)] = (ts, seconds)
+    collectors, malformed, queues = replies[4 * len(shards) :]
     now = time.time()
     out = Exposition(c.settings.metrics_max_samples)
 
@@ -180,6 +193,8 @@ async def render(c: Context) -> str:
         "gauge",
         "The time the task spent waiting at the celery worker to be executed.",
     )
+    for (host, name), (_, seconds) in sorted(prefetch_time.items()):
+        out.sample("flower_task_prefetch_time_seconds", [("worker", host), ("task", name)], seconds)
     out.family(
         "flower_worker_prefetched_tasks",
         "gauge",

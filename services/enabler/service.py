@@ -34,7 +34,7 @@ from celery import Celery
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from services.enabler import writes
+from services.enabler import retention, writes
 from services.enabler.queues import QueueSampler
 from shared import scripts
 from shared.backoff import Backoff
@@ -44,7 +44,7 @@ from shared.events import StreamEvent
 from shared.inspected import INSPECT_METHODS
 from shared.keys import Keys
 from shared.settings import Settings, mask_url
-from shared.workers import alive_workers
+from shared.workers import alive_workers, known_workers
 
 log = logging.getLogger("pollen.enabler")
 
@@ -71,6 +71,7 @@ class Enabler:
             settings, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
         )
         self.lease_script = scripts.register(self.redis, "enabler_lease")
+        self.purge_script = scripts.register(self.redis, "purge_worker")
         self.sampler = QueueSampler(settings, self.app)
         self.broker_errors = broker_errors(self.app)
         self.sample_errors: tuple[type[BaseException], ...] = (
@@ -85,6 +86,8 @@ class Enabler:
         self.wake_queues = asyncio.Event()
         self.wake_online = asyncio.Event()
         self.pending_online: set[str] = set()
+        #: held while workers are forgotten, and while inspect answers are stored
+        self.forgetting = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.configured_queues = [q.strip() for q in settings.queues.split(",") if q.strip()]
 
@@ -214,30 +217,35 @@ class Enabler:
             expected = await alive_workers(self.redis, self.keys, time.time())
         else:
             expected = set(destination)
+        known = set(await known_workers(self.redis, self.keys))
         results = await asyncio.gather(
             *(self.blocking(partial(self._inspect_call, m, destination)) for m in methods),
             return_exceptions=True,
         )
         missing: dict[str, set[str]] = {}
         broker_failure: BaseException | None = None
-        for method, result in zip(methods, results, strict=True):
-            if isinstance(result, self.broker_errors):
-                broker_failure = result
-                continue
-            if isinstance(result, BaseException):
-                log.error("inspect %s failed: %r", method, result)
-                continue
-            answers = {str(k): v for k, v in (result or {}).items() if v is not None}
-            await writes.store_answers(
-                self.redis,
-                self.keys,
-                method,
-                answers,
-                expected,
-                self.settings.inspect_timeout,
-                self.settings.inspect_ttl,
-            )
-            missing[method] = expected - set(answers)
+        async with self.forgetting:
+            # a worker forgotten while the answers were awaited gets no "no answer" entry: that
+            # would bring back the inspect key retention just removed
+            expected -= known - set(await known_workers(self.redis, self.keys))
+            for method, result in zip(methods, results, strict=True):
+                if isinstance(result, self.broker_errors):
+                    broker_failure = result
+                    continue
+                if isinstance(result, BaseException):
+                    log.error("inspect %s failed: %r", method, result)
+                    continue
+                answers = {str(k): v for k, v in (result or {}).items() if v is not None}
+                await writes.store_answers(
+                    self.redis,
+                    self.keys,
+                    method,
+                    answers,
+                    expected,
+                    self.settings.inspect_timeout,
+                    self.settings.inspect_ttl,
+                )
+                missing[method] = expected - set(answers)
         if broker_failure is not None:
             raise broker_failure
         return missing
@@ -361,6 +369,26 @@ class Enabler:
             self.sample_errors,
         )
 
+    # --- worker retention ----------------------------------------------------------------------
+
+    async def forget_offline_workers(self) -> None:
+        async with self.forgetting:
+            await retention.purge_offline(
+                self.redis,
+                self.keys,
+                self.purge_script,
+                self.settings.offline_worker_ttl,
+                self.settings.max_workers,
+            )
+
+    async def retention_loop(self) -> None:
+        await self._every(
+            asyncio.Event(),
+            lambda: retention.interval(self.settings.offline_worker_ttl),
+            self.forget_offline_workers,
+            (),
+        )
+
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -384,6 +412,7 @@ class Enabler:
                 self.inspect_loop,
                 self.online_loop,
                 self.queue_loop,
+                self.retention_loop,
             )
         ]
         stop: asyncio.Task[Any] = asyncio.create_task(self.stopping.wait())

@@ -23,7 +23,9 @@
 --   P task:<uuid>          hash: public fields as JSON text; hidden merge state:
 --                            _1.._N  the task's events, sorted, one per field (short values
 --                                    keep small hashes in Redis's compact listpack encoding):
---                                    'timestamp,clock,subject,mask,retries'; _hn = N
+--                                    'timestamp,clock,subject,mask,retries[,x]', x: the
+--                                    worker of a started/succeeded/failed, 'eta' for a
+--                                    sent/received with an eta; _hn = N
 --                            _s/_n/_w/_p  raw state, name, worker, parent_id (index keys)
 --                            _u  events counted before the task's name was known, to be
 --                                moved under the name when it arrives (rare: out of order)
@@ -32,6 +34,7 @@
 --   P children:<uuid>      set     P names  set     P states  set of states seen
 --   P worker:<host>        hash    P workers  zset  P seen  zset  P wdedup:<host>  zset
 --   P counts  hash         P minute:<m>  hash       P runtime  hash
+--   P prefetch  hash: '<worker>\31<name>' -> 'timestamp,uuid,seconds' (Flower's prefetch time)
 --   P stream  stream       and PUBLISH on the events channel
 --
 -- Merge rule. celery.events.state.Task.event folds events in arrival order; its answer depends
@@ -65,21 +68,29 @@ local function has_bit(mask, bit)
   return math.floor(mask / bit) % 2 == 1
 end
 
--- r: the retries of a task-sent/task-received ('' otherwise)
-local function new_entry(tj, cj, subject, mask, r)
+-- r: the retries of a task-sent/task-received ('' otherwise); x, for Flower's prefetch time:
+-- the worker of a task-started/succeeded/failed, 'eta' for a task-sent/received that carries
+-- an eta, '' otherwise
+local HOSTED = { started = true, succeeded = true, failed = true }
+local SCHEDULED = { sent = true, received = true }
+
+local function new_entry(tj, cj, subject, mask, r, x)
   local ts = tonumber(tj)
   return { tj = tj, ts = ts, at = ts, cj = cj, clock = tonumber(cj), subject = subject,
-           rank = RANK[subject] or 3, mask = mask, r = r or '' }
+           rank = RANK[subject] or 3, mask = mask, r = r or '', x = x or '' }
 end
 
 local function parse_entry(text)
-  local tj, cj, subject, mask, r =
-    string.match(text, '^([^,]+),([^,]+),([^,]+),(%d+),?([^,]*)$')
-  return new_entry(tj, cj, subject, tonumber(mask), r)
+  -- 'timestamp,clock,subject,mask,retries[,x]' (x last: a hostname may hold a comma)
+  local tj, cj, subject, mask, r, x =
+    string.match(text, '^([^,]+),([^,]+),([^,]+),(%d+),?([^,]*),?(.*)$')
+  return new_entry(tj, cj, subject, tonumber(mask), r, x)
 end
 
 local function format_entry(e)
-  return e.tj .. ',' .. e.cj .. ',' .. e.subject .. ',' .. e.mask .. ',' .. e.r
+  local text = e.tj .. ',' .. e.cj .. ',' .. e.subject .. ',' .. e.mask .. ',' .. e.r
+  if e.x ~= '' then text = text .. ',' .. e.x end
+  return text
 end
 
 -- The order of a task's events: by sender time, except that a task-sent counts as happening
@@ -148,6 +159,7 @@ local sums = {}      -- key -> field -> increment (HINCRBY)
 local fsums = {}     -- key -> field -> increment (HINCRBYFLOAT)
 local expiring = {}  -- key -> true (per-minute hashes get a TTL)
 local seen = {}      -- hostname -> newest task event timestamp (text) from it
+local prefetch = {}  -- '<worker>\31<name>' -> {ts, tj, u, value} of its latest event
 local added = {}     -- set key -> member -> true
 
 local function add(tbl, key, field, n)
@@ -226,7 +238,13 @@ local function apply_task(t, ev)
     local bit = FIELD_BIT[f]
     if bit then mask = mask + bit end
   end
-  local e = new_entry(ev.timestamp_json, ev.clock_json, ev.subject, mask, ev.retries)
+  local x = ''
+  if HOSTED[ev.subject] then
+    x = ev.hostname
+  elseif SCHEDULED[ev.subject] and ev.fields.eta and ev.fields.eta ~= 'null' then
+    x = 'eta'
+  end
+  local e = new_entry(ev.timestamp_json, ev.clock_json, ev.subject, mask, ev.retries, x)
 
   -- duplicate (the same event delivered twice), then the new sorted order
   local before = {}
@@ -299,6 +317,28 @@ local function apply_task(t, ev)
   emit(ev.open_json,
        ',"task_name":' .. (t.name_json or 'null') .. ',"task_state":"' .. state .. '"')
   return true
+end
+
+-- Flower's prefetch time (observe_task) as the task's sorted history gives it, per worker:
+-- the latest of its task-started/succeeded/failed events there, while the task has been
+-- received and has no eta: started - received (the received before it) for a task-started,
+-- 0 for a succeeded or failed task that had started. Returns host -> {entry, seconds}.
+local function prefetch_times(t)
+  local out = {}
+  local received, started, eta = nil, false, false
+  for _, h in ipairs(t.history) do
+    if SCHEDULED[h.subject] and h.x == 'eta' then eta = true end
+    if h.subject == 'received' then received = h.ts end
+    if h.subject == 'started' then started = true end
+    if not eta and received and HOSTED[h.subject] and h.x ~= '' then
+      if h.subject == 'started' then
+        out[h.x] = { entry = h, seconds = h.ts - received }
+      elseif started then
+        out[h.x] = { entry = h, seconds = 0 }
+      end
+    end
+  end
+  return out
 end
 
 local function save_task(t)
@@ -378,6 +418,13 @@ local function save_task(t)
   for _, k in ipairs(new_keys) do
     if moved or not was[k] then redis.call('ZADD', k, tj, u) end
   end
+  for host, found in pairs(prefetch_times(t)) do
+    local field, pf = host .. SEP .. (t.name or ''), found.entry
+    local known = prefetch[field]
+    if not known or pf.ts > known.ts or (pf.ts == known.ts and u >= known.u) then
+      prefetch[field] = { ts = pf.ts, tj = pf.tj, u = u, value = found.seconds }
+    end
+  end
   if t.state ~= t.old_state then sadd(P .. KEY.states, t.state) end
   if t.name and t.name ~= t.old_name then sadd(P .. KEY.names, t.name) end
   if t.parent ~= t.old_parent then
@@ -403,6 +450,17 @@ local function flush_counters()
   end
   for key, _ in pairs(expiring) do redis.call('EXPIRE', key, cfg.minute_ttl) end
   for host, tj in pairs(seen) do redis.call('ZADD', P .. KEY.seen, 'GT', tj, host) end
+  -- the latest event by (timestamp, uuid) wins; the same task's again (its history grew)
+  for field, pf in pairs(prefetch) do
+    local stored = redis.call('HGET', P .. KEY.prefetch, field)
+    local tj, u
+    if stored then tj, u = string.match(stored, '^([^,]+),([^,]*),') end
+    local ts = tonumber(tj)
+    if not ts or pf.ts > ts or (pf.ts == ts and pf.u >= u) then
+      local text = pf.tj .. ',' .. pf.u .. ',' .. string.format('%.17g', pf.value)
+      redis.call('HSET', P .. KEY.prefetch, field, text)
+    end
+  end
   for key, members in pairs(added) do
     local args = { 'SADD', key }
     for m, _ in pairs(members) do args[#args + 1] = m end

@@ -76,12 +76,22 @@ def settings_(request: pytest.FixtureRequest, settings: Settings) -> Settings:
 
 
 def counters(r: redis.Redis, keys: Keys) -> dict[str, dict[bytes, bytes]]:
-    """Every counter hash of a namespace (counts, runtime, per-minute), summed over shards."""
+    """Every counter hash of a namespace (counts, runtime, per-minute), summed over shards, and
+    Flower's prefetch time per worker and name (the latest over the shards)."""
     out: dict[str, dict[bytes, bytes]] = {}
     for shard in keys.all_shards:
         for key in r.scan_iter(match=shard.prefix + "*"):
             kind = key.decode()[len(shard.prefix) :]
-            if kind in ("counts", "runtime") or kind.startswith("minute:"):
+            if kind == "prefetch":
+                latest = out.setdefault(kind, {})
+                for field, value in raw_hash(r.hgetall(key)).items():
+                    ts, uuid, _ = value.split(b",")
+                    if field not in latest or (float(ts), uuid) > (
+                        float(latest[field].split(b",")[0]),
+                        latest[field].split(b",")[1],
+                    ):
+                        latest[field] = value
+            elif kind in ("counts", "runtime") or kind.startswith("minute:"):
                 merged = out.setdefault(kind, {})
                 for field, value in raw_hash(r.hgetall(key)).items():
                     total = float(merged.get(field, b"0")) + float(value)
