@@ -11,7 +11,8 @@ Per shard, with ``S = "<ns>:{<tag>}:"``:
 key                              type    holds
 ===============================  ======  ==========================================================
 S task:<uuid>                    hash    the task: celery's ``Task.as_dict()`` fields, each value
-                                         JSON-encoded, absent when null; hidden merge state in
+                                         JSON-encoded, absent when null; ``lost`` (true) and
+                                         ``lost_at`` while marked lost; hidden merge state in
                                          fields starting with ``_`` (see ``apply_events.lua``)
 S idx:ts                         zset    uuid by task ``timestamp`` (Flower's default order)
 S idx:received / idx:started     zset    uuid by that time; ``-inf`` when the task has none
@@ -25,7 +26,8 @@ S names                          set     task names seen
 S states                         set     task states seen (custom states included)
 S worker:<hostname>              hash    worker fields from worker events (JSON values) and
                                          liveness: ``_hb`` last heartbeat (receive time),
-                                         ``_hbts``/``_offts`` sender times of last beat/offline
+                                         ``_hbts``/``_offts``/``_onts`` sender times of last
+                                         beat/offline/online
 S workers                        zset    hostnames of worker events by last heartbeat
 S seen                           zset    hostname by latest task-event timestamp (celery counts
                                          a task event as a heartbeat of its worker)
@@ -37,7 +39,15 @@ S runtime                        hash    ``<worker>\\x1f<task name>\\x1f<bucket>
 S prefetch                       hash    ``<worker>\\x1f<task name>`` -> ``<timestamp>,<uuid>,
                                          <seconds>``: Flower's prefetch time, from the latest
                                          event (by timestamp, then uuid)
-S stream                         stream  every applied event, normalized JSON in field ``e``
+S deaths                         hash    hostname -> ``<t>,<t>...``: sender times, ascending, of
+                                         the worker's deaths (its last word when found dead, a
+                                         worker-online's), newest ``MAX_DEATHS``; the same in
+                                         every shard
+S idx:lost                       zset    uuid by ``timestamp``, tasks marked lost (a dead worker's
+                                         RECEIVED/STARTED tasks, ``apply_events.lua``)
+S lostcounts                     hash    ``<worker>\\x1f<task name>`` -> tasks marked lost
+S stream                         stream  every applied event, normalized JSON in field ``e``,
+                                         and ``task-lost`` when a task's mark changes
 ===============================  ======  ==========================================================
 
 Global (no hash tag):
@@ -75,6 +85,9 @@ from functools import cached_property
 
 #: Separator inside composite hash fields (worker, event type, task name...).
 SEP = "\x1f"
+
+#: Deaths kept per worker in each shard's ``deaths`` (its newest).
+MAX_DEATHS = 16
 
 #: Prometheus-style runtime histogram buckets (seconds), as prometheus_client's defaults
 #: (Flower's ``flower_task_runtime_seconds`` uses them).
@@ -159,6 +172,9 @@ class Suffixes:
     minute: str = "minute:"
     runtime: str = "runtime"
     prefetch: str = "prefetch"
+    deaths: str = "deaths"
+    idx_lost: str = "idx:lost"
+    lostcounts: str = "lostcounts"
     stream: str = "stream"
 
 
@@ -181,10 +197,12 @@ class Hidden:
     history_len: str = "_hn"
     #: a task's events counted before its name was known (moved under the name later)
     unnamed: str = "_u"
-    #: a worker's newest heartbeat: receive time and sender timestamp; newest offline time
+    #: a worker's newest heartbeat: receive time and sender timestamp; newest offline and
+    #: online sender times
     heartbeat: str = "_hb"
     heartbeat_ts: str = "_hbts"
     offline_ts: str = "_offts"
+    online_ts: str = "_onts"
 
 
 HIDDEN = Hidden()
@@ -271,6 +289,18 @@ class Shard:
     @property
     def prefetch(self) -> str:
         return f"{self.prefix}{SUFFIXES.prefetch}"
+
+    @property
+    def deaths(self) -> str:
+        return f"{self.prefix}{SUFFIXES.deaths}"
+
+    @property
+    def lost(self) -> str:
+        return f"{self.prefix}{SUFFIXES.idx_lost}"
+
+    @property
+    def lostcounts(self) -> str:
+        return f"{self.prefix}{SUFFIXES.lostcounts}"
 
     @property
     def stream(self) -> str:

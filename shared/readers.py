@@ -21,7 +21,9 @@ EXPIRE_WINDOW = 2.0
 _decode = msgspec.json.decode
 _NULL = b"null"
 _HB = HIDDEN.heartbeat.encode()
+_HBTS = HIDDEN.heartbeat_ts.encode()
 _OFFLINE = HIDDEN.offline_ts.encode()
+_ONLINE = HIDDEN.online_ts.encode()
 
 Hash = Mapping[bytes, bytes]
 
@@ -43,11 +45,18 @@ TASK_JSON_SOURCES: tuple[tuple[str, str, bytes], ...] = tuple(
 )
 
 
+#: Pollen's own task fields, after celery's and only while set: a lost task has ``lost`` (true)
+#: and ``lost_at``, the death of its worker that lost it (``apply_events.lua``).
+LOST_FIELDS = ("lost", "lost_at")
+
+
 def task_json_fields(h: Hash, children: Iterable[str]) -> list[tuple[str, bytes]]:
     """``(field, JSON text)`` of celery's ``Task.as_dict()`` in its order, ``worker`` being the
-    hostname; no decoding, so that values can be spliced into a response."""
+    hostname, then ``LOST_FIELDS`` when set; no decoding, so that values can be spliced into
+    a response."""
     out = [(field, h.get(source.encode(), default)) for field, source, default in TASK_JSON_SOURCES]
     out.append(("children", msgspec.json.encode(sorted(children))))
+    out.extend((f, h[f.encode()]) for f in LOST_FIELDS if f.encode() in h)
     return out
 
 
@@ -62,11 +71,33 @@ def worker_last_heartbeat(h: Hash, task_seen: float | None) -> float | None:
     Worker events count with their receive time; task events (``task_seen``, the newest task
     event timestamp from that worker) with their sender time, as in ``State._event``.
     """
-    hb = float(h[_HB]) if _HB in h else None
-    offline = float(h[_OFFLINE]) if _OFFLINE in h else None
+    hb = _time(h, _HB)
+    offline = _time(h, _OFFLINE)
     if task_seen is not None and (offline is None or task_seen > offline):
         hb = task_seen if hb is None else max(hb, task_seen)
     return hb
+
+
+def _time(h: Hash, field: bytes) -> float | None:
+    raw = h.get(field)
+    return None if raw is None else float(raw)
+
+
+def worker_offline_ts(h: Hash) -> float | None:
+    """Sender time of the worker's newest worker-offline."""
+    return _time(h, _OFFLINE)
+
+
+def worker_online_ts(h: Hash) -> float | None:
+    """Sender time of the worker's newest worker-online."""
+    return _time(h, _ONLINE)
+
+
+def worker_last_word(h: Hash, task_seen: float | None) -> float | None:
+    """The newest thing the worker said, in its own clock: a heartbeat, a task event or a
+    worker-offline (sender times, comparable with its tasks' event timestamps)."""
+    times = [t for t in (_time(h, _HBTS), _time(h, _OFFLINE), task_seen) if t is not None]
+    return max(times) if times else None
 
 
 def worker_freq(h: Hash) -> float:

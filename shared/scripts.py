@@ -10,6 +10,7 @@ Lua name            from
 KEY                 ``shared.keys.SUFFIXES``: ``P .. KEY.idx_state .. state``
 HIDDEN              ``shared.keys.HIDDEN``: hidden hash fields, ``HIDDEN.state == '_s'``
 SEP                 ``shared.keys.SEP``, the separator inside composite hash fields
+MAX_DEATHS          ``shared.keys.MAX_DEATHS``, deaths kept per worker and shard
 SUBJECT_STATE       ``shared.events.TASK_EVENT_TO_STATE``: event subject -> state
 STATE               its states by name: ``STATE.RETRY == 'RETRY'``
 PRECEDENCE          ``celery.states.PRECEDENCE_LOOKUP``: state -> rank (lower wins)
@@ -55,6 +56,7 @@ def definitions() -> dict[str, LuaValue]:
         "KEY": dataclasses.asdict(keys.SUFFIXES),
         "HIDDEN": dataclasses.asdict(keys.HIDDEN),
         "SEP": keys.SEP,
+        "MAX_DEATHS": keys.MAX_DEATHS,
         "SUBJECT_STATE": dict(events.TASK_EVENT_TO_STATE),
         "STATE": {state: state for state in events.TASK_EVENT_TO_STATE.values()},
         "PRECEDENCE": precedence,

@@ -9,8 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.keys import HIDDEN, Keys
-from shared.readers import EXPIRE_WINDOW, Hash, worker_alive, worker_freq, worker_last_heartbeat
+from shared.keys import Keys
+from shared.readers import (
+    EXPIRE_WINDOW,
+    Hash,
+    worker_alive,
+    worker_freq,
+    worker_last_heartbeat,
+    worker_last_word,
+    worker_offline_ts,
+    worker_online_ts,
+)
 
 
 async def known_workers(client: Any, keys: Keys) -> list[str]:
@@ -72,10 +81,35 @@ def offline_since(h: Hash, task_seen: float | None, inspected: float | None) -> 
     worker-offline when that is the newest thing it said. A live worker's is in the future."""
     window = worker_freq(h) * EXPIRE_WINDOW
     last = worker_last_heartbeat(h, task_seen)
-    raw = h.get(HIDDEN.offline_ts.encode())
-    if last is None and raw is not None and (inspected is None or inspected <= float(raw)):
-        return float(raw)
+    offline = worker_offline_ts(h)
+    if last is None and offline is not None and (inspected is None or inspected <= offline):
+        return offline
     return max(last or 0.0, inspected or 0.0) + window
+
+
+def deaths(h: Hash, task_seen: float | None, inspected: float | None, now: float) -> list[float]:
+    """The deaths of a worker that its events tell at ``now``, as sender times (what its tasks'
+    event times compare with): its newest worker-online's, which ends the incarnation before
+    it (a worker restarted under its hostname says nothing else of the old one), and, when it
+    is dead by celery's rule, its last word (``readers.worker_last_word``). A worker that
+    answered an inspect a heartbeat interval after its last heartbeat is alive, heartbeats or
+    not (events off for a moment, or a beat lost): inspect answers confirm the death."""
+    out = []
+    online = worker_online_ts(h)
+    if online is not None:
+        out.append(online)
+    if worker_alive(h, task_seen, now):
+        return out
+    last = worker_last_word(h, task_seen)
+    if last is None:
+        return out
+    heard = worker_last_heartbeat(h, task_seen)
+    since = heard if heard is not None else last
+    if inspected is not None and inspected > since + worker_freq(h):
+        return out
+    if last not in out:
+        out.append(last)
+    return out
 
 
 def to_purge(offline: dict[str, float], now: float, ttl: float, most: int) -> list[str]:

@@ -21,7 +21,7 @@ from services.api.openapi import ERROR, ERRORS, Spec, json_body, operation, para
 from services.api.query import SORT_KEYS, CursorError, TaskQuery
 from services.api.query.search import QuerySyntaxError, parse_query
 from shared.events import TASK_FIELDS
-from shared.readers import TASK_JSON_SOURCES
+from shared.readers import LOST_FIELDS, TASK_JSON_SOURCES
 
 _encode = msgspec.json.encode
 JSON = "application/json"
@@ -32,8 +32,9 @@ H_SCAN_CAPPED = "X-Pollen-Scan-Capped"
 H_PAGE_CAPPED = "X-Pollen-Page-Capped"
 H_NEXT_CURSOR = "X-Pollen-Next-Cursor"
 
-_SOURCES = msgspec.msgpack.encode([src for _, src, _ in TASK_JSON_SOURCES])
+_SOURCES = msgspec.msgpack.encode([*(src for _, src, _ in TASK_JSON_SOURCES), *LOST_FIELDS])
 _DEFAULTS = [default for _, _, default in TASK_JSON_SOURCES]
+_CELERY = len(_DEFAULTS)
 _NAMES = [name for name, _, _ in TASK_JSON_SOURCES]
 _WORKER = _NAMES.index("worker")
 #: what precedes each value in an ``/api/task/info`` object, then in an ``/api/tasks`` item
@@ -66,8 +67,12 @@ async def fetch(c: Context, uuids: list[str], listing: bool) -> list[tuple[str, 
             children.extend(kids)
         if values is None:
             continue
-        v = [x or d for x, d in zip(values.split(b"\0"), _DEFAULTS, strict=True)]
+        stored = values.split(b"\0")
+        v = [x or d for x, d in zip(stored[:_CELERY], _DEFAULTS, strict=True)]
         kids_json = _encode(sorted(k.decode() for k in children))
+        lost, lost_at = stored[_CELERY:]
+        if lost:
+            kids_json += b',"lost":' + lost + b',"lost_at":' + lost_at
         if listing:
             parts = [_INFO_PREFIXES[j] + v[j] for j in _LIST_ORDER]
             worker = v[_WORKER]
@@ -109,6 +114,7 @@ def parse_task_query(request: web.Request, max_page: int) -> tuple[TaskQuery, bo
         received=params.time_range(request.query, "received_start", "received_end"),
         started=params.time_range(request.query, "started_start", "started_end"),
         search=search.strip(),
+        lost=params.boolean(request.query, "lost", False),
         sort=sort,
         desc=desc,
         offset=offset,
@@ -162,7 +168,11 @@ routes: list[Any] = [
 TASK = {
     "type": "object",
     "description": "celery's Task.as_dict() with worker as the hostname",
-    "properties": {name: {} for name in TASK_FIELDS},
+    "properties": {
+        **{name: {} for name in TASK_FIELDS},
+        "lost": {"type": "boolean", "description": "present (true) while the task is lost"},
+        "lost_at": {"type": "number", "description": "the death of its worker that lost it"},
+    },
 }
 _TIME = {
     "type": "string",
@@ -211,6 +221,12 @@ openapi_paths: Spec = {
             param("started_start", "started at or after (tasks never started pass)", _TIME),
             param("started_end", "started at or before (tasks never started pass)", _TIME),
             param("search", "Flower's task-filter query syntax"),
+            param(
+                "lost",
+                "only tasks marked lost: RECEIVED or STARTED on a worker that died"
+                " (Pollen; each then has lost: true and lost_at)",
+                {"type": "boolean"},
+            ),
             param("cursor", "X-Pollen-Next-Cursor of the previous page"),
         ],
         _PAGE,

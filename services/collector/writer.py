@@ -11,8 +11,8 @@ import redis.cluster
 from msgspec import UNSET
 
 from services.collector.decode import Decoded
+from shared import apply_events
 from shared import events as ev
-from shared import scripts
 from shared.keys import RUNTIME_BUCKETS, Keys, Shard
 from shared.settings import Settings
 
@@ -114,25 +114,11 @@ class Writer:
         self.client = client
         self.keys = Keys(settings.namespace, settings.shards)
         self.settings = settings
-        self.script = scripts.register(client, "apply_events")
-        self.per_shard_max = -(-settings.max_tasks // settings.shards)
+        self.script = apply_events.register(client)
         self.cluster = isinstance(client, redis.cluster.RedisCluster)
 
     def config(self, now: float, age_check: bool) -> bytes:
-        s = self.settings
-        return _pack(
-            {
-                "now": now,
-                "max_tasks": self.per_shard_max,
-                "task_ttl": s.task_ttl,
-                "failed_ttl": s.failed_task_ttl,
-                "stream_maxlen": s.stream_maxlen,
-                "channel": self.keys.events_channel,
-                "minute_ttl": s.chart_retention_days * 86400,
-                "evict_batch": max(2 * s.batch_size, 100),
-                "age_check": age_check,
-            }
-        )
+        return apply_events.config(self.settings, self.keys, now, age_check)
 
     def prepare(self, batch: list[Decoded], now: float, age_check: bool = False) -> Prepared:
         """The script calls for ``batch``: pure Python, so it can overlap the previous batch's

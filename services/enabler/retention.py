@@ -13,8 +13,8 @@ import logging
 import time
 from typing import Any
 
-from shared.keys import HIDDEN, SEP, Keys
-from shared.readers import worker_last_heartbeat
+from shared.keys import SEP, Keys
+from shared.readers import worker_last_heartbeat, worker_offline_ts
 from shared.workers import event_state, known_workers, offline_since, to_purge
 
 log = logging.getLogger("pollen.enabler.retention")
@@ -23,7 +23,7 @@ _GLOB = str.maketrans({c: "\\" + c for c in "\\*?[]^"})
 
 
 def field_pattern(host: str) -> str:
-    """HSCAN MATCH pattern of ``host``'s fields in ``counts`` and ``runtime``."""
+    """HSCAN MATCH pattern of ``host``'s fields in the counter hashes (``counts``...)."""
     return host.translate(_GLOB) + SEP + "*"
 
 
@@ -54,8 +54,7 @@ async def purge_offline(
     for host, (h, seen) in zip(hosts, states, strict=True):
         if host not in doomed:
             continue
-        offline = h.get(HIDDEN.offline_ts.encode())
-        last = max(worker_last_heartbeat(h, seen) or 0.0, float(offline) if offline else 0.0)
+        last = max(worker_last_heartbeat(h, seen) or 0.0, worker_offline_ts(h) or 0.0)
         home = keys.shard_for(host)
         pattern = field_pattern(host)
         args = [home.prefix, host, repr(last), pattern, "1"]

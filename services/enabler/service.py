@@ -8,7 +8,9 @@ the others wait as standbys. The active one:
   or the error when an expected worker (alive by its events) did not answer in time;
 - reacts to ``worker-online`` on the ``<ns>:events`` channel with an immediate
   ``enable_events`` and an inspect of the new workers;
-- samples queue lengths every ``POLLEN_QUEUE_INTERVAL`` and keeps a per-minute history.
+- samples queue lengths every ``POLLEN_QUEUE_INTERVAL`` and keeps a per-minute history;
+- forgets offline workers (``retention.py``) and records the deaths of workers, which marks
+  their unfinished tasks lost (``deaths.py``).
 
 Broker or Redis outages are retried with capped backoff and logged once per outage.
 """
@@ -34,9 +36,9 @@ from celery import Celery
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from services.enabler import retention, writes
+from services.enabler import deaths, retention, writes
 from services.enabler.queues import QueueSampler
-from shared import scripts
+from shared import apply_events, scripts
 from shared.backoff import Backoff
 from shared.broker import broker_errors, load_app, shown_url
 from shared.connections import REDIS_ERRORS, async_client
@@ -72,6 +74,7 @@ class Enabler:
         )
         self.lease_script = scripts.register(self.redis, "enabler_lease")
         self.purge_script = scripts.register(self.redis, "purge_worker")
+        self.apply_script = apply_events.register(self.redis)
         self.sampler = QueueSampler(settings, self.app)
         self.broker_errors = broker_errors(self.app)
         self.sample_errors: tuple[type[BaseException], ...] = (
@@ -85,8 +88,9 @@ class Enabler:
         self.wake_inspect = asyncio.Event()
         self.wake_queues = asyncio.Event()
         self.wake_online = asyncio.Event()
+        self.wake_deaths = asyncio.Event()
         self.pending_online: set[str] = set()
-        #: held while workers are forgotten, and while inspect answers are stored
+        #: held while workers are forgotten, while inspect answers and deaths are stored
         self.forgetting = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.configured_queues = [q.strip() for q in settings.queues.split(",") if q.strip()]
@@ -328,6 +332,8 @@ class Enabler:
                         continue
                     if event.type == "worker-online":
                         self.worker_online(event.hostname)
+                    if event.type in ("worker-online", "worker-offline"):
+                        self.wake_deaths.set()
             except REDIS_ERRORS as exc:
                 backoff.failed(exc)
                 self.redis_backoff.failed(exc)
@@ -389,6 +395,24 @@ class Enabler:
             (),
         )
 
+    # --- deaths and lost tasks ---------------------------------------------------------------
+
+    async def death_loop(self) -> None:
+        """Record worker deaths (``deaths.py``) while active, at the pace of the heartbeats and
+        at once on a worker-offline or worker-online."""
+        while True:
+            due = time.time() + deaths.MOST_WAIT
+            if self.active:
+                try:
+                    async with self.forgetting:
+                        _, due = await deaths.record_deaths(
+                            self.redis, self.keys, self.settings, self.apply_script, time.time()
+                        )
+                except REDIS_ERRORS as exc:
+                    self.redis_backoff.failed(exc)
+                    due = time.time() + self.redis_backoff.delay()
+            await self._wait(self.wake_deaths, max(0.0, due - time.time()))
+
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -413,6 +437,7 @@ class Enabler:
                 self.online_loop,
                 self.queue_loop,
                 self.retention_loop,
+                self.death_loop,
             )
         ]
         stop: asyncio.Task[Any] = asyncio.create_task(self.stopping.wait())

@@ -16,6 +16,8 @@
 --           runtime_bucket and runtime_json (task-succeeded)
 --   worker: kind='worker', hostname, subject ('heartbeat'...), timestamp_json, clock_json,
 --           local_received_json, fields={field=json}, open_json
+--   death:  kind='death', hostname, timestamp_json: the enabler found the worker dead, its
+--           last sign of life at that time (services/enabler/deaths.py); sent to every shard
 --
 -- Keys touched (P = ARGV[1]; documented in shared/keys.py), spelled P .. KEY.<suffix> with the
 -- prelude's KEY (shared/scripts.py puts before this script the names it uses, generated from
@@ -35,6 +37,8 @@
 --   P worker:<host>        hash    P workers  zset  P seen  zset  P wdedup:<host>  zset
 --   P counts  hash         P minute:<m>  hash       P runtime  hash
 --   P prefetch  hash: '<worker>\31<name>' -> 'timestamp,uuid,seconds' (Flower's prefetch time)
+--   P deaths  hash: host -> 'ts,ts,...' ascending     P idx:lost  zset of uuids by timestamp
+--   P lostcounts  hash: '<worker>\31<name>' -> tasks marked lost
 --   P stream  stream       and PUBLISH on the events channel
 --
 -- Merge rule. celery.events.state.Task.event folds events in arrival order; its answer depends
@@ -42,6 +46,13 @@
 -- subject) and the answer is celery's fold over that sorted history, whatever order the
 -- events arrived in. Fields other than state/timestamp/clock come from the latest event (in
 -- that order) that carries them; state, timestamp and clock are recomputed by the fold.
+--
+-- Lost rule. A task is lost while its state is RECEIVED or STARTED on a worker that died no
+-- earlier than the task's newest event: it then has 'lost' (true) and 'lost_at' (the first
+-- such death) and is in P idx:lost. A worker's deaths are kept in P deaths; the task's newest
+-- event and its worker come from its history, so the mark too is the same whatever the order
+-- of events and deaths. A later event (it finished after all, or another worker received it)
+-- clears the mark.
 --
 -- Cost. Each task is read once and written once per call however many of its events the
 -- batch holds, its indexes are moved once, and counters are summed in Lua and written once
@@ -51,7 +62,8 @@
 local P = ARGV[1]
 local cfg = cmsgpack.unpack(ARGV[2])
 local events = cmsgpack.unpack(ARGV[3])
--- KEY, SEP, SUBJECT_STATE, STATE, PRECEDENCE, UNKNOWN_PRECEDENCE and FIELD_BIT: the prelude.
+-- KEY, HIDDEN, SEP, MAX_DEATHS, SUBJECT_STATE, STATE, PRECEDENCE, UNKNOWN_PRECEDENCE and
+-- FIELD_BIT: the prelude.
 -- Order of an attempt's first subjects, for events stamped alike (sorts_before); others rank 3.
 local RANK = { sent = 0, received = 1, started = 2 }
 local MAX_HISTORY = 100
@@ -224,10 +236,12 @@ local function load_task(u)
     old_state = nonempty(stored._s), old_name = nonempty(stored._n),
     old_worker = nonempty(stored._w), old_parent = nonempty(stored._p),
     old_tj = stored.timestamp, name_json = stored.name,
+    old_lost = stored.lost ~= nil, old_lost_at = stored.lost_at,
     -- events counted before the task's name was known (see count())
     unnamed = parse_unnamed(stored._u), had_unnamed = stored._u ~= nil,
   }
   t.name, t.worker, t.parent = t.old_name, t.old_worker, t.old_parent
+  t.state, t.tj = t.old_state, t.old_tj
   return t
 end
 
@@ -341,6 +355,91 @@ local function prefetch_times(t)
   return out
 end
 
+-- Deaths: host -> ascending list of sender times (JSON text), read once per call.
+local LOST_STATES = { [STATE.RECEIVED] = true, [STATE.STARTED] = true }
+local deaths = {}
+local any_deaths = nil
+
+local function deaths_of(host)
+  local d = deaths[host]
+  if d then return d end
+  d = {}
+  if any_deaths == nil then any_deaths = redis.call('EXISTS', P .. KEY.deaths) == 1 end
+  if any_deaths then
+    for v in string.gmatch(redis.call('HGET', P .. KEY.deaths, host) or '', '[^,]+') do
+      d[#d + 1] = v
+    end
+  end
+  deaths[host] = d
+  return d
+end
+
+-- Record a death; returns whether every task already marked lost keeps its lost_at (the new
+-- death is the newest and none was dropped), so that those need no second look.
+local function record_death(host, tj)
+  local d = deaths_of(host)
+  local ts = tonumber(tj)
+  local newest = true
+  for _, v in ipairs(d) do
+    if tonumber(v) == ts then return true end
+    if tonumber(v) > ts then newest = false end
+  end
+  d[#d + 1] = tj
+  table.sort(d, function(a, b) return tonumber(a) < tonumber(b) end)
+  local dropped = #d > MAX_DEATHS
+  while #d > MAX_DEATHS do table.remove(d, 1) end
+  redis.call('HSET', P .. KEY.deaths, host, table.concat(d, ','))
+  any_deaths = true
+  return newest and not dropped
+end
+
+-- lost_at of the task as it now stands (JSON text), nil when it is not lost
+local function lost_at(t)
+  if not t.worker or not LOST_STATES[t.state] then return nil end
+  local d = deaths_of(t.worker)
+  if #d == 0 then return nil end
+  local newest = -math.huge
+  for _, h in ipairs(t.history) do
+    if h.ts > newest then newest = h.ts end
+  end
+  for _, v in ipairs(d) do
+    if tonumber(v) >= newest then return v end
+  end
+  return nil
+end
+
+local function emit_lost(t, host, lost, tj)
+  local open = '{"type":"task-lost","uuid":' .. cjson.encode(t.u) .. ',"hostname":'
+    .. cjson.encode(host) .. ',"timestamp":' .. tj .. ',"local_received":'
+    .. string.format('%.6f', cfg.now) .. ',"lost":' .. tostring(lost)
+  if lost then open = open .. ',"lost_at":' .. tj end
+  emit(open, ',"task_name":' .. (t.name_json or 'null') .. ',"task_state":"' .. t.state .. '"')
+end
+
+-- Mark or clear the task by the lost rule; counted per worker and name, announced on change.
+local function settle_lost(t)
+  local at = lost_at(t)
+  local u = t.u
+  if at then
+    local field = t.worker .. SEP .. (t.name or '')
+    if at ~= t.old_lost_at then redis.call('HSET', t.key, 'lost', 'true', 'lost_at', at) end
+    redis.call('ZADD', P .. KEY.idx_lost, t.tj, u)
+    if not t.old_lost then
+      add(sums, P .. KEY.lostcounts, field, 1)
+      emit_lost(t, t.worker, true, at)
+    elseif t.worker ~= t.old_worker or t.name ~= t.old_name then
+      add(sums, P .. KEY.lostcounts, t.old_worker .. SEP .. (t.old_name or ''), -1)
+      add(sums, P .. KEY.lostcounts, field, 1)
+    end
+  elseif t.old_lost then
+    redis.call('HDEL', t.key, 'lost', 'lost_at')
+    redis.call('ZREM', P .. KEY.idx_lost, u)
+    add(sums, P .. KEY.lostcounts, (t.old_worker or '') .. SEP .. (t.old_name or ''), -1)
+    local newest = t.history[#t.history]
+    emit_lost(t, t.old_worker or '', false, newest and newest.tj or '0')
+  end
+end
+
 local function save_task(t)
   local u, w = t.u, t.writes
   local history = t.history
@@ -435,9 +534,14 @@ end
 
 local function flush_counters()
   -- a count taken back to zero (an unnamed event moved under its name) leaves no field
+  local lostcounts = P .. KEY.lostcounts
   for key, fields in pairs(sums) do
     for f, n in pairs(fields) do
-      if n ~= 0 and redis.call('HINCRBY', key, f, n) == 0 then redis.call('HDEL', key, f) end
+      if n ~= 0 then
+        local total = redis.call('HINCRBY', key, f, n)
+        -- lost counts of a purged worker are gone: taking one back leaves none, not -1
+        if total == 0 or (total < 0 and key == lostcounts) then redis.call('HDEL', key, f) end
+      end
     end
   end
   for key, fields in pairs(fsums) do
@@ -508,9 +612,18 @@ local function apply_worker(ev)
 
   -- liveness as celery's Worker: heartbeats are receive times, cleared by worker-offline;
   -- ordered by sender time so that a late heartbeat does not undo a newer offline
-  local live = redis.call('HMGET', key, HIDDEN.heartbeat, HIDDEN.heartbeat_ts, HIDDEN.offline_ts)
+  local live = redis.call('HMGET', key, HIDDEN.heartbeat, HIDDEN.heartbeat_ts, HIDDEN.offline_ts,
+    HIDDEN.online_ts)
   local hb, hbts, offts = tonumber(live[1]), tonumber(live[2]), tonumber(live[3])
   local ts = tonumber(tj)
+  if ev.subject == 'online' then
+    -- a worker-online ends the incarnation before it (the enabler records that death)
+    local onts = tonumber(live[4])
+    if not onts or ts > onts then
+      hset[#hset + 1] = HIDDEN.online_ts
+      hset[#hset + 1] = tj
+    end
+  end
   if ev.subject == 'offline' then
     if not offts or ts > offts then
       hset[#hset + 1] = HIDDEN.offline_ts
@@ -539,7 +652,12 @@ end
 
 local function evict(u)
   local key = P .. KEY.task .. u
-  local f = redis.call('HMGET', key, HIDDEN.state, HIDDEN.name, HIDDEN.worker, HIDDEN.parent)
+  local f = redis.call('HMGET', key, HIDDEN.state, HIDDEN.name, HIDDEN.worker, HIDDEN.parent,
+    'lost')
+  if f[5] then
+    redis.call('ZREM', P .. KEY.idx_lost, u)
+    add(sums, P .. KEY.lostcounts, (nonempty(f[3]) or '') .. SEP .. (nonempty(f[2]) or ''), -1)
+  end
   redis.call('ZREM', P .. KEY.idx_ts, u)
   redis.call('ZREM', P .. KEY.idx_received, u)
   redis.call('ZREM', P .. KEY.idx_started, u)
@@ -553,26 +671,44 @@ end
 
 local applied, duplicates, evicted = 0, 0, 0
 local tasks, order = {}, {}
-for _, ev in ipairs(events) do
-  local ok
-  if ev.kind == 'task' then
-    local t = tasks[ev.uuid]
-    if not t then
-      t = load_task(ev.uuid)
-      tasks[ev.uuid] = t
-      order[#order + 1] = t
-    end
-    ok = apply_task(t, ev)
-    if ok then t.dirty = true end
-  else
-    ok = apply_worker(ev)
+local function task_of(u)
+  local t = tasks[u]
+  if not t then
+    t = load_task(u)
+    tasks[u] = t
+    order[#order + 1] = t
   end
-  if ok then applied = applied + 1 else duplicates = duplicates + 1 end
+  return t
+end
+
+for _, ev in ipairs(events) do
+  if ev.kind == 'death' then
+    -- the dead worker's tasks that may be lost now: those RECEIVED or STARTED there
+    local host = ev.hostname
+    local kept = record_death(host, ev.timestamp_json)
+    for _, state in ipairs({ STATE.RECEIVED, STATE.STARTED }) do
+      for _, u in ipairs(redis.call('ZRANGE', P .. KEY.idx_sw .. state .. ':' .. host, 0, -1)) do
+        if not (kept and redis.call('ZSCORE', P .. KEY.idx_lost, u)) then
+          task_of(u).check = true
+        end
+      end
+    end
+  else
+    local ok
+    if ev.kind == 'task' then
+      local t = task_of(ev.uuid)
+      ok = apply_task(t, ev)
+      if ok then t.dirty = true end
+    else
+      ok = apply_worker(ev)
+    end
+    if ok then applied = applied + 1 else duplicates = duplicates + 1 end
+  end
 end
 for _, t in ipairs(order) do
   if t.dirty then save_task(t) end
+  if t.dirty or t.check then settle_lost(t) end
 end
-flush_counters()
 
 -- retention: by count (oldest first), then by age (failed tasks have their own TTL)
 local excess = redis.call('ZCARD', P .. KEY.idx_ts) - cfg.max_tasks
@@ -593,5 +729,7 @@ if cfg.age_check then
     end
   end
 end
+
+flush_counters()
 
 return { applied, duplicates, evicted }

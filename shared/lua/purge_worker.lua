@@ -4,20 +4,22 @@
 -- A worker counts as back when this shard has a sign of life from it newer than ``last``
 -- (what the enabler saw when it decided): a heartbeat receive time (``_hb``) or a task event
 -- (``seen``); then nothing is removed and 0 returned. Its tasks are left as they are: they
--- keep their ``worker`` field and their indexes (retention removes them in time).
+-- keep their ``worker`` field, their indexes and a lost mark (retention removes them in time);
+-- the worker's deaths and lost counts go with it.
 --
 -- KEYS[1]  P..'stream' (routes the call to the shard's slot)
 -- ARGV[1]  P, the shard's key prefix
 -- ARGV[2]  hostname
 -- ARGV[3]  last: the newest sign of life the enabler saw (epoch seconds)
--- ARGV[4]  MATCH pattern of the worker's fields in counts, runtime and prefetch (hostname escaped,
---          then the separator and '*')
+-- ARGV[4]  MATCH pattern of the worker's fields in counts, runtime, prefetch and lostcounts
+--          (hostname escaped, then the separator and '*')
 -- ARGV[5]  '1' in the worker's own shard
 --
 -- Keys touched (P = ARGV[1]; documented in shared/keys.py):
 --   P worker:<host>  hash (deleted)     P workers  zset (member removed)
 --   P wdedup:<host>  zset (deleted)     P seen     zset (member removed)
---   P counts, P runtime, P prefetch  hashes (the worker's fields removed)
+--   P counts, P runtime, P prefetch, P lostcounts  hashes (the worker's fields removed)
+--   P deaths  hash (the worker's field removed)
 -- Returns 1 when purged, 0 when the worker came back.
 
 local P, host, last, pattern = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
@@ -32,7 +34,9 @@ if home then
   redis.call('ZREM', P .. KEY.workers, host)
 end
 redis.call('ZREM', P .. KEY.seen, host)
-for _, key in ipairs({ P .. KEY.counts, P .. KEY.runtime, P .. KEY.prefetch }) do
+redis.call('HDEL', P .. KEY.deaths, host)
+local labelled = { P .. KEY.counts, P .. KEY.runtime, P .. KEY.prefetch, P .. KEY.lostcounts }
+for _, key in ipairs(labelled) do
   local cursor = '0'
   repeat
     local reply = redis.call('HSCAN', key, cursor, 'MATCH', pattern, 'COUNT', 1000)

@@ -3,7 +3,7 @@
 -- per call), so a long scan never holds Redis for long; the caller resumes where it stopped.
 --
 -- KEYS[1]  the zset walked: P..'idx:ts', 'idx:received', 'idx:started', 'idx:state:<S>',
---          'idx:name:<n>', 'idx:worker:<w>', 'idx:sn:<S>:<n>' or 'idx:sw:<S>:<w>'
+--          'idx:name:<n>', 'idx:worker:<w>', 'idx:sn:<S>:<n>', 'idx:sw:<S>:<w>' or 'idx:lost'
 -- ARGV[1]  P, the shard's key prefix, e.g. 'pollen:{pollen}:'
 -- ARGV[2]  msgpack request:
 --   asc      true: score ascending, member ascending; false: both descending (ZREVRANGE order)
@@ -14,12 +14,12 @@
 --   budget   most entries examined when a filter is set (no filter: nothing is examined)
 --   usec     nil, or stop examining (between batches of 250) after this many microseconds
 --   filter   nil, or a map: states/names/workers = {value=true} (exact raw values), noname
---            (bool: only tasks without a name), received/started = {min, max} (a task without
+--            (bool: only tasks without a name), lost (bool: only tasks marked lost), received/started = {min, max} (a task without
 --            that time passes, as in Flower), search = prefilter tree (services/api/search.py:
 --            'and'/'or' nodes, 'v' raw values of _n/_s/_w, 't' substrings, 'm' maybe, 'n' no)
 -- Reads (P = ARGV[1]; documented in shared/keys.py; spelled P .. KEY.<suffix>, the prelude's):
 --   KEYS[1] (zset) and, when a filter is set, P task:<uuid> (hash): one HMGET per entry
---   examined of the fields the filter reads among _s, _n, _w, received, started, args,
+--   examined of the fields the filter reads among _s, _n, _w, received, started, lost, args,
 --   kwargs, result.
 -- Returns { matches, examined, done, last_score, last_member, skip }: matches is a flat list
 -- member, score, sure (1: passes; 0: the search may match, the caller decides); done is 1 when
@@ -131,6 +131,7 @@ if filter.names or filter.noname then need(HIDDEN.name) end
 if filter.workers then need(HIDDEN.worker) end
 if filter.received then need('received') end
 if filter.started then need('started') end
+if filter.lost then need('lost') end
 
 -- Search (the tree from services/api/search.py:prefilter). Name, state and worker terms come
 -- resolved into sets of raw values. 't' terms are lowercase substrings of args, kwargs, result
@@ -267,6 +268,7 @@ end
 
 local states, names, workers = filter.states, filter.names, filter.workers
 local noname, received, started = filter.noname, filter.received, filter.started
+local lost = filter.lost
 local done = 0
 local last_score, last_member = false, false
 local budget = req.budget
@@ -303,6 +305,7 @@ while not stop do
     if ok and workers and not workers[h[at._w] or ''] then ok = false end
     if ok and received and not in_range(h[at.received], received) then ok = false end
     if ok and started and not in_range(h[at.started], started) then ok = false end
+    if ok and lost and not h[at.lost] then ok = false end
     local sure = 1
     if ok and search then
       seq = seq + 1

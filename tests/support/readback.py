@@ -9,7 +9,7 @@ import redis
 
 from services.collector.decode import Decoded, Decoder
 from services.collector.writer import Applied, Writer
-from shared import readers
+from shared import apply_events, readers
 from shared.keys import Keys
 from tests.support.replies import raw_hash, raw_set
 
@@ -56,3 +56,36 @@ def task_names(r: redis.Redis, keys: Keys) -> list[str]:
     for shard in keys.all_shards:
         names.update(m.decode() for m in raw_set(r.smembers(shard.names)))
     return sorted(names)
+
+
+def death(writer: Writer, hostname: str, when: float, now: float = 0.0) -> None:
+    """What the enabler sends when it finds ``hostname`` dead: a death event, to every shard."""
+    config = writer.config(now, False)
+    for shard in writer.keys.all_shards:
+        writer.script(
+            keys=[shard.stream],
+            args=apply_events.args(shard, config, [apply_events.death(hostname, when)]),
+        )
+
+
+def lost_tasks(r: redis.Redis, keys: Keys) -> dict[str, float]:
+    """uuid -> lost_at of every task marked lost, checked against the ``lost`` index."""
+    out: dict[str, float] = {}
+    indexed: set[str] = set()
+    for shard in keys.all_shards:
+        indexed.update(m.decode() for m in r.zrange(shard.lost, 0, -1))
+        for key in r.scan_iter(match=shard.task("*")):
+            h = raw_hash(r.hgetall(key))
+            if b"lost" in h:
+                out[key.decode().rsplit(":", 1)[1]] = float(h[b"lost_at"])
+    assert indexed == set(out), (indexed, out)
+    return out
+
+
+def lost_counts(r: redis.Redis, keys: Keys) -> dict[str, int]:
+    """``lostcounts`` summed over the shards (``<worker>\\x1f<name>`` -> tasks)."""
+    out: dict[str, int] = {}
+    for shard in keys.all_shards:
+        for field, value in raw_hash(r.hgetall(shard.lostcounts)).items():
+            out[field.decode()] = out.get(field.decode(), 0) + int(value)
+    return out

@@ -31,6 +31,7 @@ class TaskQuery:
     received: tuple[float, float] | None = None
     started: tuple[float, float] | None = None
     search: str = ""
+    lost: bool = False
     sort: str = ""
     desc: bool = True
     offset: int = 0
@@ -46,6 +47,7 @@ class TaskQuery:
             self.received,
             self.started,
             self.search,
+            self.lost,
             self.sort,
             self.desc,
         ]
@@ -129,12 +131,15 @@ Values = tuple[str, ...] | None
 
 
 def index(
-    shards: Sequence[Shard], states: Values, names: Values, workers: Values
+    shards: Sequence[Shard], states: Values, names: Values, workers: Values, lost: bool = False
 ) -> tuple[list[tuple[Shard, str]], dict[str, Values]]:
     """The one choice of index: the zsets (per shard) holding exactly the tasks of the given
     states, names and workers, or the smallest superset of them, newest first; and the sets
     they leave for the walk to check per task. The composite indexes are state+name and
-    state+worker; a name and a worker (without a state) walk the name's index."""
+    state+worker; a name and a worker (without a state) walk the name's index. Lost tasks
+    (few: a dead worker's unfinished ones) walk their own index, the rest checked per task."""
+    if lost:
+        return [(s, s.lost) for s in shards], {"states": states, "names": names, "workers": workers}
     if states and names:
         keys = [(s, s.by_state_name(a, b)) for s in shards for a in states for b in names]
         return keys, {"workers": workers}
@@ -173,10 +178,15 @@ async def plan(client: Any, keys: Keys, q: TaskQuery) -> list[Segment] | None:
         return None
     shards = keys.all_shards
 
-    def residual(sets: Mapping[str, Values], skip: str = "") -> dict[str, Any] | None:
+    def residual(
+        sets: Mapping[str, Values], skip: str = "", walked_lost: bool = False
+    ) -> dict[str, Any] | None:
         """The filters the walked zsets leave: value sets, time ranges (but the one a
-        ``sort_by`` walks), the search prefilter; None when there are none."""
+        ``sort_by`` walks), lost (unless its index is walked), the search prefilter; None when
+        there are none."""
         f: dict[str, Any] = {k: dict.fromkeys(v, True) for k, v in sets.items() if v}
+        if q.lost and not walked_lost:
+            f["lost"] = True
         for name, rng in (("received", q.received), ("started", q.started)):
             if rng is not None and name != skip:
                 f[name] = [_score_text(rng[0]), _score_text(rng[1])]
@@ -185,8 +195,8 @@ async def plan(client: Any, keys: Keys, q: TaskQuery) -> list[Segment] | None:
         return f or None
 
     def newest(key: list[Any], states: Values, names: Values, extra: dict[str, Any]) -> Segment:
-        sources, left = index(shards, states, names, workers)
-        f = residual(left) or {}
+        sources, left = index(shards, states, names, workers, q.lost)
+        f = residual(left, walked_lost=q.lost) or {}
         return Segment(key, sources, asc=False, filter={**f, **extra} or None)
 
     if not q.sort:
