@@ -55,6 +55,15 @@ def slow(seconds: float = 2.0) -> float:
     return seconds
 
 
+@app.task(bind=True)
+def hang_on(self: Task, hostname: str, seconds: float = 300.0) -> str:
+    """Runs long on ``hostname`` and at once elsewhere: a task a worker dies with and another
+    one finishes."""
+    if self.request.hostname == hostname:
+        time.sleep(seconds)
+    return str(self.request.hostname)
+
+
 @app.task(acks_late=True)
 def reject() -> None:
     raise Reject("not today", requeue=False)

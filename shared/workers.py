@@ -7,9 +7,10 @@ Known: named by worker events (``workers``), task events (``seen``) or inspect a
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
-from shared.keys import Keys
+from shared.keys import SEP, Keys
 from shared.readers import (
     EXPIRE_WINDOW,
     Hash,
@@ -50,6 +51,19 @@ async def event_state(
     for i in range(len(hostnames)):
         seen = [s for s in replies[i * step + 1 : (i + 1) * step] if s is not None]
         out.append((replies[i * step], max(seen) if seen else None))
+    return out
+
+
+async def lost_counts(client: Any, keys: Keys) -> Counter[tuple[str, str]]:
+    """Tasks marked lost now, by (worker, task name), over the shards (``lostcounts``)."""
+    pipe = client.pipeline(transaction=False)
+    for shard in keys.all_shards:
+        pipe.hgetall(shard.lostcounts)
+    out: Counter[tuple[str, str]] = Counter()
+    for fields in await pipe.execute():
+        for field, count in fields.items():
+            worker, name = field.decode().split(SEP, 1)
+            out[(worker, name)] += int(count)
     return out
 
 

@@ -12,8 +12,8 @@ task-failed (Flower's ``observe_task``, latest by sender time);
 ``flower_worker_prefetched_tasks``: tasks received and not yet started on the worker, by
 task name, for every worker and name that ever had a task received (0 when none waits now,
 as Flower's gauge goes back to 0). Plus ``pollen_*``: worker events by
-type, collector lag, rate and heartbeat age, malformed events by reason, tasks stored, queue
-lengths.
+type, tasks lost by worker and name, collector lag, rate and heartbeat age, malformed events
+by reason, tasks stored, queue lengths.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from services.api.context import Context, ctx
 from services.api.openapi import Spec, operation
 from shared.keys import HIDDEN, RUNTIME_BUCKETS, SEP
 from shared.readers import heartbeat_active, worker_alive
-from shared.workers import event_state, known_workers
+from shared.workers import event_state, known_workers, lost_counts
 
 #: Most RECEIVED tasks per worker read to label prefetched tasks by name.
 PREFETCH_SCAN = 10_000
@@ -216,6 +216,14 @@ async def render(c: Context) -> str:
             out.sample(
                 "flower_worker_number_of_currently_executing_tasks", [("worker", host)], active
             )
+
+    out.family(
+        "pollen_tasks_lost",
+        "gauge",
+        "Tasks marked lost now: RECEIVED or STARTED on a worker that died",
+    )
+    for (host, name), count in sorted((await lost_counts(c.redis, c.keys)).items()):
+        out.sample("pollen_tasks_lost", [("worker", host), ("task", name)], count)
 
     pipe = c.redis.pipeline(transaction=False)
     for collector, _ in collectors:

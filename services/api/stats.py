@@ -2,7 +2,8 @@
 collector already keeps; nothing here loads tasks.
 
 - ``GET /api/stats/workers``: every known worker's event fields (celery's ``Worker``), liveness,
-  tasks executing now (its heartbeat's ``active``) and its events by type (``counts``).
+  tasks executing now (its heartbeat's ``active``), its events by type (``counts``) and its
+  tasks marked lost (``lostcounts``).
 - ``GET /api/stats/tasks-per-minute``: the ``minute:<m>`` hashes as dense series, one per
   (task name, state): events whose subject gives that state, by the event's own minute.
 - ``GET /api/stats/runtime``: the ``runtime`` histogram per task name (summed over workers, or
@@ -25,7 +26,7 @@ from services.api.errors import bad_param
 from services.api.openapi import Spec, json_body, operation, param
 from shared.keys import RUNTIME_BUCKETS, SEP
 from shared.readers import heartbeat_active, worker_from_hash
-from shared.workers import event_state, known_workers
+from shared.workers import event_state, known_workers, lost_counts
 
 _encode = msgspec.json.encode
 JSON = "application/json"
@@ -50,7 +51,7 @@ async def workers_stats(request: web.Request) -> web.Response:
 
 
 async def worker_rows(c: Context, now: float) -> list[dict[str, Any]]:
-    """Every known worker: event fields, liveness, executing now, events by type."""
+    """Every known worker: event fields, liveness, executing now, events by type, lost."""
     hosts = await known_workers(c.redis, c.keys)
     states = await event_state(c.redis, c.keys, hosts)
     shards = c.keys.all_shards
@@ -65,6 +66,9 @@ async def worker_rows(c: Context, now: float) -> list[dict[str, Any]]:
             worker, kind, _ = field.decode().split(SEP, 2)
             events[worker][kind] += int(count)
     inspected = {m.decode() for m in replies[-1]}
+    lost: Counter[str] = Counter()
+    for (worker_name, _), count in (await lost_counts(c.redis, c.keys)).items():
+        lost[worker_name] += count
     out = []
     for host, (h, seen) in zip(hosts, states, strict=True):
         worker = worker_from_hash(host, h, seen, now)
@@ -73,6 +77,7 @@ async def worker_rows(c: Context, now: float) -> list[dict[str, Any]]:
         worker["executing"] = heartbeat_active(h) or 0
         worker["events"] = dict(sorted(events[host].items()))
         worker["inspected"] = host in inspected
+        worker["lost"] = lost[host]
         out.append(worker)
     return out
 
@@ -193,12 +198,13 @@ def _ok(description: str, properties: dict[str, Any]) -> dict[str, Any]:
 openapi_paths: Spec = {
     "/api/stats/workers": operation(
         "get",
-        "Workers' event fields, liveness, tasks executing and events by type",
+        "Workers' event fields, liveness, tasks executing, events by type and tasks lost",
         [],
         _ok(
             "workers sorted by hostname: hostname, pid, freq, clock, active, processed, "
             "loadavg, sw_ident, sw_ver, sw_sys, last_heartbeat, alive, executing, "
-            "events ({type: count}), inspected (the enabler has inspect answers)",
+            "events ({type: count}), inspected (the enabler has inspect answers), "
+            "lost (its tasks marked lost now)",
             {"time": {"type": "number"}, "workers": {"type": "array"}},
         ),
     ),

@@ -71,11 +71,9 @@ async def record_deaths(
                         sent.setdefault(host, []).append(when)
     if missing:
         config = apply_events.config(settings, keys, now, False)
-        pipe = client.pipeline(transaction=False)
         for index, events in missing.items():
             shard = keys.all_shards[index]
-            script(keys=[shard.stream], args=apply_events.args(shard, config, events), client=pipe)
-        await pipe.execute()
+            await script(keys=[shard.stream], args=apply_events.args(shard, config, events))
         log.debug(
             "recorded deaths: %s",
             ", ".join(f"{host} at {max(times):.3f}" for host, times in sorted(sent.items())[:20]),

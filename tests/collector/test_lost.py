@@ -25,6 +25,7 @@ from shared.settings import Settings
 from tests.collector.test_oracle import celery_answer, celery_task
 from tests.support import readback
 from tests.support.lifecycles import BASE_TS, WORKERS, chunks, cluster_stream, with_local_received
+from tests.support.replies import entries
 
 COMMON = settings(
     max_examples=150,
@@ -53,7 +54,7 @@ def expected(events: list[dict[str, Any]], deaths: list[Death]) -> dict[str, tup
     out = {}
     for uuid, task in celery_answer(events).tasks.items():
         host = task.worker.hostname if task.worker is not None else None
-        if task.state not in (states.RECEIVED, states.STARTED):
+        if host is None or task.state not in (states.RECEIVED, states.STARTED):
             continue
         later = sorted(d for h, d in deaths if h == host and d >= newest[uuid])
         if later:
@@ -79,7 +80,7 @@ def check(r: redis.Redis, keys: Keys, events: list[dict[str, Any]], deaths: list
     # the last announcement of each task says what its mark is now
     last: dict[str, bool] = {}
     for shard in keys.all_shards:
-        for _, fields in r.xrange(shard.stream):
+        for _, fields in entries(r.xrange(shard.stream)):
             event = json.loads(fields[b"e"])
             if event["type"] == "task-lost":
                 last[event["uuid"]] = event["lost"]

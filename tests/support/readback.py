@@ -11,7 +11,7 @@ from services.collector.decode import Decoded, Decoder
 from services.collector.writer import Applied, Writer
 from shared import apply_events, readers
 from shared.keys import Keys
-from tests.support.replies import raw_hash, raw_set
+from tests.support.replies import raw_hash, raw_list, raw_set
 
 
 def decode_events(events: list[dict[str, Any]], max_field_bytes: int = 32768) -> list[Decoded]:
@@ -73,7 +73,7 @@ def lost_tasks(r: redis.Redis, keys: Keys) -> dict[str, float]:
     out: dict[str, float] = {}
     indexed: set[str] = set()
     for shard in keys.all_shards:
-        indexed.update(m.decode() for m in r.zrange(shard.lost, 0, -1))
+        indexed.update(m.decode() for m in raw_list(r.zrange(shard.lost, 0, -1)))
         for key in r.scan_iter(match=shard.task("*")):
             h = raw_hash(r.hgetall(key))
             if b"lost" in h:
