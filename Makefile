@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 SCREENSHOTS_DIR ?= docs/screenshots
 
-.PHONY: install services test lint typecheck pytest run bench soak screenshots clean
+.PHONY: install services test lint typecheck pytest run bench soak churn screenshots clean
 
 $(STAMP): pyproject.toml
 	bash .ci/venv $(PYTHON) $(VENV)
@@ -41,6 +41,9 @@ bench: $(STAMP)
 # with POLLEN_MAX_TASKS=200000; checks Redis memory, process RSS and logs (SOAK_ARGS=--help).
 soak: $(STAMP) services
 	$(BIN)/python -m tools.soak $(SOAK_ARGS)
+
+churn: $(STAMP) services
+	$(BIN)/python -m tools.churn $(CHURN_ARGS)
 
 run: $(STAMP)
 	$(BIN)/python -m demo.launcher
