@@ -2,10 +2,11 @@
 
 A Redis of its own (broker db 0, Pollen db 1), the collector, the enabler (with
 ``POLLEN_OFFLINE_WORKER_TTL=--ttl``) and an API process. Real ``celery -A demo.app worker``
-processes (threads pool, one thread) start in waves of ``--wave``; each runs a few tasks, then a third of the
-wave stops cleanly (worker-offline), a third is SIGKILLed with a task running (silence: its
-heartbeats expire, its task is lost), a third stays to the end. Each wave after the first also
-restarts a few of the previous wave's stopped workers under their names. It passes when
+processes (threads pool, one thread) start in waves of ``--wave``; each runs a few tasks, then
+a third of the wave stops cleanly (worker-offline), a third is SIGKILLed with a task running
+(silence: its heartbeats expire, its task is lost), a third stays to the end. Each wave after
+the first also restarts a few of the previous wave's stopped workers under their names.
+It passes when
 
 - every reader (``/api/stats/workers``, ``/api/workers``, ``/metrics`` series) ends with exactly
   the live workers, and no worker was forgotten before ``--ttl`` seconds offline or kept long
