@@ -101,13 +101,15 @@ def offline_since(h: Hash, task_seen: float | None, inspected: float | None) -> 
     return max(last or 0.0, inspected or 0.0) + window
 
 
-def deaths(h: Hash, task_seen: float | None, inspected: float | None, now: float) -> list[float]:
+def deaths(h: Hash, task_seen: float | None, answered: float | None, now: float) -> list[float]:
     """The deaths of a worker that its events tell at ``now``, as sender times (what its tasks'
     event times compare with): its newest worker-online's, which ends the incarnation before
     it (a worker restarted under its hostname says nothing else of the old one), and, when it
     is dead by celery's rule, its last word (``readers.worker_last_word``). A worker that
     answered an inspect a heartbeat interval after its last heartbeat is alive, heartbeats or
-    not (events off for a moment, or a beat lost): inspect answers confirm the death."""
+    not (events off for a moment, or a beat lost): inspect answers confirm the death.
+    ``answered``: a time its newest inspect answer surely came after (the enabler stores
+    answers when its wait ends, up to ``POLLEN_INSPECT_TIMEOUT`` after they came)."""
     out = []
     online = worker_online_ts(h)
     if online is not None:
@@ -119,7 +121,7 @@ def deaths(h: Hash, task_seen: float | None, inspected: float | None, now: float
         return out
     heard = worker_last_heartbeat(h, task_seen)
     since = heard if heard is not None else last
-    if inspected is not None and inspected > since + worker_freq(h):
+    if answered is not None and answered > since + worker_freq(h):
         return out
     if last not in out:
         out.append(last)

@@ -34,6 +34,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from services.enabler.retention import interval as retention_interval
 from shared.keys import Keys
 from tests.support.servers import (
     Process,
@@ -49,7 +50,7 @@ NAMESPACE = "churn"
 KEYS = Keys(NAMESPACE)
 #: celery's default event heartbeat interval: a silent worker is offline 2 x 2 s after its last.
 FREQ = 2.0
-#: Retention rounds run every tenth of the TTL (at least every second): the slack allowed.
+#: Seconds between the watcher's polls of the readers (and the slack allowed for them).
 ROUND = 1.0
 
 
@@ -120,9 +121,14 @@ class Churn:
             ),
         ]
         self.workers: dict[str, Process] = {}
-        #: hostname -> when it went offline (stop: then; kill: then + 2 heartbeats)
-        self.offline_at: dict[str, float] = {}
-        self.gone_at: dict[str, float] = {}
+        #: hostname -> when it went offline, at the earliest and at the latest: a stopped
+        #: worker between its SIGTERM and its exit; a killed one when its heartbeats expire,
+        #: 1 to 2 heartbeat intervals after the SIGKILL
+        self.offline_at: dict[str, tuple[float, float]] = {}
+        #: hostname -> when it left the readers, at the earliest (the start of the last poll
+        #: that still showed it) and at the latest (the end of the first that did not)
+        self.gone_at: dict[str, tuple[float, float]] = {}
+        self.last_poll = time.time()
         self.lost: set[str] = set()
         self.started = 0
         self.done = threading.Event()
@@ -157,11 +163,12 @@ class Churn:
         wait(answering, 300, f"{len(hosts)} workers answering pings", interval=1.0)
 
     def stop(self, hosts: list[str]) -> None:
+        signalled = time.time()
         for host in hosts:
             self.workers[host].signal(15)
         for host in hosts:
             self.workers.pop(host).stop()
-            self.offline_at[host] = time.time()
+            self.offline_at[host] = (signalled, time.time())
 
     def kill(self, hosts: list[str]) -> None:
         """SIGKILL each with a task running on it (its own queue): that task is lost."""
@@ -182,17 +189,19 @@ class Churn:
             raise
         for host in hosts:
             self.workers.pop(host).kill()
-            self.offline_at[host] = time.time() + 2 * FREQ
+            self.offline_at[host] = (time.time() + FREQ, time.time() + 2 * FREQ + 1)
         self.lost |= set(ids.values())
 
     def watch(self) -> set[str]:
         """Note when each offline worker leaves the readers; the workers shown now."""
-        now = time.time()
+        start = time.time()
         seen = shown(self.port)
+        end = time.time()
         everywhere = set().union(*seen.values())
         for host in list(self.offline_at):
             if host not in everywhere and host not in self.gone_at:
-                self.gone_at[host] = now
+                self.gone_at[host] = (self.last_poll, end)
+        self.last_poll = start
         return everywhere
 
     def run(self) -> dict[str, Any]:
@@ -234,17 +243,23 @@ class Churn:
             return all(v == live for v in shown(self.port).values())
 
         wait(settled, args.ttl + 120, "only the live workers on every reader", interval=1.0)
+        # surely gone before the TTL, or surely kept longer than the TTL and a retention round
+        rounds = retention_interval(args.ttl)
         early = {
-            h: round(self.gone_at[h] - at, 1)
-            for h, at in self.offline_at.items()
-            if self.gone_at[h] - at < args.ttl - ROUND
+            h: round(self.gone_at[h][1] - first, 1)
+            for h, (first, _) in self.offline_at.items()
+            if self.gone_at[h][1] - first < args.ttl
         }
         late = {
-            h: round(self.gone_at[h] - at, 1)
-            for h, at in self.offline_at.items()
-            if self.gone_at[h] - at > args.ttl + 5 * ROUND + 5
+            h: round(self.gone_at[h][0] - last, 1)
+            for h, (_, last) in self.offline_at.items()
+            if self.gone_at[h][0] - last > args.ttl + rounds + ROUND
         }
+        forgotten = len(self.gone_at)
         listed = set(get(self.port, "/api/tasks?lost=1&limit=1000"))
+        unlisted = [
+            get(self.port, f"/api/task/info/{uuid}") for uuid in sorted(self.lost - listed)[:3]
+        ]
         # then the rest go too: once forgotten, the worker data is back to where it started
         self.stop(sorted(self.workers))
         wait(
@@ -263,11 +278,12 @@ class Churn:
             "workers": len(names),
             "started": self.started,
             "live": len(live),
-            "forgotten": len(self.gone_at),
+            "forgotten": forgotten,
             "forgotten_early": early,
             "forgotten_late": late,
             "lost_expected": len(self.lost),
             "lost_listed": len(listed & self.lost),
+            "lost_unlisted": unlisted,
             "worker_bytes": {"before": before, "peak": peak, "after": after},
             "worker_keys_left": leftovers[:10],
             "problems": [

@@ -49,7 +49,8 @@ async def record_deaths(
     for shard in keys.all_shards:
         pipe.hmget(shard.deaths, hosts)
     inspected_raw, *per_shard = await pipe.execute()
-    inspected = {m.decode(): float(score) for m, score in inspected_raw}
+    # stored when the enabler's wait ended: the answer came up to a timeout before
+    answered = {m.decode(): float(score) - settings.inspect_timeout for m, score in inspected_raw}
     due = now + MOST_WAIT
     missing: dict[int, list[dict[str, Any]]] = {}
     sent: dict[str, list[float]] = {}
@@ -59,7 +60,7 @@ async def record_deaths(
             expires = heard + worker_freq(h) * EXPIRE_WINDOW
             if expires > now:
                 due = min(due, expires)
-        found = deaths(h, seen, inspected.get(host), now)
+        found = deaths(h, seen, answered.get(host), now)
         for shard, recorded in zip(keys.all_shards, per_shard, strict=True):
             have = _recorded(recorded[i])
             # the shard keeps the newest few: an older one missing there was dropped, not lost
