@@ -19,7 +19,8 @@ from typing import Any
 import redis
 from celery import Celery
 
-from shared.keys import Keys
+from shared.keys import HIDDEN, Keys
+from shared.workers import deaths
 from tests.support.api import Api
 from tests.support.clients import WsReader
 from tests.support.cluster import client, stop_all, wait_worker_up
@@ -30,6 +31,32 @@ KEYS = Keys(NAMESPACE)
 DOOMED, RESCUER, PHOENIX = "doomed@lost", "rescuer@lost", "phoenix@lost"
 #: celery's default event heartbeat interval: heartbeats expire 2 x 2 s after the last one
 FREQ = 2.0
+
+
+def worker_hash(**times: float) -> dict[bytes, bytes]:
+    fields = {"hb": HIDDEN.heartbeat, "hbts": HIDDEN.heartbeat_ts, "offts": HIDDEN.offline_ts,
+              "onts": HIDDEN.online_ts}  # fmt: skip
+    out = {fields[k].encode(): repr(v).encode() for k, v in times.items()}
+    out[b"freq"] = b"2.0"
+    return out
+
+
+def test_deaths_by_celerys_rule_confirmed_by_inspect() -> None:
+    beating = worker_hash(hb=100.05, hbts=100.0, onts=90.0)
+    # alive: only the worker-online's (the end of the incarnation before)
+    assert deaths(beating, None, None, now=103.0) == [90.0]
+    # heartbeats expired (the newest, 100.05, + 2 x 2 s): its last word, by its clock; a task
+    # event counts as a heartbeat (celery), so one at 101.5 is the last word, at 105.5
+    assert deaths(beating, 101.5, None, now=105.0) == [90.0]
+    assert deaths(beating, 101.5, None, now=105.6) == [90.0, 101.5]
+    assert deaths(beating, None, None, now=104.1) == [90.0, 100.0]
+    # an inspect answer surely given a heartbeat interval after the last beat: alive
+    assert deaths(beating, None, 102.1, now=105.0) == [90.0]
+    assert deaths(beating, None, 101.9, now=105.0) == [90.0, 100.0]
+    # worker-offline as its last word: dead at once, at that time
+    offline = worker_hash(hbts=100.0, offts=100.5, onts=90.0)
+    assert deaths(offline, None, None, now=100.6) == [90.0, 100.5]
+    assert deaths(worker_hash(), None, None, now=1.0) == []
 
 
 def by_uuid(api: Api, query: str) -> dict[str, Any]:
