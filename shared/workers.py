@@ -89,39 +89,34 @@ async def alive_workers(client: Any, keys: Keys, now: float) -> set[str]:
     return alive
 
 
-def offline_since(h: Hash, task_seen: float | None, inspected: float | None) -> float:
+def offline_since(h: Hash, task_seen: float | None, answered: float | None) -> float:
     """When the worker went offline by celery's rule: its newest sign of life (a heartbeat, a
-    task event, an inspect answer) plus 2 x its heartbeat interval, or the time of its
-    worker-offline when that is the newest thing it said. A live worker's is in the future."""
+    task event, an inspect answer: ``answered``, see ``deaths``) plus 2 x its heartbeat
+    interval, or the time of its worker-offline when that is the newest thing it said. A live
+    worker's is in the future."""
     window = worker_freq(h) * EXPIRE_WINDOW
     last = worker_last_heartbeat(h, task_seen)
     offline = worker_offline_ts(h)
-    if last is None and offline is not None and (inspected is None or inspected <= offline):
+    if last is None and offline is not None and (answered is None or answered <= offline):
         return offline
-    return max(last or 0.0, inspected or 0.0) + window
+    return max(last or 0.0, answered or 0.0) + window
 
 
 def deaths(h: Hash, task_seen: float | None, answered: float | None, now: float) -> list[float]:
     """The deaths of a worker that its events tell at ``now``, as sender times (what its tasks'
     event times compare with): its newest worker-online's, which ends the incarnation before
-    it (a worker restarted under its hostname says nothing else of the old one), and, when it
-    is dead by celery's rule, its last word (``readers.worker_last_word``). A worker that
-    answered an inspect a heartbeat interval after its last heartbeat is alive, heartbeats or
-    not (events off for a moment, or a beat lost): inspect answers confirm the death.
-    ``answered``: a time its newest inspect answer surely came after (the enabler stores
-    answers when its wait ends, up to ``POLLEN_INSPECT_TIMEOUT`` after they came)."""
+    it (a worker restarted under its hostname says nothing else of the old one), and, once it
+    is offline (``offline_since``: celery's rule, an inspect answer counting as a heartbeat,
+    so that a worker whose beats stop but which still answers is not dead), its last word
+    (``readers.worker_last_word``). ``answered``: a time its newest inspect answer surely came
+    after (the enabler stores answers when its wait ends, up to ``POLLEN_INSPECT_TIMEOUT``
+    after they came)."""
     out = []
     online = worker_online_ts(h)
     if online is not None:
         out.append(online)
-    if worker_alive(h, task_seen, now):
-        return out
     last = worker_last_word(h, task_seen)
-    if last is None:
-        return out
-    heard = worker_last_heartbeat(h, task_seen)
-    since = heard if heard is not None else last
-    if answered is not None and answered > since + worker_freq(h):
+    if last is None or offline_since(h, task_seen, answered) > now:
         return out
     if last not in out:
         out.append(last)

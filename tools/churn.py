@@ -243,7 +243,8 @@ class Churn:
             return all(v == live for v in shown(self.port).values())
 
         wait(settled, args.ttl + 120, "only the live workers on every reader", interval=1.0)
-        # surely gone before the TTL, or surely kept longer than the TTL and a retention round
+        # surely gone before the TTL, or surely kept longer than the TTL and two retention
+        # rounds (a round's own work, and the enabler's lock shared with inspect, delay the next)
         rounds = retention_interval(args.ttl)
         early = {
             h: round(self.gone_at[h][1] - first, 1)
@@ -253,8 +254,12 @@ class Churn:
         late = {
             h: round(self.gone_at[h][0] - last, 1)
             for h, (_, last) in self.offline_at.items()
-            if self.gone_at[h][0] - last > args.ttl + rounds + ROUND
+            if self.gone_at[h][0] - last > args.ttl + 2 * rounds + 2 * ROUND
         }
+        overshoot = max(
+            (self.gone_at[h][0] - last - args.ttl for h, (_, last) in self.offline_at.items()),
+            default=0.0,
+        )
         forgotten = len(self.gone_at)
         listed = set(get(self.port, "/api/tasks?lost=1&limit=1000"))
         unlisted = [
@@ -281,6 +286,7 @@ class Churn:
             "forgotten": forgotten,
             "forgotten_early": early,
             "forgotten_late": late,
+            "most_kept_beyond_ttl_s": round(overshoot, 1),
             "lost_expected": len(self.lost),
             "lost_listed": len(listed & self.lost),
             "lost_unlisted": unlisted,

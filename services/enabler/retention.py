@@ -33,20 +33,27 @@ def interval(ttl: float) -> float:
 
 
 async def purge_offline(
-    client: Any, keys: Keys, script: Any, ttl: float, most: int, now: float | None = None
+    client: Any,
+    keys: Keys,
+    script: Any,
+    ttl: float,
+    most: int,
+    inspect_timeout: float,
+    now: float | None = None,
 ) -> list[str]:
-    """One retention round; the hostnames purged."""
+    """One retention round; the hostnames purged. Inspect answers count as signs of life at
+    the time they surely came after: their storage time less ``inspect_timeout``."""
     now = time.time() if now is None else now
     hosts = await known_workers(client, keys)
     if not hosts:
         return []
     states = await event_state(client, keys, hosts)
-    inspected = {
-        member.decode(): float(score)
+    answered = {
+        member.decode(): float(score) - inspect_timeout
         for member, score in await client.zrange(keys.inspected, 0, -1, withscores=True)
     }
     since = {
-        host: offline_since(h, seen, inspected.get(host))
+        host: offline_since(h, seen, answered.get(host))
         for host, (h, seen) in zip(hosts, states, strict=True)
     }
     doomed = set(to_purge(since, now, ttl, most))

@@ -385,6 +385,7 @@ class Enabler:
                 self.purge_script,
                 self.settings.offline_worker_ttl,
                 self.settings.max_workers,
+                self.settings.inspect_timeout,
             )
 
     async def retention_loop(self) -> None:

@@ -50,9 +50,9 @@ def test_deaths_by_celerys_rule_confirmed_by_inspect() -> None:
     assert deaths(beating, 101.5, None, now=105.0) == [90.0]
     assert deaths(beating, 101.5, None, now=105.6) == [90.0, 101.5]
     assert deaths(beating, None, None, now=104.1) == [90.0, 100.0]
-    # an inspect answer surely given a heartbeat interval after the last beat: alive
-    assert deaths(beating, None, 102.1, now=105.0) == [90.0]
-    assert deaths(beating, None, 101.9, now=105.0) == [90.0, 100.0]
+    # an inspect answer counts as a heartbeat: alive 2 x 2 s after it
+    assert deaths(beating, None, 102.1, now=106.0) == [90.0]
+    assert deaths(beating, None, 101.9, now=106.0) == [90.0, 100.0]
     # worker-offline as its last word: dead at once, at that time
     offline = worker_hash(hbts=100.0, offts=100.5, onts=90.0)
     assert deaths(offline, None, None, now=100.6) == [90.0, 100.5]
