@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import redis
 from playwright.sync_api import expect
 
+from services.collector.writer import Writer
 from shared.keys import Keys
+from shared.settings import load
 from tests.dashboard.conftest import IDLE_QUEUE, NAMESPACE, WORKER, Stack, screenshot
+from tests.support import readback
 from tests.support.api import Api
 from tests.support.replies import entries
 from tests.support.servers import PYTHON, Process, wait_for
@@ -376,4 +381,123 @@ def test_responsive_at_1k_events_per_second(page: Any, stack: Stack) -> None:
         generator.stop()
     assert page.locator("#conn").get_attribute("data-connects") == "1", "reconnected"
     assert "too slow" not in stack.api.process.output()
+    no_errors(page)
+
+
+def task_event(kind: str, task_id: str, hostname: str, ts: float, **fields: Any) -> dict[str, Any]:
+    """A task event as celery's EventDispatcher sends it (the collector's receive time just
+    after)."""
+    return {"type": kind, "uuid": task_id, "hostname": hostname, "timestamp": ts,
+            "local_received": ts + 0.01, "clock": int(ts * 10), "pid": 4242,
+            "utcoffset": 0, **fields}  # fmt: skip
+
+
+def lifecycle(task_id: str, name: str, host: str, ts: float, done: bool) -> list[dict[str, Any]]:
+    """Received (then started and succeeded when ``done``) on ``host`` from ``ts`` on."""
+    received = {"name": name, "args": "(1,)", "kwargs": "{}", "retries": 0, "root_id": task_id,
+                "parent_id": None, "eta": None, "expires": None}  # fmt: skip
+    out = [task_event("task-received", task_id, host, ts, **received)]
+    if done:
+        out.append(task_event("task-started", task_id, host, ts + 0.1))
+        out.append(task_event("task-succeeded", task_id, host, ts + 0.2, result="2", runtime=0.1))
+    return out
+
+
+def test_lost_tasks(page: Any, stack: Stack) -> None:
+    """Tasks RECEIVED on a worker that died are lost: a badge on their rows and on their page,
+    the "Lost only" filter, the worker's lost count; a redelivery to another worker clears the
+    mark live. The events go through the collector's write path to the stack's Redis, the
+    death as the enabler sends it (``readback.death``): at the worker's last word, its newest
+    task event (the stack's enabler finds the same death by itself, the same time)."""
+    tag = uuid.uuid4().hex[:10]
+    name, gone, live = f"demo.lost_{tag}", f"gone-{tag}@pollen-demo", f"live-{tag}@pollen-demo"
+    first, second, done = (str(uuid.uuid4()) for _ in range(3))
+    t0 = float(int(time.time()) - 300)
+    died = t0 + 0.5  # the newest event of ``gone``: its last word
+    settings = load(stack.env)
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        writer = Writer(client, settings)
+        readback.apply(
+            writer,
+            [
+                *lifecycle(done, name, gone, t0, done=True),
+                *lifecycle(first, name, gone, t0 + 0.3, done=False),
+                *lifecycle(second, name, gone, died, done=False),
+            ],
+            now=time.time(),
+        )
+        readback.death(writer, gone, died, now=time.time())
+
+        def lost_now() -> dict[str, float]:
+            found = stack.api.data(f"/api/tasks?lost=1&taskname={name}")
+            return {task_id: task["lost_at"] for task_id, task in found.items()}
+
+        wait_for(
+            lambda: lost_now() == {first: died, second: died},
+            timeout=20,
+            message="the two tasks lost in the API",
+        )
+
+        # the badge on the lost rows only, in words (not colour only)
+        open_view(page, stack.api.url, f"#/tasks?taskname={name}")
+        rows = page.locator(ROW)
+        expect(rows).to_have_count(3)
+        for task_id in (first, second):
+            row = page.locator(f'{ROW}[data-uuid="{task_id}"]')
+            expect(row).to_have_attribute("data-lost", "true")
+            expect(row.locator("td[data-col=state] .badge.lost")).to_have_text("lost")
+            expect(row.locator("td[data-col=state]")).to_contain_text("RECEIVED")
+        control = page.locator(f'{ROW}[data-uuid="{done}"]')
+        expect(control).to_have_attribute("data-lost", "false")
+        expect(control.locator(".badge.lost")).to_have_count(0)
+
+        # "Lost only": lost=1 on the query and in the address
+        page.locator("#f-lost").check()
+        expect(page.locator(f'{ROW}[data-uuid="{done}"]')).to_have_count(0)
+        expect(rows).to_have_count(2)
+        assert set(rows.evaluate_all("rs => rs.map(r => r.dataset.uuid)")) == {first, second}
+        assert "lost=1" in page.url
+        page.reload()
+        expect(page.locator("#f-lost")).to_be_checked()
+        expect(rows).to_have_count(2)
+        page.locator("#f-lost").uncheck()
+        expect(rows).to_have_count(3)
+        assert "lost=" not in page.url
+
+        # redelivered to a live worker, where it succeeds: the badge goes, without a reload
+        page.evaluate("window.__notReloaded = true")
+        readback.apply(writer, lifecycle(first, name, live, t0 + 2, done=True), now=time.time())
+        row = page.locator(f'{ROW}[data-uuid="{first}"]')
+        expect(row).to_have_attribute("data-lost", "false")
+        expect(row).to_have_attribute("data-state", "SUCCESS")
+        expect(row.locator(".badge.lost")).to_have_count(0)
+        expect(row.locator("td[data-col=worker]")).to_have_text(live)
+        expect(page.locator(f'{ROW}[data-uuid="{second}"] .badge.lost')).to_have_text("lost")
+        assert page.evaluate("window.__notReloaded") is True
+
+        # the task's page: the badge, and lost_at as the other times are shown
+        open_view(page, stack.api.url, f"#/task/{second}")
+        fields = page.locator("#task-fields")
+        expect(page.locator(".toolbar .badge.lost")).to_have_text("lost")
+        expect(fields.locator("tr[data-field=lost] .badge.lost")).to_have_text("lost")
+        at = datetime.fromtimestamp(died, ZoneInfo("Europe/Berlin"))  # the browser's zone
+        expect(fields.locator("tr[data-field=lost_at] td")).to_have_text(
+            f"{at:%d/%m/%Y, %H:%M:%S}.500"
+        )
+
+        # the workers: the dead one's lost count, down to 0 once its other task is redelivered
+        open_view(page, stack.api.url, "")
+        count = page.locator(f'#workers tr[data-worker="{gone}"] td.lost-count')
+        expect(count).to_have_text("1")
+        expect(count.get_by_role("link", name="1")).to_have_attribute(
+            "href", f"#/tasks?workername={gone.replace('@', '%40')}&lost=1"
+        )
+        expect(page.locator(f'#workers tr[data-worker="{live}"] td.lost-count')).to_have_text("0")
+        readback.apply(writer, lifecycle(second, name, live, t0 + 3, done=True), now=time.time())
+        # live from the task-lost event (the periodic refresh, every 10 s, would also get there)
+        expect(count).to_have_text("0", timeout=15_000)
+        assert lost_now() == {}
+    finally:
+        client.close()
     no_errors(page)

@@ -8,7 +8,7 @@ import {
 const MAX_ROWS = 1000;
 const MAX_HELD = 20000;
 const TYPES = ['', 'task-*', 'worker-*', 'task-sent', 'task-received', 'task-started',
-  'task-succeeded', 'task-failed', 'task-retried', 'task-revoked', 'task-rejected',
+  'task-succeeded', 'task-failed', 'task-retried', 'task-revoked', 'task-rejected', 'task-lost',
   'worker-online', 'worker-heartbeat', 'worker-offline'];
 const SKIP = new Set(['type', 'hostname', 'timestamp', 'local_received', 'uuid', 'task_name',
   'task_state', 'stream_id', 'cursor', 'clock', 'pid', 'utcoffset', 'sw_ident', 'sw_ver',

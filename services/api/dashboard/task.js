@@ -2,7 +2,9 @@
 // events replayed from the stream (/api/events?uuid=...&since=...) and then live, and
 // revoke/terminate behind a confirmation.
 import { ApiError, EventStream, getJson, post } from './api.js';
-import { clear, fmtClock, fmtDuration, fmtTime, h, stateBadge, text, toHash } from './util.js';
+import {
+  clear, fmtClock, fmtDuration, fmtTime, h, lostBadge, stateBadge, text, toHash,
+} from './util.js';
 
 const TIME_FIELDS = new Set(['sent', 'received', 'started', 'succeeded', 'failed', 'retried',
   'revoked', 'rejected', 'timestamp']);
@@ -15,7 +17,10 @@ const taskLink = (id) => h('a', { href: toHash(`/task/${encodeURIComponent(id)}`
 
 function value(field, v) {
   if (v === null || v === undefined) return h('span', { class: 'muted' }, '—');
-  if (TIME_FIELDS.has(field)) return h('span', { title: String(v) }, fmtTime(v));
+  if (TIME_FIELDS.has(field) || field === 'lost_at') {
+    return h('span', { title: String(v) }, fmtTime(v));
+  }
+  if (field === 'lost') return v ? lostBadge() : text(v);
   if (field === 'runtime') return fmtDuration(v);
   if (field === 'state') return stateBadge(v);
   if (field === 'parent' || field === 'root' || field === 'parent_id' || field === 'root_id') {
@@ -84,7 +89,9 @@ export function taskView(el, { arg: uuid, app }) {
   function render() {
     if (!task) return;
     title.textContent = task.name || uuid;
-    clear(badge).append(stateBadge(task.state), ' ', h('code', null, uuid));
+    clear(badge).append(stateBadge(task.state), ' ');
+    if (task.lost) badge.append(lostBadge(task.lost_at), ' ');
+    badge.append(h('code', null, uuid));
     clear(fields);
     for (const [k, v] of Object.entries(task)) {
       fields.append(h('tr', { dataset: { field: k } }, h('th', null, k), h('td', null,

@@ -3,8 +3,8 @@
 // (throttled) as events arrive, so new and finished tasks show up without a reload.
 import { get, getJson } from './api.js';
 import {
-  STATES, batched, clear, fmtDuration, fmtTime, h, paramValues, patchRows, short, stateBadge, text,
-  toHash,
+  STATES, batched, clear, fmtDuration, fmtTime, h, lostBadge, paramValues, patchRows, short,
+  stateBadge, text, toHash,
 } from './util.js';
 
 const COLUMNS_KEY = 'pollen.task-columns';
@@ -17,7 +17,8 @@ const time = (f) => ({ label: f, render: (t) => fmtTime(t[f]), cls: 'time' });
 export const COLUMNS = {
   name: { label: 'name', sort: 'name', render: (t) => t.name || '' },
   uuid: { label: 'uuid', render: (t) => link(t.uuid), cls: 'mono' },
-  state: { label: 'state', sort: 'state', render: (t) => stateBadge(t.state) },
+  state: { label: 'state', sort: 'state',
+    render: (t) => [stateBadge(t.state), t.lost ? [' ', lostBadge(t.lost_at)] : null] },
   args: { label: 'args', render: (t) => short(t.args, 60), cls: 'mono' },
   kwargs: { label: 'kwargs', render: (t) => short(t.kwargs, 60), cls: 'mono' },
   result: { label: 'result', render: (t) => short(t.result, 60), cls: 'mono' },
@@ -89,6 +90,18 @@ function fromLocalInput(value) {
 /** Apply one stream event to a task as /api/tasks shows it. */
 export function applyEvent(task, ev) {
   if (ev.task_state) task.state = ev.task_state;
+  if (ev.type === 'task-lost') {
+    // Pollen's mark, not an event of the task: its hostname is the worker that lost it (not
+    // the task's worker once cleared) and its timestamp that death (not the task's newest)
+    if (ev.lost) {
+      task.lost = true;
+      task.lost_at = ev.lost_at;
+    } else {
+      delete task.lost;
+      delete task.lost_at;
+    }
+    return;
+  }
   const f = EVENT_TIME[ev.type];
   if (f) task[f] = ev.timestamp;
   for (const k of EVENT_FIELDS[ev.type] || []) if (ev[k] !== undefined) task[k] = ev[k];
@@ -100,7 +113,7 @@ export function applyEvent(task, ev) {
 export function tasksView(el, { params, app }) {
   const filters = paramValues(params, {
     state: '', taskname: '', workername: '', search: '', received_start: '', received_end: '',
-    sort_by: '', limit: '25',
+    sort_by: '', limit: '25', lost: '',
   });
   let columns = chosenColumns();
   const cursors = [null]; // cursors[i]: the cursor of page i (null: the first page)
@@ -140,6 +153,9 @@ export function tasksView(el, { params, app }) {
   const to = h('input', { id: 'f-to', type: 'datetime-local',
     value: toLocalInput(filters.received_end),
     onchange: (e) => change('received_end', fromLocalInput(e.target.value)) });
+  const lostOnly = h('label', { title: 'RECEIVED or STARTED on a worker that died' },
+    h('input', { type: 'checkbox', id: 'f-lost', checked: filters.lost === '1' || null,
+      onchange: (e) => change('lost', e.target.checked ? '1' : '') }), ' Lost only');
   const info = h('span', { class: 'muted', id: 'tasks-info' });
   const error = h('p', { class: 'error', id: 'tasks-error', hidden: true });
   const head = h('thead');
@@ -158,7 +174,7 @@ export function tasksView(el, { params, app }) {
   el.append(
     h('div', { class: 'toolbar' }, h('h2', null, 'Tasks'), info, banner),
     h('form', { class: 'filters', onsubmit: (e) => { e.preventDefault(); } },
-      stateSel, nameSel, workerSel, search,
+      stateSel, nameSel, workerSel, lostOnly, search,
       h('label', null, 'received from ', from), h('label', null, 'to ', to), sortSel, limitSel,
       pickerButton,
       h('button', { class: 'link', type: 'button', id: 'f-reset',
@@ -197,7 +213,8 @@ export function tasksView(el, { params, app }) {
   }
 
   function row(task, fresh) {
-    return h('tr', { dataset: { uuid: task.uuid, state: task.state, key: task.uuid },
+    return h('tr', { dataset: { uuid: task.uuid, state: task.state, key: task.uuid,
+      lost: task.lost ? 'true' : 'false' },
       class: fresh ? 'fresh' : '' },
       columns.map((c) => h('td', { class: COLUMNS[c].cls || '', dataset: { col: c } },
         COLUMNS[c].render(task))));
@@ -302,7 +319,8 @@ export function tasksView(el, { params, app }) {
       if (filters.taskname && ev.task_name
         && ev.task_name.toLowerCase() !== filters.taskname.toLowerCase()) continue;
       relevant = true;
-      if (!task && (ev.type === 'task-sent' || ev.type === 'task-received')) missed.add(ev.uuid);
+      if (!task && (ev.type === 'task-sent' || ev.type === 'task-received'
+        || (filters.lost && ev.type === 'task-lost' && ev.lost))) missed.add(ev.uuid);
     }
     if (visible) redraw();
     if (!relevant) return;

@@ -126,6 +126,12 @@ export function stateBadge(state) {
     state || 'PENDING');
 }
 
+/** A task marked lost (RECEIVED or STARTED on a worker that died): said in words, not colour. */
+export function lostBadge(lostAt) {
+  return h('span', { class: 'badge lost', title: Number.isFinite(lostAt)
+    ? `lost: its worker died at ${fmtTime(lostAt)}` : 'lost: its worker died' }, 'lost');
+}
+
 /** Parse '#/path?a=1&b=2' into {path, params}. */
 export function parseHash(hash) {
   const raw = (hash || '').replace(/^#/, '') || '/workers';

@@ -43,9 +43,16 @@ class WorkerState {
       if (!host) continue;
       let w = this.workers.get(host);
       if (!w) {
-        w = { hostname: host, alive: false, events: {}, executing: 0, freq: 60,
+        w = { hostname: host, alive: false, events: {}, executing: 0, lost: 0, freq: 60,
           last_heartbeat: null };
         this.workers.set(host, w);
+      }
+      if (ev.type === 'task-lost') {
+        // Pollen's announcement about the worker (that died), not an event it sent: it says
+        // nothing of its liveness and is no event by type; each one marks or clears one task
+        w.lost = Math.max(0, (w.lost || 0) + (ev.lost ? 1 : -1));
+        changed = true;
+        continue;
       }
       w.events[ev.type] = (w.events[ev.type] || 0) + 1;
       changed = true;
@@ -115,7 +122,7 @@ export function workersView(el, { app }) {
     h('div', { class: 'toolbar' }, h('h2', null, 'Workers'), note),
     h('div', { class: 'table-wrap' }, h('table', { class: 'grid-table', id: 'workers' },
       h('thead', null, h('tr', null,
-        ['Status', 'Worker', 'Executing', 'Active', 'Processed', 'Load', 'Pool', 'Queues',
+        ['Status', 'Worker', 'Executing', 'Active', 'Processed', 'Lost', 'Load', 'Pool', 'Queues',
           'Registered', ...EVENT_COLUMNS.map((c) => c.replace('task-', '')), 'Last heartbeat',
           'Version'].map((c) => h('th', null, c)))),
       body)),
@@ -136,6 +143,9 @@ export function workersView(el, { app }) {
         h('td', { class: 'num' }, fmtNumber(w.executing)),
         h('td', { class: 'num' }, fmtNumber(w.active)),
         h('td', { class: 'num' }, fmtNumber(w.processed)),
+        h('td', { class: 'num lost-count', title: 'its tasks marked lost now' }, w.lost
+          ? h('a', { href: toHash('/tasks', { workername: w.hostname, lost: '1' }) },
+            fmtNumber(w.lost)) : fmtNumber(w.lost || 0)),
         h('td', { class: 'num' }, load(w.loadavg)),
         h('td', null, pool(info.stats)),
         h('td', null, queues(info)),
@@ -249,12 +259,14 @@ export function workerView(el, { arg: name, app }) {
     el.append(
       h('div', { class: 'toolbar' }, h('a', { href: '#/workers' }, '← Workers'),
         h('h2', null, name), statusDot(w.alive),
-        h('a', { href: toHash('/tasks', { workername: name }) }, 'its tasks')),
+        h('a', { href: toHash('/tasks', { workername: name }) }, 'its tasks'),
+        w.lost ? h('a', { href: toHash('/tasks', { workername: name, lost: '1' }),
+          id: 'lost-tasks' }, `its lost tasks (${fmtNumber(w.lost)})`) : null),
       h('div', { class: 'cards' },
         section('Status', kv({
           'last heartbeat': w.last_heartbeat ? `${fmtTime(w.last_heartbeat)} (${fmtAgo(
             w.last_heartbeat, state.now())})` : 'never',
-          executing: w.executing, active: w.active, processed: w.processed,
+          executing: w.executing, active: w.active, processed: w.processed, lost: w.lost,
           load: load(w.loadavg), pid: w.pid ?? stats.pid, 'heartbeat every': fmtDuration(w.freq),
           software: w.sw_ver ? `${w.sw_ident} ${w.sw_ver} (${w.sw_sys})` : '',
           uptime: stats.uptime !== undefined ? fmtDuration(stats.uptime) : '',
@@ -292,7 +304,8 @@ export function workerView(el, { arg: name, app }) {
   el.addEventListener('focusout', () => { busy = false; });
   const unsubscribe = app.subscribe((batch) => {
     const mine = batch.filter((ev) => ev.hostname === name);
-    if (state.loaded && mine.length && mine.some((ev) => ev.type.startsWith('worker-'))) {
+    if (state.loaded && mine.length && mine.some((ev) => ev.type.startsWith('worker-')
+      || ev.type === 'task-lost')) {
       state.apply(mine);
       draw();
     } else if (state.loaded) {
