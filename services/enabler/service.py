@@ -217,11 +217,12 @@ class Enabler:
         Broker and Redis errors propagate once every method has been tried.
         """
         methods = list(methods)
+        # read first: a worker forgotten from here on is left out below
+        known = set(await known_workers(self.redis, self.keys))
         if destination is None:
             expected = await alive_workers(self.redis, self.keys, time.time())
         else:
             expected = set(destination)
-        known = set(await known_workers(self.redis, self.keys))
         results = await asyncio.gather(
             *(self.blocking(partial(self._inspect_call, m, destination)) for m in methods),
             return_exceptions=True,
