@@ -8,9 +8,9 @@ STARTED tasks whose newest event is not later (the lost rule is in that script's
 A shard that has a death recorded needs it no more; one that missed it (the enabler died
 half way) gets it in the next round.
 
-Rounds follow the heartbeats: the next one is due when the next live worker's heartbeats
-expire, and at least every second, so a dead worker's tasks are marked at most a round after
-celery's rule declares it dead.
+Rounds follow the heartbeats: the next one is due when the next live worker goes offline
+(``offline_since``), and at least every second, so a dead worker's tasks are marked at most
+a round after celery's rule declares it dead.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from typing import Any
 
 from shared import apply_events
 from shared.keys import MAX_DEATHS, Keys
-from shared.readers import EXPIRE_WINDOW, worker_freq, worker_last_heartbeat
 from shared.settings import Settings
-from shared.workers import deaths, event_state, known_workers
+from shared.workers import deaths, event_state, known_workers, offline_since
 
 log = logging.getLogger("pollen.enabler.deaths")
 
@@ -55,11 +54,9 @@ async def record_deaths(
     missing: dict[int, list[dict[str, Any]]] = {}
     sent: dict[str, list[float]] = {}
     for i, (host, (h, seen)) in enumerate(zip(hosts, states, strict=True)):
-        heard = worker_last_heartbeat(h, seen)
-        if heard is not None:
-            expires = heard + worker_freq(h) * EXPIRE_WINDOW
-            if expires > now:
-                due = min(due, expires)
+        since = offline_since(h, seen, answered.get(host))
+        if since > now:
+            due = min(due, since)
         found = deaths(h, seen, answered.get(host), now)
         for shard, recorded in zip(keys.all_shards, per_shard, strict=True):
             have = _recorded(recorded[i])
