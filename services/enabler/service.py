@@ -46,7 +46,7 @@ from shared.events import StreamEvent
 from shared.inspected import INSPECT_METHODS
 from shared.keys import Keys
 from shared.settings import Settings, mask_url
-from shared.workers import alive_workers, known_workers
+from shared.workers import alive_workers
 
 log = logging.getLogger("pollen.enabler")
 
@@ -57,6 +57,9 @@ ONLINE_BATCH_WINDOW = 0.3
 #: Attempts (one second apart) at a new worker's inspect answers: its control consumer may
 #: start listening a moment after its worker-online event.
 ONLINE_ATTEMPTS = 3
+#: Seconds a forgotten worker gets no "no answer" inspect entry (an inspect call, online
+#: retries included, that began before the purge ends well within this).
+FORGOTTEN_KEPT = 120.0
 
 
 class Enabler:
@@ -92,6 +95,8 @@ class Enabler:
         self.pending_online: set[str] = set()
         #: held while workers are forgotten, while inspect answers and deaths are stored
         self.forgetting = asyncio.Lock()
+        #: hostname -> when retention forgot it (the last ``FORGOTTEN_KEPT`` seconds)
+        self.forgotten: dict[str, float] = {}
         self.stopping = asyncio.Event()
         self.configured_queues = [q.strip() for q in settings.queues.split(",") if q.strip()]
 
@@ -217,8 +222,6 @@ class Enabler:
         Broker and Redis errors propagate once every method has been tried.
         """
         methods = list(methods)
-        # read first: a worker forgotten from here on is left out below
-        known = set(await known_workers(self.redis, self.keys))
         if destination is None:
             expected = await alive_workers(self.redis, self.keys, time.time())
         else:
@@ -230,9 +233,9 @@ class Enabler:
         missing: dict[str, set[str]] = {}
         broker_failure: BaseException | None = None
         async with self.forgetting:
-            # a worker forgotten while the answers were awaited gets no "no answer" entry: that
-            # would bring back the inspect key retention just removed
-            expected -= known - set(await known_workers(self.redis, self.keys))
+            # a worker forgotten lately gets no "no answer" entry: that would bring back the
+            # inspect key retention just removed
+            expected -= set(self.forgotten)
             for method, result in zip(methods, results, strict=True):
                 if isinstance(result, self.broker_errors):
                     broker_failure = result
@@ -380,7 +383,9 @@ class Enabler:
 
     async def forget_offline_workers(self) -> None:
         async with self.forgetting:
-            await retention.purge_offline(
+            now = time.time()
+            self.forgotten = {h: t for h, t in self.forgotten.items() if t > now - FORGOTTEN_KEPT}
+            purged = await retention.purge_offline(
                 self.redis,
                 self.keys,
                 self.purge_script,
@@ -388,6 +393,7 @@ class Enabler:
                 self.settings.max_workers,
                 self.settings.inspect_timeout,
             )
+            self.forgotten.update(dict.fromkeys(purged, now))
 
     async def retention_loop(self) -> None:
         await self._every(
