@@ -54,9 +54,10 @@
 -- of events and deaths. A later event (it finished after all, or another worker received it)
 -- clears the mark.
 --
--- Cost. Each task is read once and written once per call however many of its events the
--- batch holds, its indexes are moved once, and counters are summed in Lua and written once
--- per distinct field: per event, only the stream entry and the pub/sub message remain.
+-- Cost. Each task is read once (its merge fields, not its args or result) and written once
+-- per call however many of its events the batch holds, its indexes are moved once, and
+-- counters are summed in Lua and written once per distinct field: per event, only the
+-- stream entry and the pub/sub message remain.
 -- Returns {applied, duplicates, evicted}.
 
 local P = ARGV[1]
@@ -131,6 +132,19 @@ local function sort_history(history)
     end
   end
   table.sort(history, sorts_before)
+end
+
+-- Whether e sorts after every entry of the sorted history as it stands, and leaves every
+-- entry's place as it is (sort_history would not move anything): not a task-sent that a
+-- received of its attempt anchors earlier, not a task-received that anchors a sent.
+local function in_order(history, e)
+  local last = history[#history]
+  if e.r ~= '' and (e.subject == 'sent' or e.subject == 'received') then
+    for _, h in ipairs(history) do
+      if h.r == e.r and (h.subject == 'sent' or h.subject == 'received') then return false end
+    end
+  end
+  return not last or sorts_before(last, e)
 end
 
 -- celery's fold: Task.event over the sorted history.
@@ -220,25 +234,30 @@ local function parse_unnamed(text)
   return out
 end
 
--- A task as loaded by this call: its stored fields, then the writes this batch makes.
+-- A task as loaded by this call: the merge fields it has stored (not its args, kwargs, result
+-- or traceback, which can be large), then the writes this batch makes.
+local MERGE_FIELDS = { HIDDEN.history_len, HIDDEN.state, HIDDEN.name, HIDDEN.worker,
+                       HIDDEN.parent, HIDDEN.unnamed, 'timestamp', 'name', 'lost', 'lost_at' }
 local function load_task(u)
   local key = P .. KEY.task .. u
-  local flat = redis.call('HGETALL', key)
-  local stored = {}
-  for i = 1, #flat, 2 do stored[flat[i]] = flat[i + 1] end
+  local f = redis.call('HMGET', key, unpack(MERGE_FIELDS))
   local history = {}
-  for i = 1, tonumber(stored._hn or '0') do
-    history[i] = parse_entry(stored[HIDDEN.history .. i])
+  local n = tonumber(f[1] or '0')
+  if n > 0 then
+    local names = {}
+    for i = 1, n do names[i] = HIDDEN.history .. i end
+    local entries = redis.call('HMGET', key, unpack(names))
+    for i = 1, n do history[i] = parse_entry(entries[i]) end
   end
   local t = {
-    key = key, u = u, history = history, writes = {}, new = #history == 0,
-    old_hn = #history,
-    old_state = nonempty(stored._s), old_name = nonempty(stored._n),
-    old_worker = nonempty(stored._w), old_parent = nonempty(stored._p),
-    old_tj = stored.timestamp, name_json = stored.name,
-    old_lost = stored.lost ~= nil, old_lost_at = stored.lost_at,
+    key = key, u = u, history = history, writes = {}, new = n == 0,
+    old_hn = n,
+    old_state = nonempty(f[2]), old_name = nonempty(f[3]),
+    old_worker = nonempty(f[4]), old_parent = nonempty(f[5]),
+    old_tj = f[7] or nil, name_json = f[8] or nil,
+    old_lost = f[9] ~= false, old_lost_at = f[10] or nil,
     -- events counted before the task's name was known (see count())
-    unnamed = parse_unnamed(stored._u), had_unnamed = stored._u ~= nil,
+    unnamed = parse_unnamed(f[6] or nil), had_unnamed = f[6] ~= false,
   }
   t.name, t.worker, t.parent = t.old_name, t.old_worker, t.old_parent
   t.state, t.tj = t.old_state, t.old_tj
@@ -268,12 +287,18 @@ local function apply_task(t, ev)
     end
     before[i] = h
   end
-  history[#history + 1] = e
-  sort_history(history)
-  local pos, changed = nil, nil
-  for i, h in ipairs(history) do
-    if h == e then pos = i end
-    if not changed and h ~= before[i] then changed = i end
+  local pos, changed
+  if in_order(history, e) then
+    -- the common case: the event comes after all the others, so the order stands
+    history[#history + 1] = e
+    pos, changed = #history, #history
+  else
+    history[#history + 1] = e
+    sort_history(history)
+    for i, h in ipairs(history) do
+      if h == e then pos = i end
+      if not changed and h ~= before[i] then changed = i end
+    end
   end
   t.history_changed_from = math.min(t.history_changed_from or changed, changed)
 
