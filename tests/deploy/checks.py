@@ -6,6 +6,7 @@ control command sent from the API, and the length of a queue nobody consumes."""
 from __future__ import annotations
 
 import time
+import urllib.error
 from typing import Any
 
 from tests.deploy.conftest import Deployment
@@ -21,19 +22,31 @@ QUICK = {
 }
 
 
-def worker_inspected(d: Deployment, after: float = -1.0) -> float:
-    """The worker is listed with inspect answers, newer than one that said ``after`` seconds
-    of uptime; the uptime they say."""
+def worker_inspected(d: Deployment, since: float = 0.0) -> None:
+    """The worker is listed with inspect answers, the newest of them stored after ``since``
+    (epoch seconds): it answered the enabler's broadcasts through the broker at that time."""
 
-    def fresh() -> float | None:
+    def fresh() -> bool:
         for name, process in d.processes.items():
             assert process.alive(), f"{name} exited:\n{d.logs()}"
         found = d.get(f"/api/workers?workername={d.worker_name}").get(d.worker_name, {})
-        uptime = float((found.get("stats") or {}).get("uptime", -1))
-        return uptime if "registered" in found and uptime > after else None
+        return "registered" in found and "stats" in found and found["timestamp"] > since
 
-    uptime = wait_for(fresh, timeout=90, message=f"inspect answers of {d.worker_name}\n{d.logs()}")
-    return float(uptime)  # type: ignore[arg-type]
+    wait_for(fresh, timeout=90, message=lambda: f"inspect answers of {d.worker_name}\n{d.logs()}")
+
+
+def events_flow(d: Deployment, since: float) -> None:
+    """A heartbeat the worker sent after ``since`` (epoch seconds) has reached Pollen: the
+    worker publishes events and the collector receives them (on a Redis broker events are
+    pub/sub messages, which the broker keeps for no one who is not subscribed yet)."""
+
+    def heard() -> bool:
+        for row in d.get("/api/stats/workers")["workers"]:
+            if row["hostname"] == d.worker_name:
+                return (row["last_heartbeat"] or 0) > since
+        return False
+
+    wait_for(heard, timeout=90, message=lambda: f"a heartbeat after {since:.1f}\n{d.logs()}")
 
 
 def tasks_seen(d: Deployment, app: Any, count: int, tag: int) -> set[str]:
@@ -42,11 +55,21 @@ def tasks_seen(d: Deployment, app: Any, count: int, tag: int) -> set[str]:
     sent = d.post(f"/api/task/async-apply/{d.module}.add", {"args": [tag, -1]})
     ids.add(sent["task-id"])
 
-    def done() -> bool:
+    def missing() -> set[str]:
         found = d.get(f"/api/tasks?taskname={d.module}.add&state=SUCCESS&limit=1000")
-        return ids <= set(found)
+        return ids - set(found)
 
-    wait_for(done, timeout=90, message=f"tasks {sorted(ids)} in the API\n{d.logs()}")
+    def state(u: str) -> str:
+        try:
+            return str(d.get(f"/api/task/info/{u}").get("state"))
+        except urllib.error.HTTPError as exc:
+            return f"HTTP {exc.code}"
+
+    def said() -> str:
+        states = {u: state(u) for u in sorted(missing())}
+        return f"tasks in SUCCESS in the API, not yet {states}\n{d.logs()}"
+
+    wait_for(lambda: not missing(), timeout=90, message=said)
     return ids
 
 
@@ -71,7 +94,7 @@ def backlog_measured(d: Deployment, app: Any, queue: str, count: int) -> None:
     wait_for(
         lambda: length() == before + count,
         timeout=60,
-        message=f"{before + count} messages on {queue} (since {started:.0f})\n{d.logs()}",
+        message=lambda: f"{before + count} messages on {queue} (since {started:.0f})\n{d.logs()}",
     )
 
 

@@ -53,8 +53,10 @@ def wait_for(
     predicate: Callable[[], object],
     timeout: float = 30.0,
     interval: float = 0.05,
-    message: str = "condition",
+    message: str | Callable[[], str] = "condition",
 ) -> object:
+    """Poll ``predicate`` until it returns something true; ``message`` (or what it returns,
+    called when the time is up: logs as they are then) says what was awaited."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
     while time.monotonic() < deadline:
@@ -65,7 +67,8 @@ def wait_for(
         except Exception as exc:  # the server may not be up yet
             last_exc = exc
         time.sleep(interval)
-    raise TimeoutError(f"timed out waiting for {message}" + (f": {last_exc!r}" if last_exc else ""))
+    said = message() if callable(message) else message
+    raise TimeoutError(f"timed out waiting for {said}" + (f": {last_exc!r}" if last_exc else ""))
 
 
 def redis_server_binary() -> str:
