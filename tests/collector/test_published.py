@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import redis
 
@@ -27,7 +28,7 @@ def test_one_message_per_call_with_every_event_in_stream_order(
             assert time.monotonic() < deadline, "no subscription"
         events = lifecycle("pub-a", T0) + lifecycle("pub-b", T0 + 5)
         readback.apply(writer, events)
-        messages = []
+        messages: list[bytes] = []
         while time.monotonic() < deadline:
             message = pubsub.get_message(timeout=0.2)
             if message is None:
@@ -41,11 +42,10 @@ def test_one_message_per_call_with_every_event_in_stream_order(
     assert len(messages) == len(shards)
     published = [json.loads(line) for m in messages for line in published_events(m)]
     assert len(published) == len(events)
-    entries = [
-        (sid.decode(), json.loads(fields[b"e"]))
-        for shard in writer.keys.all_shards
-        for sid, fields in r.xrange(shard.stream)
-    ]
+    entries: list[tuple[str, Any]] = []
+    for shard in writer.keys.all_shards:
+        stream: Any = r.xrange(shard.stream)
+        entries += [(sid.decode(), json.loads(fields[b"e"])) for sid, fields in stream]
     by_id = dict(entries)
     for event in published:
         sid = event.pop("stream_id")
