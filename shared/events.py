@@ -237,12 +237,18 @@ class TypeOnly(msgspec.Struct):
     type: str
 
 
+def published_events(message: bytes) -> list[bytes]:
+    """The events of one ``<ns>:events`` pub/sub message: one per script call, each event's
+    JSON text on a line of its own (JSON text holds no raw newline)."""
+    return message.split(b"\n")
+
+
 class StreamEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     """What readers need of a normalized event (stream entry / pub/sub message).
 
     The collector writes the event as the sender sent it, plus ``local_received`` (the
     collector's receive time), and for task events ``task_name`` and ``task_state`` (the task's
-    name and state after the event was merged). Published messages also carry ``stream_id``.
+    name and state after the event was merged). Published events also carry ``stream_id``.
     """
 
     type: str

@@ -53,7 +53,8 @@ S stream                         stream  every applied event, normalized JSON in
 Global (no hash tag):
 
 ===============================  ======  ==========================================================
-<ns>:events                      pubsub  one message per applied event (JSON with ``stream_id``)
+<ns>:events                      pubsub  one message per script call: its applied events, a JSON
+                                         text (with ``stream_id``) per line
 <ns>:collector:<id>              hash    a collector's health: last event, rate, lag, errors
 <ns>:collectors                  zset    collector ids by last heartbeat
 <ns>:malformed                   hash    malformed events by reason (all collectors)

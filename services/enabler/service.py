@@ -42,7 +42,7 @@ from shared import apply_events, scripts
 from shared.backoff import Backoff
 from shared.broker import broker_errors, load_app, shown_url
 from shared.connections import REDIS_ERRORS, async_client
-from shared.events import StreamEvent
+from shared.events import StreamEvent, published_events
 from shared.inspected import INSPECT_METHODS
 from shared.keys import Keys
 from shared.settings import Settings, mask_url
@@ -330,14 +330,15 @@ class Enabler:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is None:
                         continue
-                    try:
-                        event = decoder.decode(message["data"])
-                    except msgspec.DecodeError:
-                        continue
-                    if event.type == "worker-online":
-                        self.worker_online(event.hostname)
-                    if event.type in ("worker-online", "worker-offline"):
-                        self.wake_deaths.set()
+                    for raw in published_events(message["data"]):
+                        try:
+                            event = decoder.decode(raw)
+                        except msgspec.DecodeError:
+                            continue
+                        if event.type == "worker-online":
+                            self.worker_online(event.hostname)
+                        if event.type in ("worker-online", "worker-offline"):
+                            self.wake_deaths.set()
             except REDIS_ERRORS as exc:
                 backoff.failed(exc)
                 self.redis_backoff.failed(exc)

@@ -39,7 +39,7 @@
 --   P prefetch  hash: '<worker>\31<name>' -> 'timestamp,uuid,seconds' (Flower's prefetch time)
 --   P deaths  hash: host -> 'ts,ts,...' ascending     P idx:lost  zset of uuids by timestamp
 --   P lostcounts  hash: '<worker>\31<name>' -> tasks marked lost
---   P stream  stream       and PUBLISH on the events channel
+--   P stream  stream       and one PUBLISH per call on the events channel
 --
 -- Merge rule. celery.events.state.Task.event folds events in arrival order; its answer depends
 -- on that order. Here a task's events are kept sorted by (timestamp, lifecycle rank, clock,
@@ -57,7 +57,7 @@
 -- Cost. Each task is read once (its merge fields, not its args or result) and written once
 -- per call however many of its events the batch holds, its indexes are moved once, and
 -- counters are summed in Lua and written once per distinct field: per event, only the
--- stream entry and the pub/sub message remain.
+-- stream entry remains (the call's messages go out in one PUBLISH).
 -- Returns {applied, duplicates, evicted}.
 
 local P = ARGV[1]
@@ -200,10 +200,13 @@ local function sadd(key, member)
   t[member] = true
 end
 
+-- Every event's stream entry; its message (the entry plus stream_id) goes out with the
+-- call's others in one PUBLISH at the end, one JSON text per line (shared/events.py).
+local published = {}
 local function emit(open_json, extra)
   local entry = open_json .. extra .. '}'
   local id = redis.call('XADD', P .. KEY.stream, 'MAXLEN', '~', cfg.stream_maxlen, '*', 'e', entry)
-  redis.call('PUBLISH', cfg.channel, open_json .. extra .. ',"stream_id":"' .. id .. '"}')
+  published[#published + 1] = open_json .. extra .. ',"stream_id":"' .. id .. '"}'
 end
 
 -- Count one event (record: hostname, subject, epoch minute, state, runtime bucket, runtime)
@@ -756,5 +759,6 @@ if cfg.age_check then
 end
 
 flush_counters()
+if #published > 0 then redis.call('PUBLISH', cfg.channel, table.concat(published, '\n')) end
 
 return { applied, duplicates, evicted }

@@ -22,7 +22,7 @@ from services.api.events.frames import entry_message, text_frame, with_cursor
 from services.api.events.ids import StreamId, format_id, parse_id
 from shared.backoff import Backoff
 from shared.connections import REDIS_ERRORS
-from shared.events import StreamEvent
+from shared.events import StreamEvent, published_events
 from shared.keys import shard_of
 
 log = logging.getLogger("pollen.api.events")
@@ -164,15 +164,16 @@ class EventHub:
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     burst: list[bytes] = []
-                    # a collector batch arrives at once: take what is already here as one burst
+                    # a message holds a collector call's events; take what is already here
+                    # (several collectors, several shards) as one burst
                     while message is not None and len(burst) < MAX_BURST:
                         if message.get("type") == "message":
-                            burst.append(message["data"])
+                            burst.extend(published_events(message["data"]))
                         message = await pubsub.get_message(
                             ignore_subscribe_messages=True, timeout=0.0
                         )
                     if message is not None and message.get("type") == "message":
-                        burst.append(message["data"])
+                        burst.extend(published_events(message["data"]))
                     self.dispatch(burst)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
