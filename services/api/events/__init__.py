@@ -7,9 +7,11 @@ the frames of the matching events once: a client costs one write of shared bytes
 one JSON encode or one write per event. aiohttp pings every ``POLLEN_WS_HEARTBEAT`` seconds and
 drops a client that does not answer.
 
-Bounded buffers: a client has at most ``POLLEN_WS_QUEUE`` events written but not yet taken by
-its socket (or buffered while it replays, or waiting for its next batch); a client further
-behind is closed with code 1013 and a reason, and never slows the others.
+Bounded buffers: when a burst arrives, a client has at most ``POLLEN_WS_QUEUE`` events of
+earlier bursts written but not yet taken by its socket (or buffered while it replays, or
+waiting for its next batch), and is handed the burst; a client further behind is closed with
+code 1013 and a reason, and never slows the others. A burst is what arrived together: one
+collector call's events, or several calls'.
 
 Messages are the normalized event JSON (the stream entry) plus ``stream_id``; with several
 shards also ``cursor``: one stream id per shard, comma-joined in shard order, the position after

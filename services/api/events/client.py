@@ -75,9 +75,10 @@ class Client:
         """Live events for this client while it replays: kept until the replay is done."""
         if self.closing:
             return
-        self.pending.extend(it for it in items if self.filter.match(it.ev))
         if len(self.pending) > self.limit:
             self.cut(f"too slow: over {self.limit} events queued; resume with since=")
+            return
+        self.pending.extend(it for it in items if self.filter.match(it.ev))
 
     def deliver(self, items: Sequence[Item], frames: bytes | None) -> None:
         """Matching live events; ``frames``: their frames joined (shared by a filter group)."""
@@ -93,10 +94,11 @@ class Client:
             if not items:
                 return
         if self.batch:
-            self.batched.extend(payloads if payloads is not None else [i.payload for i in items])
             if len(self.batched) > self.limit:
                 self.cut(f"too slow: over {self.limit} events queued; resume with since=")
-            elif self.timer is None:
+                return
+            self.batched.extend(payloads if payloads is not None else [i.payload for i in items])
+            if self.timer is None:
                 self.timer = asyncio.get_running_loop().call_later(self.batch, self._flush)
             return
         if frames is None:
@@ -128,15 +130,18 @@ class Client:
         if transport.is_closing():
             self.closing = True
             return
-        transport.write(data)
-        self.written += len(data)
-        self.inflight.append((self.written, events))
-        self.behind += events
+        # the events of earlier writes that the socket has not taken yet: a client that keeps
+        # up has taken them by the next burst, however large one burst (a collector call) is
         taken = self.written - transport.get_write_buffer_size()
         while self.inflight and self.inflight[0][0] <= taken:
             self.behind -= self.inflight.popleft()[1]
         if self.behind > self.limit:
             self.cut(f"too slow: over {self.limit} events queued; resume with since=")
+            return
+        transport.write(data)
+        self.written += len(data)
+        self.inflight.append((self.written, events))
+        self.behind += events
 
     # --- replay -----------------------------------------------------------------------------
 
