@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -225,8 +226,35 @@ def _export(rev: str, dest: Path) -> Path:
     return dest
 
 
-def compare(against: str, tasks: int, batched: bool, rounds: int, workdir: Path) -> dict[str, Any]:
-    """Script time per event of revision ``against`` and of this tree, paired (see above)."""
+def _listeners(port: int, count: int) -> tuple[threading.Event, list[threading.Thread]]:
+    """``count`` pub/sub clients on every channel (``PSUBSCRIBE *``), as API replicas and the
+    enabler are, each reading and dropping what it gets until the event is set."""
+    stop = threading.Event()
+    ready = threading.Barrier(count + 1)
+
+    def listen() -> None:
+        client = redis.Redis(port=port)
+        pubsub = client.pubsub()
+        pubsub.psubscribe("*")
+        pubsub.get_message(timeout=5)  # the subscription's confirmation
+        ready.wait()
+        while not stop.is_set():
+            pubsub.get_message(timeout=0.2)
+        pubsub.close()
+        client.close()
+
+    threads = [threading.Thread(target=listen, daemon=True) for _ in range(count)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    return stop, threads
+
+
+def compare(
+    against: str, tasks: int, batched: bool, rounds: int, workdir: Path, subscribers: int = 0
+) -> dict[str, Any]:
+    """Script time per event of revision ``against`` and of this tree, paired (see above);
+    with ``subscribers`` pub/sub clients listening (Redis writes each message to each)."""
     trees = {"against": _export(against, workdir / "against"), "current": ROOT}
     dumps = {name: _calls(tree, tasks, batched, f"cmp-{name}") for name, tree in trees.items()}
     events = dumps["current"]["events"]
@@ -234,6 +262,7 @@ def compare(against: str, tasks: int, batched: bool, rounds: int, workdir: Path)
         raise ValueError(f"{against} decodes {dumps['against']['events']} events, not {events}")
     server = RedisServer(workdir / "redis-compare").start()
     client = redis.Redis(port=server.port)
+    stop, threads = _listeners(server.port, subscribers) if subscribers else (None, [])
     try:
         shas = {name: client.script_load(d["source"]) for name, d in dumps.items()}
         usec: dict[str, list[float]] = {name: [] for name in dumps}
@@ -262,6 +291,7 @@ def compare(against: str, tasks: int, batched: bool, rounds: int, workdir: Path)
             "batched": batched,
             "events": events,
             "rounds": rounds,
+            "subscribers": subscribers,
             "script_usec_per_event": usec,
             "median_usec_per_event": {n: statistics.median(v) for n, v in usec.items()},
             # the median batch's change and the middle half of the batches' changes
@@ -277,6 +307,10 @@ def compare(against: str, tasks: int, batched: bool, rounds: int, workdir: Path)
             },
         }
     finally:
+        if stop is not None:
+            stop.set()
+            for t in threads:
+                t.join(5)
         client.close()
         server.stop()
 
@@ -287,10 +321,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batched", action="store_true")
     p.add_argument("--against", metavar="REV", help="compare with git revision REV, paired")
     p.add_argument("--rounds", type=int, default=5, help="with --against: passes over the events")
+    p.add_argument(
+        "--subscribers", type=int, default=0, help="with --against: pub/sub clients listening"
+    )
     a = p.parse_args(argv)
     with scratch() as wd:
         if a.against:
-            out = compare(a.against, a.tasks, a.batched, a.rounds, wd)
+            out = compare(a.against, a.tasks, a.batched, a.rounds, wd, a.subscribers)
         else:
             out = run(a.tasks, a.batched, wd)
         json.dump(out, sys.stdout, indent=2)

@@ -1,0 +1,139 @@
+"""What a subscriber of ``<ns>:events`` (an API replica's hub, the enabler) spends per event:
+one pub/sub message per event, as collectors published before, against one per script call
+with its events one per line (``shared.events.published_events``).
+
+The same normalized events (the bench stream, through the collector's write path) are
+published both ways into one Redis; a subprocess reads them with redis-py's asyncio pub/sub,
+as the hub does, and reports its CPU time per event.
+
+``python -m bench.pubsub_relay --tasks 20000``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.micro import bodies
+from bench.systems import scratch
+from services.collector.decode import Decoder
+from services.collector.writer import Writer
+from shared.settings import load
+from tests.support.servers import ROOT, RedisServer
+
+#: The reader: subscribes, says so, then reads until ``events`` events arrived (the hub's loop:
+#: a message, then what is already buffered, each split into its events).
+_READER = """
+import asyncio, json, sys, time
+import redis.asyncio as aioredis
+from shared.events import published_events
+
+async def main(port, channel, events):
+    client = aioredis.Redis(port=port)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(channel)
+    print("ready", flush=True)
+    got, started = 0, None
+    while got < events:
+        message = await pubsub.get_message(timeout=1.0)
+        if message is None:
+            continue
+        if started is None:
+            started = time.process_time()
+        got += len(published_events(message["data"]))
+    print(json.dumps({"cpu_s": time.process_time() - started, "events": got}), flush=True)
+    await pubsub.aclose()
+    await client.aclose()
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def _events(tasks: int, port: int) -> list[bytes]:
+    """The bench stream's normalized events with their stream ids, as the collector writes
+    them (read back from its stream)."""
+    client = redis.Redis(port=port)
+    settings = load({"POLLEN_REDIS_URL": f"redis://127.0.0.1:{port}/0", "POLLEN_NAMESPACE": "ps"})
+    decoder = Decoder(settings.max_field_bytes)
+    decoded = []
+    for body in bodies(tasks, True):
+        decoded.extend(decoder.decode(body, "application/json", "utf-8", time.time()).events)
+    writer = Writer(client, settings)
+    for i in range(0, len(decoded), settings.batch_size):
+        writer.apply(decoded[i : i + settings.batch_size], time.time())
+    out = []
+    for shard in writer.keys.all_shards:
+        entries: Any = client.xrange(shard.stream)
+        for sid, fields in entries:
+            out.append(fields[b"e"][:-1] + b',"stream_id":"' + sid + b'"}')
+    client.flushall()
+    client.close()
+    return out
+
+
+def _read_cpu(port: int, messages: list[bytes], events: int) -> float:
+    """CPU seconds the reader spends per event on ``messages``."""
+    reader = subprocess.Popen(
+        [sys.executable, "-c", _READER, str(port), "bench:relay", str(events)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert reader.stdout is not None
+    assert reader.stdout.readline().strip() == "ready"
+    client = redis.Redis(port=port)
+    pipe = client.pipeline(transaction=False)
+    for i, m in enumerate(messages):
+        pipe.publish("bench:relay", m)
+        if i % 1000 == 999:
+            pipe.execute()
+    pipe.execute()
+    result = json.loads(reader.stdout.readline())
+    reader.wait(30)
+    client.close()
+    assert result["events"] == events, result
+    return float(result["cpu_s"]) / events
+
+
+def run(tasks: int, batch: int, rounds: int, workdir: Path) -> dict[str, Any]:
+    server = RedisServer(workdir / "redis-relay").start()
+    try:
+        events = _events(tasks, server.port)
+        per_call = [b"\n".join(events[i : i + batch]) for i in range(0, len(events), batch)]
+        usec: dict[str, list[float]] = {"per_event": [], "per_call": []}
+        for _ in range(rounds):
+            usec["per_event"].append(_read_cpu(server.port, events, len(events)) * 1e6)
+            usec["per_call"].append(_read_cpu(server.port, per_call, len(events)) * 1e6)
+        return {
+            "tasks": tasks,
+            "events": len(events),
+            "events_per_call": batch,
+            "rounds": rounds,
+            "reader_cpu_usec_per_event": usec,
+            "median": {k: sorted(v)[len(v) // 2] for k, v in usec.items()},
+        }
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", type=int, default=20_000)
+    p.add_argument("--batch", type=int, default=500, help="events per script call")
+    p.add_argument("--rounds", type=int, default=3)
+    a = p.parse_args(argv)
+    with scratch() as wd:
+        json.dump(run(a.tasks, a.batch, a.rounds, wd), sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()
