@@ -22,7 +22,7 @@
 -- Keys touched (P = ARGV[1]; documented in shared/keys.py), spelled P .. KEY.<suffix> with the
 -- prelude's KEY (shared/scripts.py puts before this script the names it uses, generated from
 -- the Python definitions):
---   P task:<uuid>          hash: public fields as JSON text; hidden merge state:
+--   P task:<uuid>          hash: public fields as JSON text (null ones absent); merge state:
 --                            _1.._N  the task's events, sorted, one per field (short values
 --                                    keep small hashes in Redis's compact listpack encoding):
 --                                    'timestamp,clock,subject,mask,retries[,x]', x: the
@@ -472,10 +472,19 @@ local function save_task(t)
   local u, w = t.u, t.writes
   local history = t.history
   local hset = { t.key }
+  local hdel = nil
   for f, v in pairs(w) do
-    hset[#hset + 1] = f
-    hset[#hset + 1] = v
+    if v ~= 'null' then
+      hset[#hset + 1] = f
+      hset[#hset + 1] = v
+    elseif not t.new then
+      -- a null is not stored (readers take an absent field for null): only an earlier value
+      -- needs deleting
+      hdel = hdel or { t.key }
+      hdel[#hdel + 1] = f
+    end
   end
+  if hdel then redis.call('HDEL', unpack(hdel)) end
   -- history entries from the first changed position on (entries before it are unchanged)
   local first = math.max(1, #history - MAX_HISTORY + 1)
   local shift = first - 1
