@@ -1,6 +1,7 @@
 """What a subscriber of ``<ns>:events`` (an API replica's hub, the enabler) spends per event:
-one pub/sub message per event, as collectors published before, against one per script call
-with its events one per line (``shared.events.published_events``).
+one pub/sub message per event, as collectors published before, against one per script call,
+a line ``<stream id> <entry>`` per event, turned into events by
+``shared.events.published_events``.
 
 The same normalized events (the bench stream, through the collector's write path) are
 published both ways into one Redis; a subprocess reads them with redis-py's asyncio pub/sub,
@@ -56,8 +57,8 @@ asyncio.run(main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
 """
 
 
-def _events(tasks: int, port: int) -> list[bytes]:
-    """The bench stream's normalized events with their stream ids, as the collector writes
+def _events(tasks: int, port: int) -> list[tuple[bytes, bytes]]:
+    """The bench stream's normalized events, ``(stream id, entry)``, as the collector writes
     them (read back from its stream)."""
     client = redis.Redis(port=port)
     settings = load({"POLLEN_REDIS_URL": f"redis://127.0.0.1:{port}/0", "POLLEN_NAMESPACE": "ps"})
@@ -72,7 +73,7 @@ def _events(tasks: int, port: int) -> list[bytes]:
     for shard in writer.keys.all_shards:
         entries: Any = client.xrange(shard.stream)
         for sid, fields in entries:
-            out.append(fields[b"e"][:-1] + b',"stream_id":"' + sid + b'"}')
+            out.append((sid, fields[b"e"]))
     client.flushall()
     client.close()
     return out
@@ -106,8 +107,12 @@ def _read_cpu(port: int, messages: list[bytes], events: int) -> float:
 def run(tasks: int, batch: int, rounds: int, workdir: Path) -> dict[str, Any]:
     server = RedisServer(workdir / "redis-relay").start()
     try:
-        events = _events(tasks, server.port)
-        per_call = [b"\n".join(events[i : i + batch]) for i in range(0, len(events), batch)]
+        entries = _events(tasks, server.port)
+        # as collectors published before: the entry plus stream_id, a message each
+        events = [entry[:-1] + b',"stream_id":"' + sid + b'"}' for sid, entry in entries]
+        # as apply_events.lua publishes now: a line '<stream id> <entry>' per event
+        lines = [sid + b" " + entry for sid, entry in entries]
+        per_call = [b"\n".join(lines[i : i + batch]) for i in range(0, len(lines), batch)]
         usec: dict[str, list[float]] = {"per_event": [], "per_call": []}
         for _ in range(rounds):
             usec["per_event"].append(_read_cpu(server.port, events, len(events)) * 1e6)

@@ -238,9 +238,18 @@ class TypeOnly(msgspec.Struct):
 
 
 def published_events(message: bytes) -> list[bytes]:
-    """The events of one ``<ns>:events`` pub/sub message: one per script call, each event's
-    JSON text on a line of its own (JSON text holds no raw newline)."""
-    return message.split(b"\n")
+    """The events of one ``<ns>:events`` pub/sub message, each its stream entry plus
+    ``stream_id``. A message is one ``apply_events.lua`` call: a line ``<stream id> <entry>``
+    per event (JSON text holds no raw newline), joined here rather than in Redis, which
+    every collector shares; a message that is one JSON text (collectors before that) is one
+    event already."""
+    if message.startswith(b"{"):
+        return [message]
+    out = []
+    for line in message.split(b"\n"):
+        sid, _, entry = line.partition(b" ")
+        out.append(entry[:-1] + b',"stream_id":"' + sid + b'"}')
+    return out
 
 
 class StreamEvent(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -53,8 +53,8 @@ S stream                         stream  every applied event, normalized JSON in
 Global (no hash tag):
 
 ===============================  ======  ==========================================================
-<ns>:events                      pubsub  one message per script call: its applied events, a JSON
-                                         text (with ``stream_id``) per line
+<ns>:events                      pubsub  one message per script call: a line ``<stream id> <entry>``
+                                         per applied event (``events.published_events``)
 <ns>:collector:<id>              hash    a collector's health: last event, rate, lag, errors
 <ns>:collectors                  zset    collector ids by last heartbeat
 <ns>:malformed                   hash    malformed events by reason (all collectors)

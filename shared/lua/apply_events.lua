@@ -200,13 +200,18 @@ local function sadd(key, member)
   t[member] = true
 end
 
--- Every event's stream entry; its message (the entry plus stream_id) goes out with the
--- call's others in one PUBLISH at the end, one JSON text per line (shared/events.py).
+-- Every event's stream entry; the call's events go out in one PUBLISH at the end, a line
+-- '<stream id> <entry>' each, which subscribers turn into the entry plus stream_id
+-- (shared/events.py): the entry text is not copied once more per event here.
 local published = {}
 local function emit(open_json, extra)
   local entry = open_json .. extra .. '}'
   local id = redis.call('XADD', P .. KEY.stream, 'MAXLEN', '~', cfg.stream_maxlen, '*', 'e', entry)
-  published[#published + 1] = open_json .. extra .. ',"stream_id":"' .. id .. '"}'
+  local n = #published
+  published[n + 1] = id
+  published[n + 2] = ' '
+  published[n + 3] = entry
+  published[n + 4] = '\n'
 end
 
 -- Count one event (record: hostname, subject, epoch minute, state, runtime bucket, runtime)
@@ -768,6 +773,6 @@ if cfg.age_check then
 end
 
 flush_counters()
-if #published > 0 then redis.call('PUBLISH', cfg.channel, table.concat(published, '\n')) end
+if #published > 0 then redis.call('PUBLISH', cfg.channel, table.concat(published, '', 1, #published - 1)) end
 
 return { applied, duplicates, evicted }

@@ -54,3 +54,12 @@ def test_one_message_per_call_with_every_event_in_stream_order(
     for m in messages:
         ids = [json.loads(line)["stream_id"] for line in published_events(m)]
         assert ids == sorted(ids, key=lambda s: tuple(int(p) for p in s.split("-")))
+
+
+def test_a_one_event_message_from_an_older_collector_is_read_as_it_is() -> None:
+    old = b'{"type":"task-sent","uuid":"u","timestamp":1.0,"stream_id":"1-0"}'
+    assert published_events(old) == [old]
+    assert published_events(b'7-1 {"type":"task-sent"}\n7-2 {"type":"x"}') == [
+        b'{"type":"task-sent","stream_id":"7-1"}',
+        b'{"type":"x","stream_id":"7-2"}',
+    ]
