@@ -33,9 +33,8 @@ from typing import Any
 import msgspec
 import redis
 
-from bench.micro import bodies
+from bench.micro import apply_all, decoded_stream
 from bench.systems import scratch
-from services.collector.decode import Decoded, Decoder
 from services.collector.writer import Writer
 from shared import scripts
 from shared.settings import load
@@ -121,10 +120,7 @@ def run(tasks: int, batched: bool, workdir: Path) -> dict[str, Any]:
     client = redis.Redis(port=server.port)
     try:
         settings = load({"POLLEN_REDIS_URL": server.url, "POLLEN_NAMESPACE": "prof"})
-        decoder = Decoder(settings.max_field_bytes)
-        decoded: list[Decoded] = []
-        for body in bodies(tasks, batched):
-            decoded.extend(decoder.decode(body, "application/json", "utf-8", time.time()).events)
+        decoded = decoded_stream(tasks, batched, settings)
         results = {}
         source = scripts.source("apply_events")
         variants = {
@@ -139,8 +135,7 @@ def run(tasks: int, batched: bool, workdir: Path) -> dict[str, Any]:
                 writer.script = client.register_script(variants[variant](source))
             client.config_resetstat()
             t = time.perf_counter()
-            for i in range(0, len(decoded), settings.batch_size):
-                writer.apply(decoded[i : i + settings.batch_size], time.time())
+            apply_all(writer, decoded, settings)
             wall = time.perf_counter() - t
             results[variant] = (wall, _script_usec(client))
         usec = {_s(k): int(v) for k, v in client.hgetall(PROFILE_KEY).items()}

@@ -94,6 +94,21 @@ def bodies(tasks: int, batched: bool, workers: int = 4, seed: int = 1) -> Iterat
                     yield _encode(beat)
 
 
+def decoded_stream(tasks: int, batched: bool, settings: Settings) -> list[Decoded]:
+    """The bench stream (``bodies``) as the collector decodes it."""
+    decoder = Decoder(settings.max_field_bytes)
+    out: list[Decoded] = []
+    for body in bodies(tasks, batched):
+        out.extend(decoder.decode(body, "application/json", "utf-8", time.time()).events)
+    return out
+
+
+def apply_all(writer: Writer, decoded: list[Decoded], settings: Settings) -> None:
+    """Apply ``decoded`` as the collector would, in batches of ``POLLEN_BATCH_SIZE``."""
+    for i in range(0, len(decoded), settings.batch_size):
+        writer.apply(decoded[i : i + settings.batch_size], time.time())
+
+
 def flower_state_rate(tasks: int, batched: bool) -> dict[str, Any]:
     """Flower's own event handler (``EventsState.event``: celery's State merge, its search
     index and Prometheus metrics) on the same events, in this process, with no broker: an

@@ -16,15 +16,13 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from bench.micro import bodies
+from bench.micro import apply_all, decoded_stream
 from bench.systems import scratch
-from services.collector.decode import Decoder
 from services.collector.writer import Writer
 from shared.settings import load
 from tests.support.servers import ROOT, RedisServer
@@ -62,13 +60,8 @@ def _events(tasks: int, port: int) -> list[tuple[bytes, bytes]]:
     them (read back from its stream)."""
     client = redis.Redis(port=port)
     settings = load({"POLLEN_REDIS_URL": f"redis://127.0.0.1:{port}/0", "POLLEN_NAMESPACE": "ps"})
-    decoder = Decoder(settings.max_field_bytes)
-    decoded = []
-    for body in bodies(tasks, True):
-        decoded.extend(decoder.decode(body, "application/json", "utf-8", time.time()).events)
     writer = Writer(client, settings)
-    for i in range(0, len(decoded), settings.batch_size):
-        writer.apply(decoded[i : i + settings.batch_size], time.time())
+    apply_all(writer, decoded_stream(tasks, True, settings), settings)
     out = []
     for shard in writer.keys.all_shards:
         entries: Any = client.xrange(shard.stream)

@@ -11,15 +11,13 @@ import argparse
 import collections
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from bench.micro import bodies
+from bench.micro import apply_all, decoded_stream
 from bench.systems import scratch
-from services.collector.decode import Decoder
 from services.collector.writer import Writer
 from shared.settings import load
 from tests.support.servers import RedisServer
@@ -30,13 +28,8 @@ def run(tasks: int, sample: int, batched: bool, workdir: Path) -> dict[str, Any]
     client = redis.Redis(port=server.port)
     try:
         settings = load({"POLLEN_REDIS_URL": server.url, "POLLEN_NAMESPACE": "mem"})
-        decoder = Decoder(settings.max_field_bytes)
-        decoded = []
-        for body in bodies(tasks, batched):
-            decoded.extend(decoder.decode(body, "application/json", "utf-8", time.time()).events)
         writer = Writer(client, settings)
-        for i in range(0, len(decoded), settings.batch_size):
-            writer.apply(decoded[i : i + settings.batch_size], time.time())
+        apply_all(writer, decoded_stream(tasks, batched, settings), settings)
         keys = [k for s in writer.keys.all_shards for k in client.scan_iter(s.task("*"), 1000)]
         picked = keys[:sample]
         encodings: collections.Counter[str] = collections.Counter()
