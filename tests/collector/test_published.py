@@ -20,17 +20,21 @@ def test_one_message_per_call_with_every_event_in_stream_order(
     r: redis.Redis, settings: Settings
 ) -> None:
     writer = Writer(r, settings)
-    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    pubsub = r.pubsub()
     pubsub.subscribe(writer.keys.events_channel)
     try:
         deadline = time.monotonic() + 10
-        while pubsub.get_message(timeout=0.1) is None and not pubsub.subscribed:
+        # the server's confirmation: only then is a message published on another connection
+        # sure to reach this one
+        confirmed = None
+        while confirmed is None or confirmed["type"] != "subscribe":
             assert time.monotonic() < deadline, "no subscription"
+            confirmed = pubsub.get_message(timeout=0.1)
         events = lifecycle("pub-a", T0) + lifecycle("pub-b", T0 + 5)
         readback.apply(writer, events)
         messages: list[bytes] = []
         while time.monotonic() < deadline:
-            message = pubsub.get_message(timeout=0.2)
+            message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
             if message is None:
                 if messages:
                     break
