@@ -11,6 +11,7 @@ from services.api import (
     auth,
     control,
     events,
+    export,
     metrics,
     openapi,
     pages,
@@ -40,6 +41,7 @@ class RouteModule(Protocol):
 #: Every route module, in the order their routes are matched.
 ROUTE_MODULES: tuple[RouteModule, ...] = (
     tasks,
+    export,  # /api/tasks queries streamed whole
     workers,
     queues,
     events,

@@ -57,6 +57,16 @@ def required(args: Args, name: str) -> str:
     return value
 
 
+def choice(args: Args, name: str, choices: tuple[str, ...], default: str) -> str:
+    """One of ``choices`` (case-insensitive); ``default`` when absent or empty."""
+    value = (args.get(name) or "").strip().lower()
+    if not value:
+        return default
+    if value not in choices:
+        raise bad_param(name, f"invalid {name} {value!r}, expected one of {', '.join(choices)}")
+    return value
+
+
 def listed(args: MultiMapping[str], name: str) -> list[str]:
     """A repeatable parameter, each value also comma-separated: ``a=x&a=y,z`` is x, y, z."""
     return [v.strip() for raw in args.getall(name, []) for v in raw.split(",") if v.strip()]

@@ -201,6 +201,32 @@ _PAGE = {
         for name, (text, kind) in _HEADERS.items()
     },
 }
+
+
+def task_query_params() -> list[Spec]:
+    """The query parameters of a task listing after ``limit``: what selects and orders the
+    tasks (``/api/tasks`` and ``/api/tasks/export`` take the same)."""
+    return [
+        param("offset", "tasks skipped", {"type": "integer", "minimum": 0}),
+        param("sort_by", "name, state, received or started; '-' prefix: descending"),
+        param("workername", "worker hostname (case-insensitive; All = any)"),
+        param("taskname", "task name (case-insensitive; All = any)"),
+        param("state", "task state (case-insensitive; All = any)"),
+        param("received_start", "received at or after (tasks never received pass)", _TIME),
+        param("received_end", "received at or before (tasks never received pass)", _TIME),
+        param("started_start", "started at or after (tasks never started pass)", _TIME),
+        param("started_end", "started at or before (tasks never started pass)", _TIME),
+        param("search", "Flower's task-filter query syntax"),
+        param(
+            "lost",
+            "only tasks marked lost: RECEIVED or STARTED on a worker that died"
+            " (Pollen; each then has lost: true and lost_at)",
+            {"type": "boolean"},
+        ),
+        param("cursor", "X-Pollen-Next-Cursor of a page: start after it"),
+    ]
+
+
 openapi_paths: Spec = {
     "/api/tasks": operation(
         "get",
@@ -211,23 +237,7 @@ openapi_paths: Spec = {
                 "page size (default and maximum: POLLEN_MAX_PAGE)",
                 {"type": "integer", "minimum": 0},
             ),
-            param("offset", "tasks skipped", {"type": "integer", "minimum": 0}),
-            param("sort_by", "name, state, received or started; '-' prefix: descending"),
-            param("workername", "worker hostname (case-insensitive; All = any)"),
-            param("taskname", "task name (case-insensitive; All = any)"),
-            param("state", "task state (case-insensitive; All = any)"),
-            param("received_start", "received at or after (tasks never received pass)", _TIME),
-            param("received_end", "received at or before (tasks never received pass)", _TIME),
-            param("started_start", "started at or after (tasks never started pass)", _TIME),
-            param("started_end", "started at or before (tasks never started pass)", _TIME),
-            param("search", "Flower's task-filter query syntax"),
-            param(
-                "lost",
-                "only tasks marked lost: RECEIVED or STARTED on a worker that died"
-                " (Pollen; each then has lost: true and lost_at)",
-                {"type": "boolean"},
-            ),
-            param("cursor", "X-Pollen-Next-Cursor of the previous page"),
+            *task_query_params(),
         ],
         _PAGE,
     ),

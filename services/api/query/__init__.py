@@ -21,6 +21,6 @@ engine: segments walked in Lua chunks within a budget, shards merged), ``cursor`
 
 from services.api.query.cursor import CursorError
 from services.api.query.plan import SORT_KEYS, TaskQuery
-from services.api.query.walk import Page, QueryEngine
+from services.api.query.walk import Page, Position, QueryEngine
 
-__all__ = ["SORT_KEYS", "CursorError", "Page", "QueryEngine", "TaskQuery"]
+__all__ = ["SORT_KEYS", "CursorError", "Page", "Position", "QueryEngine", "TaskQuery"]

@@ -24,6 +24,19 @@ CHUNK_USEC = 4000
 #: Most matches one Lua call returns.
 MAX_WANT = 5000
 _pack = msgspec.msgpack.encode
+#: ``_walk``'s mark for a segment walked to its end in every shard
+_FINISHED: Any = object()
+
+
+@dataclass(slots=True, frozen=True)
+class Position:
+    """Where a walk stands: its segment (by key), the last entry passed in it (None: the
+    segment's start) and the offset still to skip from there. Every entry up to it, in walk
+    order, was returned, skipped or rejected."""
+
+    segment: list[Any]
+    after: tuple[str, bytes] | None
+    skip: int = 0
 
 
 @dataclass(slots=True)
@@ -32,6 +45,9 @@ class Page:
     examined: int = 0
     capped: bool = False
     next_cursor: str | None = None
+    #: where the walk goes on after this page (None: the query has no more), also after a page
+    #: cut short by the budget, which a cursor does not resume (export walks on from there)
+    resume: Position | None = None
 
 
 @dataclass(slots=True)
@@ -70,18 +86,23 @@ class QueryEngine:
     async def plan(self, q: TaskQuery) -> list[Segment] | None:
         return await plan(self.client, self.keys, q)
 
-    async def run(self, q: TaskQuery, wanted: Callable[[], bool] = lambda: True) -> Page:
-        cursor = decode_cursor(q.cursor, q.shape()) if q.cursor else None
+    async def run(
+        self, q: TaskQuery, wanted: Callable[[], bool] = lambda: True, at: Position | None = None
+    ) -> Page:
+        """One page of ``q``, from ``at`` (a previous page's ``resume``) or from its cursor."""
+        if at is None and q.cursor:
+            cursor = decode_cursor(q.cursor, q.shape())
+            at = Position(cursor.segment, (cursor.score, cursor.member), q.offset)
         segments = await self.plan(q)
         page = Page()
         if not segments or q.limit <= 0:
             return page
         start, after = 0, None
-        if cursor is not None:
-            start, after = self._resume_at(q, segments, cursor)
+        if at is not None:
+            start, after = self._resume_at(q, segments, at)
         expr = parse_query(q.search)
         budget = _Budget(self.scan_limit, time.monotonic() + self.time_limit, wanted)
-        skip = q.offset
+        skip = q.offset if at is None else at.skip
         if skip and after is None:
             start, skip = await self._skip_whole(segments, start, skip)
         out: list[str] = []
@@ -89,11 +110,21 @@ class QueryEngine:
         for index in range(start, len(segments)):
             seg = segments[index]
             seg_after = after if index == start else None
-            got, skip = await self._walk(seg, seg_after, skip, q.limit - len(out), expr, budget)
+            got, skip, held = await self._walk(
+                seg, seg_after, skip, q.limit - len(out), expr, budget
+            )
             for score_text, member in got:
                 out.append(member.decode())
                 last = (seg.key, score_text, member)
-            if len(out) >= q.limit or budget.capped or budget.spent():
+            if len(out) >= q.limit:
+                assert last is not None
+                page.resume = Position(last[0], (last[1], last[2]))
+                break
+            if budget.capped or budget.spent():
+                if held is not _FINISHED:
+                    page.resume = Position(seg.key, held, skip)
+                elif index + 1 < len(segments):
+                    page.resume = Position(segments[index + 1].key, None, skip)
                 break
         page.uuids = out
         page.examined = budget.examined
@@ -126,14 +157,14 @@ class QueryEngine:
         return start, skip
 
     def _resume_at(
-        self, q: TaskQuery, segments: list[Segment], cursor: CursorData
+        self, q: TaskQuery, segments: list[Segment], at: Position
     ) -> tuple[int, tuple[str, bytes] | None]:
         for i, seg in enumerate(segments):
-            if seg.key == cursor.segment:
-                return i, (cursor.score, cursor.member)
-        if cursor.segment and cursor.segment[0] == "g" and len(cursor.segment) == 2:
-            # the cursor's group is gone: continue with the first group after it
-            mark = _group_order(cursor.segment[1])
+            if seg.key == at.segment:
+                return i, at.after
+        if at.segment and at.segment[0] == "g" and len(at.segment) == 2:
+            # the position's group is gone: continue with the first group after it
+            mark = _group_order(at.segment[1])
             for i, seg in enumerate(segments):
                 here = _group_order(seg.key[1])
                 if (here < mark) if q.desc else (here > mark):
@@ -149,8 +180,10 @@ class QueryEngine:
         want: int,
         expr: Expr,
         budget: _Budget,
-    ) -> tuple[list[tuple[str, bytes]], int]:
-        """Up to ``want`` matches of ``seg`` after dropping ``skip``; the skip left over."""
+    ) -> tuple[list[tuple[str, bytes]], int, Any]:
+        """Up to ``want`` matches of ``seg`` after dropping ``skip``; the skip left over; and
+        where the segment was left: ``_FINISHED``, or the entry every shard's walk has passed
+        (None: the segment's start), from which a walk cut short by the budget goes on."""
         searching = seg.filter is not None and "search" in seg.filter
         single = len(seg.sources) == 1 and not searching
         streams = [
@@ -158,6 +191,8 @@ class QueryEngine:
             for shard, key in seg.sources
         ]
         out: list[tuple[str, bytes]] = []
+        popped: tuple[str, bytes] | None = None
+        skipped: deque[tuple[str, bytes]] = deque()  # where the merge skipped, in order
         while len(out) < want:
             need = min(MAX_WANT, want - len(out) + (0 if single else skip))
             empty = [s for s in streams if not s.buf and not s.done]
@@ -171,7 +206,9 @@ class QueryEngine:
             else:
                 best = max(live, key=lambda s: (s.buf[0][0], s.buf[0][2]))
             _, score_text, member = best.buf.popleft()
+            popped = (score_text, member)
             if skip > 0 and not single:
+                skipped.append(popped)
                 # an offset skipped here (several shards) is work like a scan: budgeted
                 skip -= 1
                 budget.remaining -= 1
@@ -182,7 +219,42 @@ class QueryEngine:
             out.append((score_text, member))
         if single:
             skip = streams[0].skip
-        return out, skip
+        # how far each shard's walk has gone: a shard still holding entries has gone up to the
+        # last entry the merge took (the skip ran out of budget: the rest is decided, not
+        # taken); one stopped by the budget, up to the last entry it examined
+        passed = [s.after or after for s in streams if not s.buf and not s.exhausted]
+        if any(s.buf for s in streams):
+            passed.append(popped)
+        if not passed:
+            return out, skip, _FINISHED
+        held = _least(passed, seg.asc)
+        if budget.capped:
+            # a shard stopped by the budget has not examined what lies past ``held``: the
+            # merge took entries of the other shards from there out of order. They are given
+            # back, to be walked again in order from ``held``
+            while out and _beyond(out[-1], held, seg.asc):
+                out.pop()
+            while skipped and _beyond(skipped[-1], held, seg.asc):
+                skipped.pop()
+                skip += 1
+        return out, skip, held
+
+
+def _beyond(entry: tuple[str, bytes], mark: tuple[str, bytes] | None, asc: bool) -> bool:
+    """Whether ``entry`` comes after ``mark`` (None: a segment's start) in walk order."""
+    if mark is None:
+        return True
+    a, b = (float(entry[0]), entry[1]), (float(mark[0]), mark[1])
+    return a > b if asc else a < b
+
+
+def _least(marks: list[tuple[str, bytes] | None], asc: bool) -> tuple[str, bytes] | None:
+    """The mark the walk has passed least far."""
+    least = marks[0]
+    for mark in marks[1:]:
+        if least is not None and (mark is None or _beyond(least, mark, asc)):
+            least = mark
+    return least
 
 
 class _Stream:
@@ -204,7 +276,9 @@ class _Stream:
         self.after = after
         self.skip = skip
         self.buf: deque[tuple[float, str, bytes]] = deque()
+        #: no more reads: the zset is walked to its end (``exhausted``) or the budget is spent
         self.done = False
+        self.exhausted = False
 
     async def fill(self, want: int, expr: Expr, budget: _Budget) -> None:
         filtered = self.seg.filter is not None
@@ -230,7 +304,7 @@ class _Stream:
             budget.remaining -= examined
             budget.examined += examined
             self.skip = int(skip_left)
-            self.done = bool(done)
+            self.done = self.exhausted = bool(done)
             if last_score:
                 self.after = (last_score.decode(), last_member)
             unsure: list[int] = []
