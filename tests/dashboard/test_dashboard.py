@@ -8,9 +8,12 @@ second". Screenshots of each view are written to .run/screenshots/
 
 from __future__ import annotations
 
+import csv
+import json
 import time
 import uuid
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -503,3 +506,51 @@ def test_lost_tasks(page: Any, stack: Stack) -> None:
     finally:
         client.close()
     no_errors(page)
+
+
+def test_export_buttons(page: Any, stack: Stack, tmp_path: Path) -> None:
+    """The tasks view's export buttons save every task of its filters (not only the page): as
+    a plain link, and, with a bearer token (which a link cannot carry), fetched with it."""
+    needle = f"export-{uuid.uuid4().hex[:10]}"
+    sent = {stack.send("demo.app.fail", needle, i) for i in range(3)}
+    wait_for(
+        lambda: (
+            {
+                u
+                for u, t in stack.api.data(f"/api/tasks?search=args:{needle}").items()
+                if t["state"] == "FAILURE"
+            }
+            == sent
+        ),
+        timeout=30,
+        message="the three marked tasks failed",
+    )
+    # a page of one task: the export still has all three
+    open_view(page, stack.api.url, f"#/tasks?search=args%3A{needle}&limit=1")
+    expect(page.locator(ROW)).to_have_count(1)
+    with page.expect_download() as caught:
+        page.locator("#export-csv").click()
+    saved = tmp_path / "tasks.csv"
+    caught.value.save_as(saved)
+    assert caught.value.suggested_filename == "tasks.csv"
+    rows = list(csv.DictReader(saved.open(newline="")))
+    assert {r["uuid"] for r in rows} == sent
+    assert {(r["name"], r["state"]) for r in rows} == {("demo.app.fail", "FAILURE")}
+    no_errors(page)
+
+    secured = Api(stack.env, stack.workdir / "api-export.log", POLLEN_API_TOKENS="view-token:ro")
+    try:
+        page.goto(f"{secured.url}/#/tasks?search=args%3A{needle}")
+        page.locator("#signin-token").fill("view-token")
+        page.locator("#signin button[value=ok]").click()
+        expect(page.locator(ROW)).to_have_count(3)
+        with page.expect_download() as caught:
+            page.locator("#export-ndjson").click()
+        saved = tmp_path / "tasks.ndjson"
+        caught.value.save_as(saved)
+        lines = [json.loads(line) for line in saved.read_text().splitlines()]
+        assert {t["uuid"] for t in lines} == sent
+        assert all(t["exception"] and needle in t["args"] for t in lines)
+        no_errors(page, "status of 401 (Unauthorized)")
+    finally:
+        secured.stop()

@@ -61,6 +61,31 @@ export async function getJson(path, params, signal) {
   return (await get(path, params, signal)).data;
 }
 
+/** The URL of an API path with query parameters (empty ones left out). */
+export function apiUrl(path, params) {
+  return url(path, params);
+}
+
+/**
+ * Save what a GET answers as a file. Without a token a plain link does it (the browser streams
+ * it to disk, sending basic auth or the SSO cookie itself); a bearer token can only go in a
+ * header, so then the answer is fetched and handed over whole.
+ */
+export async function download(path, params, filename) {
+  const a = document.createElement('a');
+  a.download = filename;
+  if (!token()) {
+    a.href = url(path, params);
+    a.click();
+    return;
+  }
+  const resp = await fetch(url(path, params), { headers: headers({ Accept: '*/*' }) });
+  if (!resp.ok) throw await failure(resp);
+  a.href = URL.createObjectURL(await resp.blob());
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(a.href), 60000);
+}
+
 /** POST a control endpoint with form parameters: the answer's JSON. */
 export async function post(path, params) {
   const body = new URLSearchParams();

@@ -1,7 +1,7 @@
 // Tasks: a page of /api/tasks with server-side filters, sorting, Flower's search syntax and
 // cursor paging. Rows update in place from the event stream; the first page is refetched
 // (throttled) as events arrive, so new and finished tasks show up without a reload.
-import { get, getJson } from './api.js';
+import { download, get, getJson } from './api.js';
 import {
   STATES, batched, clear, fmtDuration, fmtTime, h, lostBadge, paramValues, patchRows, short,
   stateBadge, text, toHash,
@@ -170,13 +170,26 @@ export function tasksView(el, { params, app }) {
   const picker = h('div', { class: 'column-picker', id: 'column-picker', hidden: true });
   const pickerButton = h('button', { class: 'secondary', id: 'columns-button', type: 'button',
     onclick: () => { picker.hidden = !picker.hidden; } }, 'Columns');
+  // every task of the filters, not only this page: /api/tasks/export walks the whole query
+  const exportButton = (format) => h('button', { class: 'secondary', type: 'button',
+    id: `export-${format}`, title: `Every task of these filters, as ${format.toUpperCase()}`,
+    onclick: async () => {
+      const { limit, ...query } = filters;
+      try {
+        error.hidden = true;
+        await download('/api/tasks/export', { ...query, format }, `tasks.${format}`);
+      } catch (e) {
+        error.textContent = `Export failed: ${e.message}`;
+        error.hidden = false;
+      }
+    } }, `Export ${format.toUpperCase()}`);
 
   el.append(
     h('div', { class: 'toolbar' }, h('h2', null, 'Tasks'), info, banner),
     h('form', { class: 'filters', onsubmit: (e) => { e.preventDefault(); } },
       stateSel, nameSel, workerSel, lostOnly, search,
       h('label', null, 'received from ', from), h('label', null, 'to ', to), sortSel, limitSel,
-      pickerButton,
+      pickerButton, exportButton('csv'), exportButton('ndjson'),
       h('button', { class: 'link', type: 'button', id: 'f-reset',
         onclick: () => { location.hash = '#/tasks'; } }, 'reset')),
     picker, error,
