@@ -222,6 +222,30 @@ WorkerEvent = _StandardWorkerEvent | WorkerCustom
 KnownEvent = _StandardTaskEvent | _StandardWorkerEvent
 
 
+#: A class name at the start of an exception's repr, as celery sends it in task-failed and
+#: task-retried (``safe_repr(exc)``: ``ValueError('boom')``, ``TimeLimitExceeded(60,)``,
+#: ``<MyError: boom>``, ``pkg.errors.Timeout: late``).
+_EXCEPTION_CLASS_RE = re.compile(r"\s*<?([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)")
+_EXCEPTION_CLASS_END = frozenset("(:> ")
+MAX_EXCEPTION_CLASS = 128
+
+
+def exception_class(exception: Any) -> str | None:
+    """The exception class that a task-failed or task-retried ``exception`` names, or None
+    (not a string, no leading class name, or ``None``: a retry without an exception)."""
+    if not isinstance(exception, str):
+        return None
+    match = _EXCEPTION_CLASS_RE.match(exception)
+    if match is None:
+        return None
+    name, end = match.group(1), match.end()
+    if end < len(exception) and exception[end] not in _EXCEPTION_CLASS_END:
+        return None
+    if name == "None" or len(name) > MAX_EXCEPTION_CLASS:
+        return None
+    return name
+
+
 def event_type(event: TaskEvent | WorkerEvent) -> str:
     """The event's ``type`` (``task-succeeded``, ``task-progress``, ``worker-heartbeat``...)."""
     if isinstance(event, TaskCustom | WorkerCustom):

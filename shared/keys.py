@@ -46,6 +46,14 @@ S deaths                         hash    hostname -> ``<t>,<t>...``: sender time
 S idx:lost                       zset    uuid by ``timestamp``, tasks marked lost (a dead worker's
                                          RECEIVED/STARTED tasks, ``apply_events.lua``)
 S lostcounts                     hash    ``<worker>\\x1f<task name>`` -> tasks marked lost
+S idx:exc:<class>                zset    uuid by ``timestamp``, tasks with a task-failed or
+                                         task-retried whose exception is of that class
+S failures                       hash    ``<worker>\\x1f<class>\\x1f<task name>\\x1f<subject>``
+                                         -> events; subject ``failed`` or ``retried``, class
+                                         from ``events.exception_class``
+S failminute:<epoch minute>      hash    ``<class>`` -> failed/retried events that minute
+S failfirst / faillast           zset    exception class by the timestamp of its first/last
+                                         failed or retried event
 S stream                         stream  every applied event, normalized JSON in field ``e``,
                                          and ``task-lost`` when a task's mark changes
 ===============================  ======  ==========================================================
@@ -176,6 +184,11 @@ class Suffixes:
     deaths: str = "deaths"
     idx_lost: str = "idx:lost"
     lostcounts: str = "lostcounts"
+    idx_exc: str = "idx:exc:"
+    failures: str = "failures"
+    failminute: str = "failminute:"
+    failfirst: str = "failfirst"
+    faillast: str = "faillast"
     stream: str = "stream"
 
 
@@ -198,6 +211,8 @@ class Hidden:
     history_len: str = "_hn"
     #: a task's events counted before its name was known (moved under the name later)
     unnamed: str = "_u"
+    #: a task's exception classes (of its failed and retried events), SEP-joined
+    exceptions: str = "_x"
     #: a worker's newest heartbeat: receive time and sender timestamp; newest offline and
     #: online sender times
     heartbeat: str = "_hb"
@@ -302,6 +317,24 @@ class Shard:
     @property
     def lostcounts(self) -> str:
         return f"{self.prefix}{SUFFIXES.lostcounts}"
+
+    def by_exception(self, exception_class: str) -> str:
+        return f"{self.prefix}{SUFFIXES.idx_exc}{exception_class}"
+
+    @property
+    def failures(self) -> str:
+        return f"{self.prefix}{SUFFIXES.failures}"
+
+    def failure_minute(self, epoch_minute: int) -> str:
+        return f"{self.prefix}{SUFFIXES.failminute}{epoch_minute}"
+
+    @property
+    def failures_first(self) -> str:
+        return f"{self.prefix}{SUFFIXES.failfirst}"
+
+    @property
+    def failures_last(self) -> str:
+        return f"{self.prefix}{SUFFIXES.faillast}"
 
     @property
     def stream(self) -> str:

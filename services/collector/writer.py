@@ -87,6 +87,10 @@ def task_args(event: ev.TaskEvent, open_json: bytes) -> dict[str, Any]:
         i = bisect.bisect_left(RUNTIME_BUCKETS, runtime)
         args["runtime_bucket"] = _BUCKET_LABELS[i] if i < len(RUNTIME_BUCKETS) else "+Inf"
         args["runtime_json"] = _text(runtime)
+    if subject in ("failed", "retried"):
+        exc_class = ev.exception_class(event.exception)
+        if exc_class is not None:
+            args["exc_class"] = exc_class
     return args
 
 

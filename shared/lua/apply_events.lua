@@ -13,7 +13,8 @@
 --           hostname, hostname_json, fields={field=json} (the fields it carries, FIELD_BIT's),
 --           open_json (the normalized event JSON without its closing brace); when carried:
 --           name and parent_id (raw), retries (text; task-sent and task-received only),
---           runtime_bucket and runtime_json (task-succeeded)
+--           runtime_bucket and runtime_json (task-succeeded), exc_class (task-failed and
+--           task-retried whose exception names a class: events.exception_class)
 --   worker: kind='worker', hostname, subject ('heartbeat'...), timestamp_json, clock_json,
 --           local_received_json, fields={field=json}, open_json
 --   death:  kind='death', hostname, timestamp_json: the enabler found the worker dead, its
@@ -31,6 +32,7 @@
 --                            _s/_n/_w/_p  raw state, name, worker, parent_id (index keys)
 --                            _u  events counted before the task's name was known, to be
 --                                moved under the name when it arrives (rare: out of order)
+--                            _x  exception classes of its failed/retried events, SEP-joined
 --   P idx:ts, idx:received, idx:started, idx:state:<S>, idx:name:<n>, idx:worker:<w>,
 --     idx:sn:<S>:<n>, idx:sw:<S>:<w>           zsets of uuids
 --   P children:<uuid>      set     P names  set     P states  set of states seen
@@ -39,6 +41,9 @@
 --   P prefetch  hash: '<worker>\31<name>' -> 'timestamp,uuid,seconds' (Flower's prefetch time)
 --   P deaths  hash: host -> 'ts,ts,...' ascending     P idx:lost  zset of uuids by timestamp
 --   P lostcounts  hash: '<worker>\31<name>' -> tasks marked lost
+--   P idx:exc:<class>  zset of uuids by timestamp   P failminute:<m>  hash: class -> events
+--   P failures  hash: '<worker>\31<class>\31<name>\31<failed|retried>' -> events
+--   P failfirst, P faillast  zsets: class by its first and last event's timestamp
 --   P stream  stream       and one PUBLISH per call on the events channel
 --
 -- Merge rule. celery.events.state.Task.event folds events in arrival order; its answer depends
@@ -214,14 +219,20 @@ local function emit(open_json, extra)
   published[n + 4] = '\n'
 end
 
--- Count one event (record: hostname, subject, epoch minute, state, runtime bucket, runtime)
--- under a task name; sign -1 takes it back.
+-- Count one event (record: hostname, subject, epoch minute, state, runtime bucket, runtime,
+-- exception class) under a task name; sign -1 takes it back.
 local function count(record, name, sign)
-  local h, subject, minute, state, rb, rj = unpack(record)
+  local h, subject, minute, state, rb, rj, exc = unpack(record)
   add(sums, P .. KEY.counts, h .. SEP .. 'task-' .. subject .. SEP .. name, sign)
   local key = P .. KEY.minute .. minute
   add(sums, key, name .. SEP .. state, sign)
   expiring[key] = true
+  if exc and exc ~= '' then
+    add(sums, P .. KEY.failures, h .. SEP .. exc .. SEP .. name .. SEP .. subject, sign)
+    local fm = P .. KEY.failminute .. minute
+    add(sums, fm, exc, sign)
+    expiring[fm] = true
+  end
   if rb ~= '' then
     local prefix = h .. SEP .. name .. SEP
     add(sums, P .. KEY.runtime, prefix .. rb, sign)
@@ -245,7 +256,8 @@ end
 -- A task as loaded by this call: the merge fields it has stored (not its args, kwargs, result
 -- or traceback, which can be large), then the writes this batch makes.
 local MERGE_FIELDS = { HIDDEN.history_len, HIDDEN.state, HIDDEN.name, HIDDEN.worker,
-                       HIDDEN.parent, HIDDEN.unnamed, 'timestamp', 'name', 'lost', 'lost_at' }
+                       HIDDEN.parent, HIDDEN.unnamed, 'timestamp', 'name', 'lost', 'lost_at',
+                       HIDDEN.exceptions }
 local function load_task(u)
   local key = P .. KEY.task .. u
   local f = redis.call('HMGET', key, unpack(MERGE_FIELDS))
@@ -266,7 +278,10 @@ local function load_task(u)
     old_lost = f[9] ~= false, old_lost_at = f[10] or nil,
     -- events counted before the task's name was known (see count())
     unnamed = parse_unnamed(f[6] or nil), had_unnamed = f[6] ~= false,
+    -- exception classes of its failures and retries (each indexed in idx:exc:<class>)
+    classes = {}, new_classes = false,
   }
+  for c in string.gmatch(f[11] or '', '([^\31]+)') do t.classes[#t.classes + 1] = c end
   t.name, t.worker, t.parent = t.old_name, t.old_worker, t.old_parent
   t.state, t.tj = t.old_state, t.old_tj
   return t
@@ -354,8 +369,20 @@ local function apply_task(t, ev)
 
   -- counters (by the task's name after this event, as Flower labels them); an event that
   -- arrives before the task's name is counted unnamed and moved under the name once known
+  local exc = ev.exc_class
+  if exc then
+    redis.call('ZADD', P .. KEY.failfirst, 'LT', e.tj, exc)
+    redis.call('ZADD', P .. KEY.faillast, 'GT', e.tj, exc)
+    local known = false
+    for _, c in ipairs(t.classes) do if c == exc then known = true end end
+    if not known then
+      t.classes[#t.classes + 1] = exc
+      t.new_classes = t.new_classes or {}
+      t.new_classes[exc] = true
+    end
+  end
   local record = { ev.hostname, ev.subject, tostring(math.floor(e.ts / 60)), state_of(e.subject),
-                   ev.runtime_bucket or '', ev.runtime_json or '' }
+                   ev.runtime_bucket or '', ev.runtime_json or '', exc or '' }
   count(record, t.name or '', 1)
   if not t.name then t.unnamed[#t.unnamed + 1] = record end
   if e.subject ~= 'sent' and (not seen[ev.hostname] or e.ts > tonumber(seen[ev.hostname])) then
@@ -515,6 +542,10 @@ local function save_task(t)
     hset[#hset + 1] = HIDDEN.parent
     hset[#hset + 1] = t.parent or ''
   end
+  if t.new_classes then
+    hset[#hset + 1] = HIDDEN.exceptions
+    hset[#hset + 1] = table.concat(t.classes, SEP)
+  end
   if #t.unnamed > 0 then
     if t.name then
       for _, record in ipairs(t.unnamed) do
@@ -556,6 +587,11 @@ local function save_task(t)
     if not keep[k] then redis.call('ZREM', k, u) end
   end
   local moved = tj ~= t.old_tj
+  for _, c in ipairs(t.classes) do
+    if moved or (t.new_classes and t.new_classes[c]) then
+      redis.call('ZADD', P .. KEY.idx_exc .. c, tj, u)
+    end
+  end
   for _, k in ipairs(new_keys) do
     if moved or not was[k] then redis.call('ZADD', k, tj, u) end
   end
@@ -695,7 +731,8 @@ end
 local function evict(u)
   local key = P .. KEY.task .. u
   local f = redis.call('HMGET', key, HIDDEN.state, HIDDEN.name, HIDDEN.worker, HIDDEN.parent,
-    'lost')
+    'lost', HIDDEN.exceptions)
+  for c in string.gmatch(f[6] or '', '([^\31]+)') do redis.call('ZREM', P .. KEY.idx_exc .. c, u) end
   if f[5] then
     redis.call('ZREM', P .. KEY.idx_lost, u)
     add(sums, P .. KEY.lostcounts, (nonempty(f[3]) or '') .. SEP .. (nonempty(f[2]) or ''), -1)

@@ -11,14 +11,16 @@
 -- ARGV[1]  P, the shard's key prefix
 -- ARGV[2]  hostname
 -- ARGV[3]  last: the newest sign of life the enabler saw (epoch seconds)
--- ARGV[4]  MATCH pattern of the worker's fields in counts, runtime, prefetch and lostcounts
+-- ARGV[4]  MATCH pattern of the worker's fields in counts, runtime, prefetch, lostcounts and
+--          failures
 --          (hostname escaped, then the separator and '*')
 -- ARGV[5]  '1' in the worker's own shard
 --
 -- Keys touched (P = ARGV[1]; documented in shared/keys.py):
 --   P worker:<host>  hash (deleted)     P workers  zset (member removed)
 --   P wdedup:<host>  zset (deleted)     P seen     zset (member removed)
---   P counts, P runtime, P prefetch, P lostcounts  hashes (the worker's fields removed)
+--   P counts, P runtime, P prefetch, P lostcounts, P failures  hashes (the worker's fields
+--     removed)
 --   P deaths  hash (the worker's field removed)
 -- Returns 1 when purged, 0 when the worker came back.
 
@@ -35,7 +37,8 @@ if home then
 end
 redis.call('ZREM', P .. KEY.seen, host)
 redis.call('HDEL', P .. KEY.deaths, host)
-local labelled = { P .. KEY.counts, P .. KEY.runtime, P .. KEY.prefetch, P .. KEY.lostcounts }
+local labelled = { P .. KEY.counts, P .. KEY.runtime, P .. KEY.prefetch, P .. KEY.lostcounts,
+                   P .. KEY.failures }
 for _, key in ipairs(labelled) do
   local cursor = '0'
   repeat

@@ -76,8 +76,9 @@ def settings_(request: pytest.FixtureRequest, settings: Settings) -> Settings:
 
 
 def counters(r: redis.Redis, keys: Keys) -> dict[str, dict[bytes, bytes]]:
-    """Every counter hash of a namespace (counts, runtime, per-minute), summed over shards, and
-    Flower's prefetch time per worker and name (the latest over the shards)."""
+    """Every counter hash of a namespace (counts, runtime, per-minute, failures), summed over
+    shards, Flower's prefetch time per worker and name (the latest over the shards), and the
+    exception classes' first and last times and task indexes."""
     out: dict[str, dict[bytes, bytes]] = {}
     for shard in keys.all_shards:
         for key in r.scan_iter(match=shard.prefix + "*"):
@@ -91,11 +92,20 @@ def counters(r: redis.Redis, keys: Keys) -> dict[str, dict[bytes, bytes]]:
                         latest[field].split(b",")[1],
                     ):
                         latest[field] = value
-            elif kind in ("counts", "runtime") or kind.startswith("minute:"):
+            elif kind in ("counts", "runtime", "failures") or kind.startswith(
+                ("minute:", "failminute:")
+            ):
                 merged = out.setdefault(kind, {})
                 for field, value in raw_hash(r.hgetall(key)).items():
                     total = float(merged.get(field, b"0")) + float(value)
                     merged[field] = repr(round(total, 6)).encode()
+            elif kind in ("failfirst", "faillast") or kind.startswith("idx:exc:"):
+                # first seen: the earliest over the shards; last seen, an index: the latest
+                pick = min if kind == "failfirst" else max
+                merged = out.setdefault(kind, {})
+                for member, score in r.zrange(key, 0, -1, withscores=True):
+                    old = merged.get(member)
+                    merged[member] = repr(pick(score, float(old)) if old else score).encode()
     return out
 
 
