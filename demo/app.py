@@ -42,6 +42,24 @@ def fail(message: str = "boom") -> None:
     raise ValueError(message)
 
 
+class DemoError(Exception):
+    """An exception class of the app's own (the failures view groups by class)."""
+
+
+#: What ``fail_as`` raises, by name.
+FAILURES: dict[str, type[Exception]] = {
+    "KeyError": KeyError,
+    "ZeroDivisionError": ZeroDivisionError,
+    "TimeoutError": TimeoutError,
+    "DemoError": DemoError,
+}
+
+
+@app.task
+def fail_as(kind: str, message: str = "boom") -> None:
+    raise FAILURES[kind](message)
+
+
 @app.task(bind=True, max_retries=2, default_retry_delay=0.2)
 def flaky(self: Task, succeed_on: int = 2) -> str:
     if self.request.retries < succeed_on:

@@ -227,19 +227,33 @@ KnownEvent = _StandardTaskEvent | _StandardWorkerEvent
 #: ``<MyError: boom>``, ``pkg.errors.Timeout: late``).
 _EXCEPTION_CLASS_RE = re.compile(r"\s*<?([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)")
 _EXCEPTION_CLASS_END = frozenset("(:> ")
+#: A task-retried's ``exception`` is celery's ``Retry`` itself, ``Retry(<message>, <exc>,
+#: <when>)``: the cause is its second argument, when it has one.
+_RETRY_CAUSE_RE = re.compile(
+    r"(?:celery\.exceptions\.)?Retry\((?:Retry\(\.\.\.\)|None|'[^']*'),\s*"
+)
 MAX_EXCEPTION_CLASS = 128
 
 
 def exception_class(exception: Any) -> str | None:
-    """The exception class that a task-failed or task-retried ``exception`` names, or None
-    (not a string, no leading class name, or ``None``: a retry without an exception)."""
+    """The exception class that a task-failed or task-retried ``exception`` names (for a
+    retry, the class of its cause), or None: not a string, no leading class name."""
     if not isinstance(exception, str):
         return None
-    match = _EXCEPTION_CLASS_RE.match(exception)
+    retry = _RETRY_CAUSE_RE.match(exception)
+    if retry is not None:
+        cause = _class_at(exception, retry.end())
+        if cause is not None:
+            return cause
+    return _class_at(exception, 0)
+
+
+def _class_at(text: str, start: int) -> str | None:
+    match = _EXCEPTION_CLASS_RE.match(text, start)
     if match is None:
         return None
     name, end = match.group(1), match.end()
-    if end < len(exception) and exception[end] not in _EXCEPTION_CLASS_END:
+    if end < len(text) and text[end] not in _EXCEPTION_CLASS_END:
         return None
     if name == "None" or len(name) > MAX_EXCEPTION_CLASS:
         return None

@@ -168,6 +168,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: Most samples one ``/metrics`` answer holds; the rest are left out and counted in
     #: ``pollen_metrics_samples_dropped``.
     metrics_max_samples: PositiveInt = 100_000
+    #: Exception classes that get their own ``exception`` label in
+    #: ``pollen_task_failures_total``: the ones seen first; later ones count under ``other``.
+    metrics_exception_labels: PositiveInt = 50
     #: Comma-separated bearer tokens, each ending in ``:ro`` (viewer), ``:op`` (operator) or
     #: ``:rw`` (admin, the default for a token without ``:``).
     api_tokens: str = ""

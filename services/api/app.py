@@ -12,6 +12,7 @@ from services.api import (
     control,
     events,
     export,
+    failures,
     metrics,
     openapi,
     pages,
@@ -42,6 +43,7 @@ class RouteModule(Protocol):
 ROUTE_MODULES: tuple[RouteModule, ...] = (
     tasks,
     export,  # /api/tasks queries streamed whole
+    failures,  # failed and retried tasks by exception class
     workers,
     queues,
     events,

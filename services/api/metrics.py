@@ -11,9 +11,9 @@ name, started - received at the latest task-started, 0 after the latest task-suc
 task-failed (Flower's ``observe_task``, latest by sender time);
 ``flower_worker_prefetched_tasks``: tasks received and not yet started on the worker, by
 task name, for every worker and name that ever had a task received (0 when none waits now,
-as Flower's gauge goes back to 0). Plus ``pollen_*``: worker events by
-type, tasks lost by worker and name, collector lag, rate and heartbeat age, malformed events
-by reason, tasks stored, queue lengths.
+as Flower's gauge goes back to 0). Plus ``pollen_*``: worker events by type, failed and
+retried events by exception class, tasks lost by worker and name, collector lag, rate and
+heartbeat age, malformed events by reason, tasks stored, queue lengths.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Iterable
 import msgspec
 from aiohttp import web
 
+from services.api import failures
 from services.api.context import Context, ctx
 from services.api.openapi import Spec, operation
 from shared.keys import HIDDEN, RUNTIME_BUCKETS, SEP
@@ -216,6 +217,23 @@ async def render(c: Context) -> str:
             out.sample(
                 "flower_worker_number_of_currently_executing_tasks", [("worker", host)], active
             )
+
+    out.family(
+        "pollen_task_failures_total",
+        "counter",
+        "task-failed and task-retried events by exception class (the first "
+        "POLLEN_METRICS_EXCEPTION_LABELS classes seen; later ones under other)",
+    )
+    classes = await failures.summary(c)
+    own = failures.labelled(classes, c.settings.metrics_exception_labels)
+    failed: Counter[tuple[str, str, str, str]] = Counter()
+    for cls in classes.values():
+        label = cls.name if cls.name in own else "other"
+        for (worker, task, subject), n in cls.series.items():
+            failed[(worker, task, f"task-{subject}", label)] += n
+    for (worker, task, kind, label), n in sorted(failed.items()):
+        labels = [("worker", worker), ("type", kind), ("task", task), ("exception", label)]
+        out.sample("pollen_task_failures_total", labels, n)
 
     out.family(
         "pollen_tasks_lost",

@@ -115,6 +115,7 @@ def parse_task_query(request: web.Request, max_page: int) -> tuple[TaskQuery, bo
         started=params.time_range(request.query, "started_start", "started_end"),
         search=search.strip(),
         lost=params.boolean(request.query, "lost", False),
+        exception=params.text(request.query, "exception"),
         sort=sort,
         desc=desc,
         offset=offset,
@@ -222,6 +223,11 @@ def task_query_params() -> list[Spec]:
             "only tasks marked lost: RECEIVED or STARTED on a worker that died"
             " (Pollen; each then has lost: true and lost_at)",
             {"type": "boolean"},
+        ),
+        param(
+            "exception",
+            "only tasks with a task-failed or task-retried of this exception class (exact, as"
+            " /api/failures names it; Pollen)",
         ),
         param("cursor", "X-Pollen-Next-Cursor of a page: start after it"),
     ]

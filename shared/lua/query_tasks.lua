@@ -3,7 +3,8 @@
 -- per call), so a long scan never holds Redis for long; the caller resumes where it stopped.
 --
 -- KEYS[1]  the zset walked: P..'idx:ts', 'idx:received', 'idx:started', 'idx:state:<S>',
---          'idx:name:<n>', 'idx:worker:<w>', 'idx:sn:<S>:<n>', 'idx:sw:<S>:<w>' or 'idx:lost'
+--          'idx:name:<n>', 'idx:worker:<w>', 'idx:sn:<S>:<n>', 'idx:sw:<S>:<w>', 'idx:lost' or
+--          'idx:exc:<class>'
 -- ARGV[1]  P, the shard's key prefix, e.g. 'pollen:{pollen}:'
 -- ARGV[2]  msgpack request:
 --   asc      true: score ascending, member ascending; false: both descending (ZREVRANGE order)
@@ -14,13 +15,15 @@
 --   budget   most entries examined when a filter is set (no filter: nothing is examined)
 --   usec     nil, or stop examining (between batches of 250) after this many microseconds
 --   filter   nil, or a map: states/names/workers = {value=true} (exact raw values), noname
---            (bool: only tasks without a name), lost (bool: only tasks marked lost), received/started = {min, max} (a task without
+--            (bool: only tasks without a name), lost (bool: only tasks marked lost),
+--            exceptions = {class=true} (tasks with one of them in _x), received/started =
+--            {min, max} (a task without
 --            that time passes, as in Flower), search = prefilter tree (services/api/search.py:
 --            'and'/'or' nodes, 'v' raw values of _n/_s/_w, 't' substrings, 'm' maybe, 'n' no)
 -- Reads (P = ARGV[1]; documented in shared/keys.py; spelled P .. KEY.<suffix>, the prelude's):
 --   KEYS[1] (zset) and, when a filter is set, P task:<uuid> (hash): one HMGET per entry
---   examined of the fields the filter reads among _s, _n, _w, received, started, lost, args,
---   kwargs, result.
+--   examined of the fields the filter reads among _s, _n, _w, _x, received, started, lost,
+--   args, kwargs, result.
 -- Returns { matches, examined, done, last_score, last_member, skip }: matches is a flat list
 -- member, score, sure (1: passes; 0: the search may match, the caller decides); done is 1 when
 -- the range is exhausted; last_* is the last entry examined (where to resume); skip is what
@@ -132,6 +135,7 @@ if filter.workers then need(HIDDEN.worker) end
 if filter.received then need('received') end
 if filter.started then need('started') end
 if filter.lost then need('lost') end
+if filter.exceptions then need(HIDDEN.exceptions) end
 
 -- Search (the tree from services/api/search.py:prefilter). Name, state and worker terms come
 -- resolved into sets of raw values. 't' terms are lowercase substrings of args, kwargs, result
@@ -269,6 +273,13 @@ end
 local states, names, workers = filter.states, filter.names, filter.workers
 local noname, received, started = filter.noname, filter.received, filter.started
 local lost = filter.lost
+local exceptions = filter.exceptions
+local function has_exception(classes)
+  for c in string.gmatch(classes or '', '([^\31]+)') do
+    if exceptions[c] then return true end
+  end
+  return false
+end
 local done = 0
 local last_score, last_member = false, false
 local budget = req.budget
@@ -306,6 +317,7 @@ while not stop do
     if ok and received and not in_range(h[at.received], received) then ok = false end
     if ok and started and not in_range(h[at.started], started) then ok = false end
     if ok and lost and not h[at.lost] then ok = false end
+    if ok and exceptions and not has_exception(h[at[HIDDEN.exceptions]]) then ok = false end
     local sure = 1
     if ok and search then
       seq = seq + 1

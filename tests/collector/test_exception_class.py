@@ -1,4 +1,5 @@
-"""``events.exception_class``: the class an exception's repr names, as celery sends it."""
+"""``events.exception_class``: the class an exception's repr names, as celery sends it (the
+Retry forms are what a real worker's task-retried carries: tests/api/test_failures.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,14 @@ from shared.events import MAX_EXCEPTION_CLASS, exception_class
         ("KeyError", "KeyError"),
         ('  OSError(2, "x")', "OSError"),
         ("Retry in 5s: ValueError('x')", "Retry"),
-        ("None", None),  # a retry without an exception
+        ("None", None),
+        # a task-retried's exception is celery's Retry: its cause, when it has one
+        ("Retry(Retry(...), RuntimeError('attempt 0'), 0.2)", "RuntimeError"),
+        ("Retry(None, pkg.Busy('x'), 5)", "pkg.Busy"),
+        ("Retry('later', KeyError('k'), None)", "KeyError"),
+        ("Retry(Retry(...), None, 0.2)", "Retry"),
+        ("Retry('later')", "Retry"),
+        ("Retry()", "Retry"),
         ("", None),
         ("123", None),
         ("ValueError!('x')", None),

@@ -22,7 +22,7 @@ from shared.keys import Keys
 from shared.settings import Settings
 from tests.support import readback
 from tests.support.lifecycles import BASE_TS, chunks, cluster_stream, with_local_received
-from tests.support.replies import raw_hash
+from tests.support.replies import raw_hash, scored
 
 # the fields celery's own Worker and Task define, so a field Pollen forgets cannot pass
 WORKER_FIELDS = tuple(f for f in Worker._fields if f != "heartbeats")
@@ -103,7 +103,7 @@ def counters(r: redis.Redis, keys: Keys) -> dict[str, dict[bytes, bytes]]:
                 # first seen: the earliest over the shards; last seen, an index: the latest
                 pick = min if kind == "failfirst" else max
                 merged = out.setdefault(kind, {})
-                for member, score in r.zrange(key, 0, -1, withscores=True):
+                for member, score in scored(r.zrange(key, 0, -1, withscores=True)):
                     old = merged.get(member)
                     merged[member] = repr(pick(score, float(old)) if old else score).encode()
     return out

@@ -32,6 +32,8 @@ class TaskQuery:
     started: tuple[float, float] | None = None
     search: str = ""
     lost: bool = False
+    #: an exception class (exact): tasks with a task-failed or task-retried of that class
+    exception: str | None = None
     sort: str = ""
     desc: bool = True
     offset: int = 0
@@ -48,6 +50,7 @@ class TaskQuery:
             self.started,
             self.search,
             self.lost,
+            self.exception,
             self.sort,
             self.desc,
         ]
@@ -131,13 +134,22 @@ Values = tuple[str, ...] | None
 
 
 def index(
-    shards: Sequence[Shard], states: Values, names: Values, workers: Values, lost: bool = False
+    shards: Sequence[Shard],
+    states: Values,
+    names: Values,
+    workers: Values,
+    lost: bool = False,
+    exception: str | None = None,
 ) -> tuple[list[tuple[Shard, str]], dict[str, Values]]:
     """The one choice of index: the zsets (per shard) holding exactly the tasks of the given
     states, names and workers, or the smallest superset of them, newest first; and the sets
     they leave for the walk to check per task. The composite indexes are state+name and
     state+worker; a name and a worker (without a state) walk the name's index. Lost tasks
-    (few: a dead worker's unfinished ones) walk their own index, the rest checked per task."""
+    (few: a dead worker's unfinished ones) walk their own index, the rest checked per task,
+    and so do the tasks of one exception class."""
+    if exception is not None:
+        sets = {"states": states, "names": names, "workers": workers}
+        return [(s, s.by_exception(exception)) for s in shards], sets
     if lost:
         return [(s, s.lost) for s in shards], {"states": states, "names": names, "workers": workers}
     if states and names:
@@ -179,14 +191,19 @@ async def plan(client: Any, keys: Keys, q: TaskQuery) -> list[Segment] | None:
     shards = keys.all_shards
 
     def residual(
-        sets: Mapping[str, Values], skip: str = "", walked_lost: bool = False
+        sets: Mapping[str, Values],
+        skip: str = "",
+        walked_lost: bool = False,
+        walked_exception: bool = False,
     ) -> dict[str, Any] | None:
         """The filters the walked zsets leave: value sets, time ranges (but the one a
-        ``sort_by`` walks), lost (unless its index is walked), the search prefilter; None when
-        there are none."""
+        ``sort_by`` walks), lost and the exception class (unless their index is walked), the
+        search prefilter; None when there are none."""
         f: dict[str, Any] = {k: dict.fromkeys(v, True) for k, v in sets.items() if v}
         if q.lost and not walked_lost:
             f["lost"] = True
+        if q.exception is not None and not walked_exception:
+            f["exceptions"] = {q.exception: True}
         for name, rng in (("received", q.received), ("started", q.started)):
             if rng is not None and name != skip:
                 f[name] = [_score_text(rng[0]), _score_text(rng[1])]
@@ -195,8 +212,9 @@ async def plan(client: Any, keys: Keys, q: TaskQuery) -> list[Segment] | None:
         return f or None
 
     def newest(key: list[Any], states: Values, names: Values, extra: dict[str, Any]) -> Segment:
-        sources, left = index(shards, states, names, workers, q.lost)
-        f = residual(left, walked_lost=q.lost) or {}
+        sources, left = index(shards, states, names, workers, q.lost, q.exception)
+        walked = q.exception is not None
+        f = residual(left, walked_lost=q.lost and not walked, walked_exception=walked) or {}
         return Segment(key, sources, asc=False, filter={**f, **extra} or None)
 
     if not q.sort:
