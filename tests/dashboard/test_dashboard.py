@@ -554,3 +554,48 @@ def test_export_buttons(page: Any, stack: Stack, tmp_path: Path) -> None:
         no_errors(page, "status of 401 (Unauthorized)")
     finally:
         secured.stop()
+
+
+def test_failures_view(page: Any, stack: Stack) -> None:
+    """Failures grouped by exception class, live: a class of the app's own shows up with its
+    count and sparkline, its link lists exactly its tasks, and a new failure updates the row
+    without a reload."""
+    needle = f"fx-{uuid.uuid4().hex[:8]}"
+
+    def demo_errors() -> int:
+        for c in stack.api.data("/api/failures")["classes"]:
+            if c["exception"] == "DemoError":
+                return int(c["count"])
+        return 0
+
+    before = demo_errors()
+    sent = {stack.send("demo.app.fail_as", "DemoError", needle) for _ in range(2)}
+    wait_for(lambda: demo_errors() == before + 2, timeout=30, message="two DemoErrors counted")
+    open_view(page, stack.api.url, "#/failures")
+    row = page.locator('#failures tr[data-exception="DemoError"]')
+    expect(row.locator("td[data-col=count]")).to_contain_text(str(before + 2))
+    expect(row.locator("td[data-col=names]")).to_contain_text("demo.app.fail_as")
+    expect(row.locator("td[data-col=workers]")).to_contain_text(WORKER)
+    assert row.locator("svg.sparkline rect").count() >= 1
+    # the other classes the demo traffic makes are there too (ValueError from demo.app.fail)
+    expect(page.locator('#failures tr[data-exception="ValueError"]')).to_be_visible()
+    screenshot(page, "failures")
+
+    # live: one more failure updates the count without a reload
+    sent.add(stack.send("demo.app.fail_as", "DemoError", needle))
+    expect(row.locator("td[data-col=count]")).to_contain_text(str(before + 3), timeout=15_000)
+
+    # the link lists the class's tasks: every one a DemoError, the ones sent among them
+    row.locator("a").click()
+    expect(page.locator("#f-exception")).to_have_text("exception: DemoError ✕")
+    rows = page.locator(ROW)
+    expect(rows.first).to_be_visible()
+    expect(
+        page.locator(f"{ROW} td[data-col=name]:not(:text-is('demo.app.fail_as'))")
+    ).to_have_count(0)
+    for u in sent:
+        expect(page.locator(f'{ROW}[data-uuid="{u}"]')).to_be_visible()
+    page.locator("#f-exception").click()
+    expect(page.locator("#f-exception")).to_be_hidden()
+    assert "exception=" not in page.url
+    no_errors(page)

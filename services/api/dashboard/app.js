@@ -1,7 +1,8 @@
-// Pollen's dashboard: a hash router over four views, one live event stream shared by all of
+// Pollen's dashboard: a hash router over its views, one live event stream shared by all of
 // them, and the little chrome around (connection state, sign-in, confirmations, toasts).
 import { ApiError, EventStream, getJson, setToken, token } from './api.js';
 import { chartsView } from './chartsview.js';
+import { failuresView } from './failures.js';
 import { feedView } from './feed.js';
 import { taskView } from './task.js';
 import { tasksView } from './tasks.js';
@@ -13,6 +14,7 @@ const ROUTES = [
   { re: /^\/worker\/(.+)$/, view: workerView, nav: 'workers' },
   { re: /^\/tasks$/, view: tasksView, nav: 'tasks' },
   { re: /^\/task\/(.+)$/, view: taskView, nav: 'tasks' },
+  { re: /^\/failures$/, view: failuresView, nav: 'failures' },
   { re: /^\/feed$/, view: feedView, nav: 'feed' },
   { re: /^\/charts$/, view: chartsView, nav: 'charts' },
 ];

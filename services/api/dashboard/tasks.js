@@ -113,7 +113,7 @@ export function applyEvent(task, ev) {
 export function tasksView(el, { params, app }) {
   const filters = paramValues(params, {
     state: '', taskname: '', workername: '', search: '', received_start: '', received_end: '',
-    sort_by: '', limit: '25', lost: '',
+    sort_by: '', limit: '25', lost: '', exception: '',
   });
   let columns = chosenColumns();
   const cursors = [null]; // cursors[i]: the cursor of page i (null: the first page)
@@ -156,6 +156,11 @@ export function tasksView(el, { params, app }) {
   const lostOnly = h('label', { title: 'RECEIVED or STARTED on a worker that died' },
     h('input', { type: 'checkbox', id: 'f-lost', checked: filters.lost === '1' || null,
       onchange: (e) => change('lost', e.target.checked ? '1' : '') }), ' Lost only');
+  // set from the failures view's links: the tasks of one exception class
+  const exceptionChip = h('button', { class: 'secondary', type: 'button', id: 'f-exception',
+    hidden: !filters.exception || null, title: 'show tasks of every exception class',
+    onclick: () => { exceptionChip.hidden = true; change('exception', ''); } },
+  `exception: ${filters.exception} ✕`);
   const info = h('span', { class: 'muted', id: 'tasks-info' });
   const error = h('p', { class: 'error', id: 'tasks-error', hidden: true });
   const head = h('thead');
@@ -187,7 +192,7 @@ export function tasksView(el, { params, app }) {
   el.append(
     h('div', { class: 'toolbar' }, h('h2', null, 'Tasks'), info, banner),
     h('form', { class: 'filters', onsubmit: (e) => { e.preventDefault(); } },
-      stateSel, nameSel, workerSel, lostOnly, search,
+      stateSel, nameSel, workerSel, lostOnly, exceptionChip, search,
       h('label', null, 'received from ', from), h('label', null, 'to ', to), sortSel, limitSel,
       pickerButton, exportButton('csv'), exportButton('ndjson'),
       h('button', { class: 'link', type: 'button', id: 'f-reset',
