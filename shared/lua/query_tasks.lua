@@ -23,7 +23,7 @@
 -- Reads (P = ARGV[1]; documented in shared/keys.py; spelled P .. KEY.<suffix>, the prelude's):
 --   KEYS[1] (zset) and, when a filter is set, P task:<uuid> (hash): one HMGET per entry
 --   examined of the fields the filter reads among _s, _n, _w, _x, received, started, lost,
---   args, kwargs, result.
+--   args, kwargs, result, exception, traceback.
 -- Returns { matches, examined, done, last_score, last_member, skip }: matches is a flat list
 -- member, score, sure (1: passes; 0: the search may match, the caller decides); done is 1 when
 -- the range is exhausted; last_* is the last entry examined (where to resume); skip is what
@@ -138,8 +138,8 @@ if filter.lost then need('lost') end
 if filter.exceptions then need(HIDDEN.exceptions) end
 
 -- Search (the tree from services/api/search.py:prefilter). Name, state and worker terms come
--- resolved into sets of raw values. 't' terms are lowercase substrings of args, kwargs, result
--- or (field '') of any of them or the uuid. args/kwargs/result are stored as JSON: an ASCII
+-- resolved into sets of raw values. 't' terms are lowercase substrings of args, kwargs, result,
+-- exception, traceback or (field '') of the first three or the uuid. args/kwargs/result are stored as JSON: an ASCII
 -- string without a backslash is its text between quotes, which are kept (search.py sends terms
 -- holding '"' as maybes, so a term is in the quoted text exactly when it is in the text).
 -- Anything else (non-ASCII, where Flower's casefold and Lua's lower differ; escapes; a value

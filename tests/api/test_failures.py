@@ -10,6 +10,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from celery import Celery
@@ -174,3 +175,25 @@ def test_bad_minutes_is_400(run: Run) -> None:
     for value in ("0", "1441", "x"):
         status, _, body = run.api.get(f"/api/failures?minutes={value}")
         assert status == 400 and json.loads(body)["error"].startswith("minutes: ")
+
+
+def test_exception_and_traceback_search_terms(run: Run) -> None:
+    def found(search: str) -> set[str]:
+        return {u for u, _ in run.api.json(f"/api/tasks?limit=1000&search={search}")}
+
+    key_errors = run.ids["demo.app.fail_as('KeyError', 'k')"]
+    fail_as = set().union(*(ids for plan, ids in run.ids.items() if "fail_as" in plan))
+    assert found("exception:keyerror") == key_errors
+    assert (
+        found("exception:KeyError%20OR%20exception:demoerror")
+        == key_errors | (run.ids["demo.app.fail_as('DemoError', 'd')"])
+    )
+    # a retry's exception is celery's Retry(...) with the cause inside
+    assert found("exception:runtimeerror") == run.ids["demo.app.flaky()"]
+    # tracebacks hold newlines (JSON escapes): Python decides those, as Flower's rules would
+    assert found("traceback:fail_as") == fail_as
+    assert found("traceback:fail_as%20state:failure") == fail_as
+    # a term without a field searches Flower's fields only: the raising line is in the
+    # traceback, in no task's name, args or result
+    assert found(quote("traceback:FAILURES[kind]")) == fail_as
+    assert found(quote("FAILURES[kind]")) == set()

@@ -4,6 +4,8 @@ This mirrors ``flower/utils/search.py`` (Flower 2.2): the same tokenizer, gramma
 error messages, and the same matching rules over the same normalized fields (casefolded uuid,
 name, state, worker, args, kwargs, result; ``state:`` exact; ``kwargs:key=value`` exact on the
 literal-evaluated kwargs). Flower is not imported at run time; the tests compare with it.
+Pollen adds two fields a term may name, ``exception:`` and ``traceback:`` (substrings, as
+``result:``); a term without a field searches Flower's fields only, as Flower.
 
 ``prefilter()`` turns a query into the conservative form ``query_tasks.lua`` evaluates inside
 Redis: it may accept a task the query rejects (then Python decides, with ``matches``) but never
@@ -19,7 +21,11 @@ from typing import Any
 
 from shared.keys import HIDDEN
 
-SEARCH_FIELDS = frozenset({"name", "state", "worker", "args", "kwargs", "result"})
+#: Fields a term may name: Flower's, then Pollen's own (``POLLEN_FIELDS``).
+POLLEN_FIELDS = ("exception", "traceback")
+SEARCH_FIELDS = frozenset({"name", "state", "worker", "args", "kwargs", "result", *POLLEN_FIELDS})
+#: The JSON fields of the task hash a ``Document`` holds as text, in its order.
+TEXT_FIELDS = ("args", "kwargs", "result", *POLLEN_FIELDS)
 EXACT_FIELDS = frozenset({"state"})
 MIN_SUBSTRING_LENGTH = 3
 MAX_QUERY_LENGTH = 2048
@@ -273,6 +279,8 @@ class Document:
     kwargs: str
     result: str
     raw_kwargs: Any
+    exception: str = ""
+    traceback: str = ""
 
     @classmethod
     def of(
@@ -284,6 +292,8 @@ class Document:
         args: Any,
         kwargs: Any,
         result: Any,
+        exception: Any = None,
+        traceback: Any = None,
     ) -> Document:
         return cls(
             normalize(uuid),
@@ -294,6 +304,8 @@ class Document:
             normalize(kwargs),
             normalize(result),
             kwargs,
+            normalize(exception),
+            normalize(traceback),
         )
 
     def text(self, field: str | None) -> str:
@@ -356,9 +368,10 @@ def prefilter(expr: Expr, known: Known) -> list[Any] | None:
     - ``["and", ...]``, ``["or", ...]``;
     - ``["v", hash field, {raw value: true}]``: the task's ``_n``/``_s``/``_w`` is one of these
       (decided here, exactly, over the known values: few, and Flower's casefold applies);
-    - ``["t", field, lowercase value, anchor?]``: a substring of ``args``, ``kwargs``, ``result``
-      or, with field ``""``, of any of them or the uuid (Lua decides ASCII text, else answers
-      maybe); ``anchor`` (``_anchor``) lets Lua reject most tasks with plain finds;
+    - ``["t", field, lowercase value, anchor?]``: a substring of ``args``, ``kwargs``, ``result``,
+      ``exception``, ``traceback`` or, with field ``""``, of the first three or the uuid (Lua
+      decides ASCII text, else answers maybe); ``anchor`` (``_anchor``) lets Lua reject most
+      tasks with plain finds;
     - ``["m"]``: maybe (Python decides); ``["n"]``: no task.
     """
     if isinstance(expr, MatchAll):

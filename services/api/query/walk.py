@@ -14,7 +14,7 @@ import msgspec
 
 from services.api.query.cursor import CursorData, CursorError, decode_cursor, encode_cursor
 from services.api.query.plan import Segment, TaskQuery, _group_order, plan, task_names
-from services.api.query.search import Document, Expr, matches, parse_query
+from services.api.query.search import TEXT_FIELDS, Document, Expr, matches, parse_query
 from shared.keys import HIDDEN, Keys, Shard
 
 #: Most entries one Lua call examines, and the time after which it stops examining: each call
@@ -324,23 +324,23 @@ class _Stream:
         """Flower's exact search semantics for the tasks Lua could not decide."""
         pipe = self.engine.client.pipeline(transaction=False)
         for m in members:
-            pipe.hmget(
-                self.shard.task(m.decode()),
-                *(HIDDEN.name, HIDDEN.state, HIDDEN.worker, "args", "kwargs", "result"),
-            )
+            pipe.hmget(self.shard.task(m.decode()), *_VERIFIED)
         out = []
-        for m, (n, s, w, args, kwargs, result) in zip(members, await pipe.execute(), strict=True):
+        for m, values in zip(members, await pipe.execute(), strict=True):
+            n, s, w, *texts = values
             doc = Document.of(
                 m.decode(),
                 n.decode() if n else None,
                 s.decode() if s else None,
                 w.decode() if w else None,
-                _json(args),
-                _json(kwargs),
-                _json(result),
+                *(_json(t) for t in texts),
             )
             out.append(matches(expr, doc))
         return out
+
+
+#: The task hash fields a search is verified on: the indexed three, then ``Document``'s texts.
+_VERIFIED = (HIDDEN.name, HIDDEN.state, HIDDEN.worker, *TEXT_FIELDS)
 
 
 def _json(raw: bytes | None) -> Any:
