@@ -13,7 +13,7 @@ task-failed (Flower's ``observe_task``, latest by sender time);
 task name, for every worker and name that ever had a task received (0 when none waits now,
 as Flower's gauge goes back to 0). Plus ``pollen_*``: worker events by type, failed and
 retried events by exception class, tasks lost by worker and name, collector lag, rate and
-heartbeat age, malformed events by reason, tasks stored, queue lengths.
+heartbeat age, malformed events by reason, tasks stored, queue lengths and consumers.
 """
 
 from __future__ import annotations
@@ -269,11 +269,22 @@ async def render(c: Context) -> str:
     out.family("pollen_tasks", "gauge", "Tasks stored")
     out.sample("pollen_tasks", [], tasks_stored)
     out.family("pollen_queue_messages", "gauge", "Messages waiting in a queue (enabler sample)")
-    for raw in sorted(queues.values()):
-        sample = msgspec.json.decode(raw)
-        if isinstance(sample, dict) and isinstance(sample.get("messages"), int | float):
+    samples = [msgspec.json.decode(raw) for raw in sorted(queues.values())]
+    samples = [x for x in samples if isinstance(x, dict)]
+    for sample in samples:
+        if isinstance(sample.get("messages"), int | float):
             out.sample(
                 "pollen_queue_messages", [("queue", str(sample.get("name")))], sample["messages"]
+            )
+    out.family(
+        "pollen_queue_consumers",
+        "gauge",
+        "Consumers of a queue (enabler sample; RabbitMQ only, a Redis broker cannot tell)",
+    )
+    for sample in samples:
+        if isinstance(sample.get("consumers"), int):
+            out.sample(
+                "pollen_queue_consumers", [("queue", str(sample.get("name")))], sample["consumers"]
             )
     return out.text()
 

@@ -14,6 +14,7 @@ from kombu import Exchange, Queue
 
 from shared.inspected import INSPECT_METHODS
 from tests.support import readback
+from tests.support.api import Api
 from tests.support.cluster import (
     KEYS,
     NAMESPACE,
@@ -198,6 +199,15 @@ def test_rabbitmq_queue_lengths(
         sample = msgspec.json.decode(state.hget(keys.queues, "backlog") or b"null")
         assert sample["messages"] == 3 and sample["consumers"] == 0
         assert state.hget(keys.queues, "missing") is None
+        # and in /metrics: the length and the consumer count RabbitMQ answered
+        reader = Api({"POLLEN_REDIS_URL": state_url, "POLLEN_NAMESPACE": "amqp1"}, logs / "api.log")
+        try:
+            _, _, body = reader.get("/metrics")
+        finally:
+            reader.stop()
+        lines = body.decode().splitlines()
+        assert 'pollen_queue_messages{queue="backlog"} 3.0' in lines
+        assert 'pollen_queue_consumers{queue="backlog"} 0.0' in lines
 
     api = ensure_rabbitmq_management()
     managed = enabler(
