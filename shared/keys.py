@@ -36,6 +36,9 @@ S counts                         hash    ``<worker>\\x1f<event type>\\x1f<task n
 S minute:<epoch minute>          hash    ``<task name>\\x1f<STATE>`` -> events that minute
 S runtime                        hash    ``<worker>\\x1f<task name>\\x1f<bucket>`` -> count,
                                          buckets of ``RUNTIME_BUCKETS`` plus ``sum`` and ``count``
+S rtminute:<epoch minute>        hash    ``<task name>\\x1f<bucket>`` -> task-succeeded events that
+                                         minute, buckets of ``RUNTIME_BUCKETS`` (windowed
+                                         percentiles)
 S prefetch                       hash    ``<worker>\\x1f<task name>`` -> ``<timestamp>,<uuid>,
                                          <seconds>``: Flower's prefetch time, from the latest
                                          event (by timestamp, then uuid)
@@ -180,6 +183,7 @@ class Suffixes:
     counts: str = "counts"
     minute: str = "minute:"
     runtime: str = "runtime"
+    rtminute: str = "rtminute:"
     prefetch: str = "prefetch"
     deaths: str = "deaths"
     idx_lost: str = "idx:lost"
@@ -301,6 +305,9 @@ class Shard:
     @property
     def runtime(self) -> str:
         return f"{self.prefix}{SUFFIXES.runtime}"
+
+    def runtime_minute(self, epoch_minute: int) -> str:
+        return f"{self.prefix}{SUFFIXES.rtminute}{epoch_minute}"
 
     @property
     def prefetch(self) -> str:

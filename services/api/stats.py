@@ -7,7 +7,9 @@ collector already keeps; nothing here loads tasks.
 - ``GET /api/stats/tasks-per-minute``: the ``minute:<m>`` hashes as dense series, one per
   (task name, state): events whose subject gives that state, by the event's own minute.
 - ``GET /api/stats/runtime``: the ``runtime`` histogram per task name (summed over workers, or
-  one worker) with percentiles estimated as Prometheus' ``histogram_quantile`` does.
+  one worker) with percentiles estimated as Prometheus' ``histogram_quantile`` does; with
+  ``minutes``, over the tasks that succeeded in that window (``rtminute:<m>``), and with
+  ``compare``, the same window a day earlier.
 """
 
 from __future__ import annotations
@@ -147,14 +149,88 @@ def quantile(q: float, counts: list[float]) -> float | None:
     return RUNTIME_BUCKETS[-1]
 
 
+_LABELS = {label: i for i, label in enumerate([*_BUCKET_LABELS, "+Inf"])}
+
+
+def _entry(name: str, row: list[float], total: float | None) -> dict[str, Any]:
+    """A task name's histogram and percentiles (``total``: its runtimes' sum, when kept)."""
+    count = sum(row)
+    entry: dict[str, Any] = {
+        "task": name,
+        "count": int(count),
+        "sum": total,
+        "mean": total / count if total is not None and count else None,
+        "counts": [int(n) for n in row],
+    }
+    for q in QUANTILES:
+        value = quantile(q, row)
+        entry[f"p{round(q * 100)}"] = None if value is None or math.isnan(value) else value
+    return entry
+
+
+async def _window(
+    c: Context, first: int, last: int, only_task: str | None
+) -> dict[str, list[float]]:
+    """Per task name, the runtime buckets of the tasks that succeeded in minutes first..last
+    (``rtminute:<m>``), summed over the shards."""
+    rows: dict[str, list[float]] = {}
+    for chunk in range(first, last + 1, MINUTES_PER_READ):
+        pipe = c.redis.pipeline(transaction=False)
+        for m in range(chunk, min(chunk + MINUTES_PER_READ, last + 1)):
+            for shard in c.keys.all_shards:
+                pipe.hgetall(shard.runtime_minute(m))
+        for counts in await pipe.execute():
+            for field, value in counts.items():
+                name, _, bucket = field.decode().rpartition(SEP)
+                if (only_task and name != only_task) or bucket not in _LABELS:
+                    continue
+                rows.setdefault(name, [0.0] * len(_LABELS))[_LABELS[bucket]] += float(value)
+    return rows
+
+
 async def runtime_stats(request: web.Request) -> web.Response:
     c = ctx(request)
     only_worker = params.text(request.query, "workername")
     only_task = params.text(request.query, "taskname")
+    most = c.settings.chart_retention_days * 1440
+    minutes = params.integer(request.query, "minutes", None, minimum=1)
+    compare = params.boolean(request.query, "compare", False)
+    if minutes is None:
+        if compare:
+            raise bad_param("compare", "needs minutes (the window compared)")
+        return _json(
+            {"buckets": list(RUNTIME_BUCKETS), "tasks": await _all_time(c, only_worker, only_task)}
+        )
+    if minutes > most:
+        raise bad_param("minutes", f"at most {most} (POLLEN_CHART_RETENTION_DAYS)")
+    if only_worker:
+        raise bad_param("workername", "not with minutes (the per-minute runtimes are by name)")
+    now = time.time()
+    last = int(now // 60)
+    first = last - minutes + 1
+    rows = await _window(c, first, last, only_task)
+    body: dict[str, Any] = {
+        "buckets": list(RUNTIME_BUCKETS),
+        "start": first * 60,
+        "minutes": minutes,
+        "tasks": [_entry(name, row, None) for name, row in sorted(rows.items())],
+    }
+    if compare:
+        # the same minutes a day earlier (kept while POLLEN_CHART_RETENTION_DAYS >= 2)
+        before = await _window(c, first - 1440, last - 1440, only_task)
+        body["day_before"] = {
+            "start": (first - 1440) * 60,
+            "tasks": [_entry(name, row, None) for name, row in sorted(before.items())],
+        }
+    return _json(body)
+
+
+async def _all_time(
+    c: Context, only_worker: str | None, only_task: str | None
+) -> list[dict[str, Any]]:
     pipe = c.redis.pipeline(transaction=False)
     for shard in c.keys.all_shards:
         pipe.hgetall(shard.runtime)
-    labels = {label: i for i, label in enumerate([*_BUCKET_LABELS, "+Inf"])}
     buckets: dict[str, list[float]] = {}
     sums: defaultdict[str, float] = defaultdict(float)
     for runtime in await pipe.execute():
@@ -162,26 +238,12 @@ async def runtime_stats(request: web.Request) -> web.Response:
             worker, name, bucket = field.decode().split(SEP, 2)
             if (only_worker and worker != only_worker) or (only_task and name != only_task):
                 continue
-            row = buckets.setdefault(name, [0.0] * len(labels))
-            if bucket in labels:
-                row[labels[bucket]] += float(value)
+            row = buckets.setdefault(name, [0.0] * len(_LABELS))
+            if bucket in _LABELS:
+                row[_LABELS[bucket]] += float(value)
             elif bucket == "sum":
                 sums[name] += float(value)
-    tasks = []
-    for name, row in sorted(buckets.items()):
-        count = sum(row)
-        entry: dict[str, Any] = {
-            "task": name,
-            "count": int(count),
-            "sum": sums[name],
-            "mean": sums[name] / count if count else None,
-            "counts": [int(n) for n in row],
-        }
-        for q in QUANTILES:
-            value = quantile(q, row)
-            entry[f"p{round(q * 100)}"] = None if value is None or math.isnan(value) else value
-        tasks.append(entry)
-    return _json({"buckets": list(RUNTIME_BUCKETS), "tasks": tasks})
+    return [_entry(name, row, sums[name]) for name, row in sorted(buckets.items())]
 
 
 routes: list[Any] = [
@@ -238,14 +300,33 @@ openapi_paths: Spec = {
         "get",
         "Runtime histogram and percentiles per task name (succeeded tasks)",
         [
-            param("workername", "only this worker's runtimes"),
+            param("workername", "only this worker's runtimes (all-time only)"),
             param("taskname", "only this task name"),
+            param(
+                "minutes",
+                "only tasks that succeeded in the last minutes (default: all time; at most "
+                "POLLEN_CHART_RETENTION_DAYS days)",
+                {"type": "integer", "minimum": 1},
+            ),
+            param(
+                "compare",
+                "with minutes: also the same minutes a day earlier (day_before)",
+                {"type": "boolean"},
+            ),
         ],
         _ok(
-            "per task name: count, sum, mean, counts per bucket (buckets' upper "
-            "bounds in seconds, then +Inf), p50/p90/p99 estimated like Prometheus' "
-            "histogram_quantile (a rank in +Inf gives the highest finite bound)",
-            {"buckets": {"type": "array"}, "tasks": {"type": "array"}},
+            "per task name: count, sum and mean (all time only, else null), counts per "
+            "bucket (buckets' upper bounds in seconds, then +Inf), p50/p90/p99 estimated "
+            "like Prometheus' histogram_quantile (a rank in +Inf gives the highest finite "
+            "bound); with minutes, start (epoch seconds) and, with compare, day_before "
+            "({start, tasks})",
+            {
+                "buckets": {"type": "array"},
+                "tasks": {"type": "array"},
+                "start": {"type": "number"},
+                "minutes": {"type": "integer"},
+                "day_before": {"type": "object"},
+            },
         ),
     ),
 }

@@ -38,6 +38,7 @@
 --   P children:<uuid>      set     P names  set     P states  set of states seen
 --   P worker:<host>        hash    P workers  zset  P seen  zset  P wdedup:<host>  zset
 --   P counts  hash         P minute:<m>  hash       P runtime  hash
+--   P rtminute:<m>  hash: '<name>\31<bucket>' -> task-succeeded events that minute
 --   P prefetch  hash: '<worker>\31<name>' -> 'timestamp,uuid,seconds' (Flower's prefetch time)
 --   P deaths  hash: host -> 'ts,ts,...' ascending     P idx:lost  zset of uuids by timestamp
 --   P lostcounts  hash: '<worker>\31<name>' -> tasks marked lost
@@ -238,6 +239,10 @@ local function count(record, name, sign)
     add(sums, P .. KEY.runtime, prefix .. rb, sign)
     add(sums, P .. KEY.runtime, prefix .. 'count', sign)
     add(fsums, P .. KEY.runtime, prefix .. 'sum', sign * tonumber(rj))
+    -- the same buckets per minute (windowed percentiles), by the task-succeeded's minute
+    local rm = P .. KEY.rtminute .. minute
+    add(sums, rm, name .. SEP .. rb, sign)
+    expiring[rm] = true
   end
 end
 

@@ -93,7 +93,7 @@ def counters(r: redis.Redis, keys: Keys) -> dict[str, dict[bytes, bytes]]:
                     ):
                         latest[field] = value
             elif kind in ("counts", "runtime", "failures") or kind.startswith(
-                ("minute:", "failminute:")
+                ("minute:", "failminute:", "rtminute:")
             ):
                 merged = out.setdefault(kind, {})
                 for field, value in raw_hash(r.hgetall(key)).items():

@@ -152,6 +152,53 @@ def test_runtime(api: Api) -> None:
     assert nobody["tasks"] == []
 
 
+def test_runtime_window_and_day_before(seeded: tuple[RedisServer, float], tmp_path: Path) -> None:
+    """Percentiles over the tasks that succeeded in the last minutes, and over the same
+    minutes a day earlier; the all-time histogram holds both."""
+    server, now = seeded
+    minute = (now // 60) * 60
+    out: list[dict[str, Any]] = []
+    runs = [("now", minute + 3, (0.002, 0.002, 0.3)), ("old", minute - 86400 + 3, (4.0, 4.0))]
+    for tag, ts, runtimes in runs:
+        for i, runtime in enumerate(runtimes):
+            u = f"{tag}-{i}"
+            out.append({"type": "task-received", "uuid": u, "name": "tasks.w", "timestamp": ts})
+            out.append({"type": "task-succeeded", "uuid": u, "runtime": runtime, "timestamp": ts})
+    out.append(  # ten minutes ago: outside a 2-minute window
+        {"type": "task-received", "uuid": "mid", "name": "tasks.w", "timestamp": minute - 600}
+    )
+    out.append({"type": "task-succeeded", "uuid": "mid", "runtime": 9.0, "timestamp": minute - 600})
+    for e in out:
+        e.update(hostname="w@win", clock=1, pid=1, local_received=e["timestamp"])
+    clear_namespace(server, "statswin")
+    seed(server, "statswin", out)
+    api = Api(api_env(server, "statswin", chart_retention_days="2"), tmp_path / "api.log")
+    try:
+        # 2 minutes: the seeding minute is in it, also if a minute went by since
+        body = json.loads(api.get("/api/stats/runtime?minutes=2&compare=1")[2])
+        (w,) = body["tasks"]
+        assert w["task"] == "tasks.w" and w["count"] == 3 and w["sum"] is None
+        assert 0.0 < w["p50"] <= 0.005 and 0.25 < w["p99"] <= 0.5
+        assert body["minutes"] == 2 and body["start"] in (minute - 60, minute)
+        (old,) = body["day_before"]["tasks"]
+        assert old["count"] == 2 and 2.5 < old["p50"] <= 5.0
+        assert body["day_before"]["start"] == body["start"] - 86400
+        wide = json.loads(api.get("/api/stats/runtime?minutes=20")[2])
+        assert wide["tasks"][0]["count"] == 4 and "day_before" not in wide
+        every = json.loads(api.get("/api/stats/runtime")[2])
+        assert every["tasks"][0]["count"] == 6 and every["tasks"][0]["sum"] == pytest.approx(17.304)
+        for query, param in (
+            ("minutes=2881", "minutes"),
+            ("compare=1", "compare"),
+            ("minutes=5&workername=w@win", "workername"),
+        ):
+            status, _, error = api.get(f"/api/stats/runtime?{query}")
+            assert status == 400 and json.loads(error)["error"].startswith(f"{param}: "), error
+    finally:
+        api.stop()
+        clear_namespace(server, "statswin")
+
+
 def test_quantile_is_prometheus_histogram_quantile() -> None:
     counts = [0.0] * (len(RUNTIME_BUCKETS) + 1)
     assert quantile(0.5, counts) is None

@@ -162,13 +162,14 @@ export function runtimeBars(el, { title, rows, measures }) {
     const name = row.label.length > 30 ? `…${row.label.slice(-29)}` : row.label;
     svg.append(s('text', { x: labelW - 8, y: y0 + rowH / 2, class: 'label',
       'text-anchor': 'end' }, name, s('title', null, row.label)));
+    const last = row.values.reduce((at, v, j) => (v > 0 ? j : at), -1);
     row.values.forEach((v, j) => {
       if (!(v > 0)) return;
       const y = y0 + j * 8;
       svg.append(s('rect', { x: labelW, y, width: Math.max(1, x(v) - labelW), height: 7,
         fill: measures[j].color },
         s('title', null, `${row.label} ${measures[j].label}: ${fmtDuration(v)}`)));
-      if (j === row.values.length - 1) {
+      if (j === last) {
         svg.append(s('text', { x: x(v) + 4, y: y + 7, class: 'axis' },
           `${fmtDuration(v)}${row.note ? ` ${row.note}` : ''}`));
       }

@@ -1,6 +1,7 @@
 // Charts: tasks per minute by state and by task name, failure rate, runtime percentiles per
-// task name and queue lengths over time, from /api/stats/* and /api/queues/*, kept live by
-// counting the stream's task events into the current minute between refreshes.
+// task name (in the range, beside a day before) and queue lengths over time, from
+// /api/stats/* and /api/queues/*, kept live by counting the stream's task events into the
+// current minute between refreshes.
 import { getJson } from './api.js';
 import { PALETTE, lines, runtimeBars, stackedBars } from './charts.js';
 import { h, toHash } from './util.js';
@@ -106,13 +107,16 @@ export function chartsView(el, { params, app }) {
         ? `${((100 * failTotal) / (okTotal + failTotal)).toFixed(1)}%` : '–'), ' failure rate'),
     );
     if (runtime) {
+      // the same minutes a day earlier, for comparison (p90: the one that moves first)
+      const before = new Map(((runtime.day_before || {}).tasks || []).map((t) => [t.task, t]));
       const rows = runtime.tasks.filter((t) => t.count > 0)
         .sort((a, b) => (b.p50 || 0) - (a.p50 || 0))
-        .map((t) => ({ label: t.task, values: [t.p50, t.p90, t.p99],
+        .map((t) => ({ label: t.task, values: [t.p50, t.p90, t.p99, before.get(t.task)?.p90],
           note: `(${t.count.toLocaleString()} runs)` }));
-      runtimeBars(boxes.runtime, { title: 'Runtime by task name (succeeded tasks, all time)',
+      const range = RANGES.find(([m]) => m === minutes)[1];
+      runtimeBars(boxes.runtime, { title: `Runtime by task name (succeeded, ${range})`,
         rows, measures: [{ label: 'p50', color: '#93c5fd' }, { label: 'p90', color: '#3b82f6' },
-          { label: 'p99', color: '#1e3a8a' }] });
+          { label: 'p99', color: '#1e3a8a' }, { label: 'p90 a day before', color: '#d1d5db' }] });
     }
     lines(boxes.queues, { title: 'Queue lengths (messages waiting)', times: queues.times,
       series: queues.names.map((q, i) => ({ label: q, color: PALETTE[i % PALETTE.length],
@@ -128,7 +132,7 @@ export function chartsView(el, { params, app }) {
     try {
       const [pm, rt, qh, ql] = await Promise.all([
         getJson('/api/stats/tasks-per-minute', { minutes }),
-        getJson('/api/stats/runtime'),
+        getJson('/api/stats/runtime', { minutes, compare: 1 }),
         getJson('/api/queues/history', { minutes }).catch(() => ({ history: [] })),
         getJson('/api/queues/length').catch(() => ({ active_queues: [] })),
       ]);
