@@ -25,7 +25,7 @@ from services.api.context import ctx
 from services.api.errors import bad_param
 from services.api.openapi import Spec, operation, param
 from services.api.query import CursorError, Position
-from services.api.tasks import fetch, parse_task_query, task_query_params
+from services.api.tasks import client_gone, fetch, parse_task_query, task_query_params
 from shared.events import TASK_FIELDS
 from shared.readers import LOST_FIELDS
 
@@ -69,8 +69,7 @@ async def export_tasks(request: web.Request) -> web.StreamResponse:
         query = dataclasses.replace(query, limit=total)
 
     def wanted() -> bool:
-        transport = request.transport
-        return transport is not None and not transport.is_closing()
+        return not client_gone(request)
 
     try:
         page = await c.engine.run(query, wanted)

@@ -125,7 +125,8 @@ def parse_task_query(request: web.Request, max_page: int) -> tuple[TaskQuery, bo
     return query, capped
 
 
-def _client_gone(request: web.Request) -> bool:
+def client_gone(request: web.Request) -> bool:
+    """Whether the request's client has left (its connection is closing or closed)."""
     transport = request.transport
     return transport is None or transport.is_closing()
 
@@ -134,7 +135,7 @@ async def list_tasks(request: web.Request) -> web.Response:
     c = ctx(request)
     query, capped = parse_task_query(request, c.settings.max_page)
     try:
-        page = await c.engine.run(query, lambda: not _client_gone(request))
+        page = await c.engine.run(query, lambda: not client_gone(request))
     except CursorError as exc:
         raise bad_param("cursor", str(exc)) from None
     tasks = await fetch(c, page.uuids, listing=True)

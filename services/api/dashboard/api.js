@@ -61,11 +61,6 @@ export async function getJson(path, params, signal) {
   return (await get(path, params, signal)).data;
 }
 
-/** The URL of an API path with query parameters (empty ones left out). */
-export function apiUrl(path, params) {
-  return url(path, params);
-}
-
 /**
  * Save what a GET answers as a file. Without a token a plain link does it (the browser streams
  * it to disk, sending basic auth or the SSO cookie itself); a bearer token can only go in a
