@@ -10,6 +10,7 @@ Redis stream and publishes, as read by the API.
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -31,9 +32,10 @@ TASK_EVENT_TO_STATE: dict[str, str] = {
 }
 
 #: Task fields an event may write (celery's ``Task._fields`` minus those celery computes:
-#: uuid, state, timestamp, clock, worker, client, children, root/parent and the per-type times).
-#: Append only: a field's position is its bit in the masks ``apply_events.lua`` stores in task
-#: hashes (``FIELD_BIT``, ``shared/scripts.py``).
+#: uuid, state, timestamp, clock, worker, client, children, root/parent and the per-type times),
+#: then Pollen's own ``queue`` (task-sent's: the label of the wait histograms; stored, not in
+#: Flower's task JSON). Append only: a field's position is its bit in the masks
+#: ``apply_events.lua`` stores in task hashes (``FIELD_BIT``, ``shared/scripts.py``).
 TASK_EVENT_FIELDS: tuple[str, ...] = (
     "name",
     "args",
@@ -49,6 +51,7 @@ TASK_EVENT_FIELDS: tuple[str, ...] = (
     "routing_key",
     "root_id",
     "parent_id",
+    "queue",
 )
 
 #: Fields of a task as Flower returns it (``Task.as_dict()`` with ``worker`` as hostname).
@@ -131,6 +134,7 @@ class _TaskFields(Envelope, kw_only=True):
     routing_key: str | Opt | None = UNSET
     root_id: str | Opt | None = UNSET
     parent_id: str | Opt | None = UNSET
+    queue: str | Opt | None = UNSET
 
 
 def _tagged(tag: str) -> dict[str, Any]:
@@ -138,7 +142,7 @@ def _tagged(tag: str) -> dict[str, Any]:
 
 
 class TaskSent(_TaskFields, **_tagged("task-sent")):
-    queue: str | Opt | None = UNSET
+    pass
 
 
 class TaskReceived(_TaskFields, **_tagged("task-received")):
@@ -258,6 +262,20 @@ def _class_at(text: str, start: int) -> str | None:
     if name == "None" or len(name) > MAX_EXCEPTION_CLASS:
         return None
     return name
+
+
+def eta_timestamp(eta: Any) -> float | None:
+    """Epoch seconds of a task event's ``eta`` (celery sends ``datetime.isoformat()``; a naive
+    one is taken as UTC, celery's default), or None: absent, null or not an ISO date."""
+    if not isinstance(eta, str):
+        return None
+    try:
+        when = datetime.fromisoformat(eta)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
 
 
 def event_type(event: TaskEvent | WorkerEvent) -> str:

@@ -39,6 +39,13 @@ S runtime                        hash    ``<worker>\\x1f<task name>\\x1f<bucket>
 S rtminute:<epoch minute>        hash    ``<task name>\\x1f<bucket>`` -> task-succeeded events that
                                          minute, buckets of ``RUNTIME_BUCKETS`` (windowed
                                          percentiles)
+S wait                           hash    ``<stage>\\x1f<queue>\\x1f<task name>\\x1f<bucket>``
+                                         -> count, buckets of ``WAIT_BUCKETS`` plus ``sum`` and
+                                         ``count``;
+                                         stage ``queue`` (due -> received) or ``prefetch``
+                                         (received or eta -> started), ``apply_events.lua``
+S wtminute:<epoch minute>        hash    the same fields but sum/count, by the minute of the
+                                         received (queue) or started (prefetch) event
 S prefetch                       hash    ``<worker>\\x1f<task name>`` -> ``<timestamp>,<uuid>,
                                          <seconds>``: Flower's prefetch time, from the latest
                                          event (by timestamp, then uuid)
@@ -79,7 +86,10 @@ Global (no hash tag):
                                          ``POLLEN_INSPECT_TTL`` without answers
 <ns>:inspected                   zset    hostname by the time of its newest inspect answer
 <ns>:queues                      hash    queue name -> JSON ``{"name", "messages", "consumers",
-                                         "time"}`` of the latest sample (consumers null on Redis)
+                                         "time", "oldest"}`` of the latest sample (consumers null
+                                         on Redis; oldest: ``{"task_id", "since", "age"}`` of the
+                                         oldest waiting message, or null when the broker cannot
+                                         tell)
 <ns>:queues:history              stream  id ``<minute start ms>-0``, field ``q`` -> JSON
                                          ``{queue: messages}``, first sample of each minute
 <ns>:enabler:lease               string  id of the active enabler, PX expiry 1.5 enable intervals
@@ -119,6 +129,32 @@ RUNTIME_BUCKETS: tuple[float, ...] = (
     7.5,
     10.0,
 )
+
+#: Wait-time histogram buckets (seconds): from milliseconds to an hour, queues back up for long.
+WAIT_BUCKETS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+)
+
+#: The waits a task's events measure (``wait`` hash, ``apply_events.lua``'s wait rule): in the
+#: broker's queue (due -> received) and in the worker's prefetch (received or eta -> started).
+WAIT_STAGES: tuple[str, ...] = ("queue", "prefetch")
 
 CLUSTER_SLOTS = 16384
 
@@ -184,6 +220,8 @@ class Suffixes:
     minute: str = "minute:"
     runtime: str = "runtime"
     rtminute: str = "rtminute:"
+    wait: str = "wait"
+    wtminute: str = "wtminute:"
     prefetch: str = "prefetch"
     deaths: str = "deaths"
     idx_lost: str = "idx:lost"
@@ -308,6 +346,13 @@ class Shard:
 
     def runtime_minute(self, epoch_minute: int) -> str:
         return f"{self.prefix}{SUFFIXES.rtminute}{epoch_minute}"
+
+    @property
+    def wait(self) -> str:
+        return f"{self.prefix}{SUFFIXES.wait}"
+
+    def wait_minute(self, epoch_minute: int) -> str:
+        return f"{self.prefix}{SUFFIXES.wtminute}{epoch_minute}"
 
     @property
     def prefetch(self) -> str:

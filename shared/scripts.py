@@ -11,6 +11,8 @@ KEY                 ``shared.keys.SUFFIXES``: ``P .. KEY.idx_state .. state``
 HIDDEN              ``shared.keys.HIDDEN``: hidden hash fields, ``HIDDEN.state == '_s'``
 SEP                 ``shared.keys.SEP``, the separator inside composite hash fields
 MAX_DEATHS          ``shared.keys.MAX_DEATHS``, deaths kept per worker and shard
+WAIT_BUCKETS        ``shared.keys.WAIT_BUCKETS``: the bounds' labels (``repr``), ascending
+WAIT_STAGE          ``shared.keys.WAIT_STAGES`` by name: ``WAIT_STAGE.queue == 'queue'``
 SUBJECT_STATE       ``shared.events.TASK_EVENT_TO_STATE``: event subject -> state
 STATE               its states by name: ``STATE.RETRY == 'RETRY'``
 PRECEDENCE          ``celery.states.PRECEDENCE_LOOKUP``: state -> rank (lower wins)
@@ -38,7 +40,7 @@ from redis.commands.core import Script
 from shared import events, keys
 
 LuaScalar = str | int
-LuaValue = LuaScalar | Mapping[str, LuaScalar]
+LuaValue = LuaScalar | Mapping[str, LuaScalar] | tuple[str, ...]
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LUA_RESERVED = frozenset(
@@ -57,6 +59,8 @@ def definitions() -> dict[str, LuaValue]:
         "HIDDEN": dataclasses.asdict(keys.HIDDEN),
         "SEP": keys.SEP,
         "MAX_DEATHS": keys.MAX_DEATHS,
+        "WAIT_BUCKETS": tuple(repr(b) for b in keys.WAIT_BUCKETS),
+        "WAIT_STAGE": {stage: stage for stage in keys.WAIT_STAGES},
         "SUBJECT_STATE": dict(events.TASK_EVENT_TO_STATE),
         "STATE": {state: state for state in events.TASK_EVENT_TO_STATE.values()},
         "PRECEDENCE": precedence,
@@ -91,6 +95,8 @@ def lua_literal(value: LuaValue) -> str:
         return _string(value)
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, tuple):
+        return "{ " + ", ".join(lua_literal(v) for v in value) + " }"
     items = ", ".join(f"{_key(k)} = {lua_literal(v)}" for k, v in sorted(value.items()))
     return "{ " + items + " }"
 

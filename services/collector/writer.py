@@ -80,8 +80,14 @@ def task_args(event: ev.TaskEvent, open_json: bytes) -> dict[str, Any]:
         args["name"] = event.name
     if "parent_id" in fields and isinstance(event.parent_id, str):
         args["parent_id"] = event.parent_id
-    if subject in ("sent", "received") and isinstance(event.retries, int):
-        args["retries"] = str(event.retries)
+    if "queue" in fields and isinstance(event.queue, str):
+        args["queue"] = event.queue
+    if subject in ("sent", "received"):
+        if isinstance(event.retries, int):
+            args["retries"] = str(event.retries)
+        eta = ev.eta_timestamp(event.eta)
+        if eta is not None:
+            args["eta_ts"] = repr(eta)
     if subject == "succeeded" and isinstance(event.runtime, float | int):
         runtime = float(event.runtime)
         i = bisect.bisect_left(RUNTIME_BUCKETS, runtime)

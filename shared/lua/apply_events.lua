@@ -12,8 +12,8 @@
 --   task:   kind='task', uuid, uuid_json, subject ('succeeded'...), timestamp_json, clock_json,
 --           hostname, hostname_json, fields={field=json} (the fields it carries, FIELD_BIT's),
 --           open_json (the normalized event JSON without its closing brace); when carried:
---           name and parent_id (raw), retries (text; task-sent and task-received only),
---           runtime_bucket and runtime_json (task-succeeded), exc_class (task-failed and
+--           name, parent_id and queue (raw), retries and eta_ts (text, epoch seconds of the
+--           eta; task-sent and task-received only), runtime_bucket and runtime_json (task-succeeded), exc_class (task-failed and
 --           task-retried whose exception names a class: events.exception_class)
 --   worker: kind='worker', hostname, subject ('heartbeat'...), timestamp_json, clock_json,
 --           local_received_json, fields={field=json}, open_json
@@ -27,8 +27,8 @@
 --                            _1.._N  the task's events, sorted, one per field (short values
 --                                    keep small hashes in Redis's compact listpack encoding):
 --                                    'timestamp,clock,subject,mask,retries[,x]', x: the
---                                    worker of a started/succeeded/failed, 'eta' for a
---                                    sent/received with an eta; _hn = N
+--                                    worker of a started/succeeded/failed, 'eta<epoch>' for
+--                                    a sent/received with an eta; _hn = N
 --                            _s/_n/_w/_p  raw state, name, worker, parent_id (index keys)
 --                            _u  events counted before the task's name was known, to be
 --                                moved under the name when it arrives (rare: out of order)
@@ -39,6 +39,8 @@
 --   P worker:<host>        hash    P workers  zset  P seen  zset  P wdedup:<host>  zset
 --   P counts  hash         P minute:<m>  hash       P runtime  hash
 --   P rtminute:<m>  hash: '<name>\31<bucket>' -> task-succeeded events that minute
+--   P wait  hash: '<stage>\31<queue>\31<name>\31<bucket|sum|count>'  (wait rule below)
+--   P wtminute:<m>  hash: '<stage>\31<queue>\31<name>\31<bucket>' -> waits ending that minute
 --   P prefetch  hash: '<worker>\31<name>' -> 'timestamp,uuid,seconds' (Flower's prefetch time)
 --   P deaths  hash: host -> 'ts,ts,...' ascending     P idx:lost  zset of uuids by timestamp
 --   P lostcounts  hash: '<worker>\31<name>' -> tasks marked lost
@@ -59,6 +61,13 @@
 -- event and its worker come from its history, so the mark too is the same whatever the order
 -- of events and deaths. A later event (it finished after all, or another worker received it)
 -- clears the mark.
+--
+-- Wait rule (queue health). A task's waits are a function of its sorted history, so counting
+-- the difference between its waits after and before a call counts each wait once, whatever the
+-- order of arrival. Per attempt: 'queue' = received - due, due being the task-sent of the same
+-- retries or its eta when later (no task-sent: no queue wait); 'prefetch' = started - the
+-- received before it, or its eta when later. Negative (clock skew) counts as 0. Labelled by
+-- the task's queue (task-sent's) and name.
 --
 -- Cost. Each task is read once (its merge fields, not its args or result) and written once
 -- per call however many of its events the batch holds, its indexes are moved once, and
@@ -246,6 +255,73 @@ local function count(record, name, sign)
   end
 end
 
+-- Waits (the wait rule in the header): {stage, seconds, timestamp} per wait in the history.
+local WAIT_BOUNDS = {}
+for i, label in ipairs(WAIT_BUCKETS) do WAIT_BOUNDS[i] = tonumber(label) end
+
+-- a sent/received's eta: nil without one, false when stored before its time was kept
+local function eta_of(h)
+  if string.sub(h.x, 1, 3) ~= 'eta' then return nil end
+  return tonumber(string.sub(h.x, 4)) or false
+end
+
+local function waits_of(history)
+  local out = {}
+  local sent = {}
+  for _, h in ipairs(history) do
+    if h.subject == 'sent' and h.r ~= '' and not sent[h.r] then sent[h.r] = h end
+  end
+  local received = nil
+  for _, h in ipairs(history) do
+    if h.subject == 'received' then
+      received = h
+      local s = h.r ~= '' and sent[h.r]
+      if s then
+        local eta = eta_of(h)
+        if eta == nil then eta = eta_of(s) end
+        if eta ~= false then
+          out[#out + 1] = { WAIT_STAGE.queue, h.ts - math.max(s.ts, eta or s.ts), h.ts }
+        end
+      end
+    elseif h.subject == 'started' and received then
+      local eta = eta_of(received)
+      if eta ~= false then
+        out[#out + 1] = { WAIT_STAGE.prefetch, h.ts - math.max(received.ts, eta or received.ts), h.ts }
+      end
+      received = nil
+    end
+  end
+  return out
+end
+
+-- The waits as counted: labelled records and their signature (equal signatures: no change).
+local function wait_records(history, queue, name)
+  local records, parts = {}, {}
+  for i, w in ipairs(waits_of(history)) do
+    local seconds = math.max(0, w[2])
+    local bucket = '+Inf'
+    for j, bound in ipairs(WAIT_BOUNDS) do
+      if seconds <= bound then bucket = WAIT_BUCKETS[j]; break end
+    end
+    local field = w[1] .. SEP .. (queue or '') .. SEP .. (name or '') .. SEP
+    records[i] = { field = field, bucket = bucket, seconds = seconds,
+                   minute = tostring(math.floor(w[3] / 60)) }
+    parts[i] = field .. bucket .. SEP .. records[i].minute .. SEP .. string.format('%.17g', seconds)
+  end
+  return records, table.concat(parts, '\30')
+end
+
+local function count_waits(records, sign)
+  for _, w in ipairs(records) do
+    add(sums, P .. KEY.wait, w.field .. w.bucket, sign)
+    add(sums, P .. KEY.wait, w.field .. 'count', sign)
+    add(fsums, P .. KEY.wait, w.field .. 'sum', sign * w.seconds)
+    local key = P .. KEY.wtminute .. w.minute
+    add(sums, key, w.field .. w.bucket, sign)
+    expiring[key] = true
+  end
+end
+
 local RECORD_END, FIELD_SEP = '\30', '\31'
 
 local function parse_unnamed(text)
@@ -262,7 +338,7 @@ end
 -- or traceback, which can be large), then the writes this batch makes.
 local MERGE_FIELDS = { HIDDEN.history_len, HIDDEN.state, HIDDEN.name, HIDDEN.worker,
                        HIDDEN.parent, HIDDEN.unnamed, 'timestamp', 'name', 'lost', 'lost_at',
-                       HIDDEN.exceptions }
+                       HIDDEN.exceptions, 'queue' }
 local function load_task(u)
   local key = P .. KEY.task .. u
   local f = redis.call('HMGET', key, unpack(MERGE_FIELDS))
@@ -287,6 +363,8 @@ local function load_task(u)
     classes = {}, new_classes = false,
   }
   for c in string.gmatch(f[11] or '', '([^\31]+)') do t.classes[#t.classes + 1] = c end
+  if f[12] then t.queue = nonempty(cjson.decode(f[12])) end
+  t.old_waits, t.old_wait_sig = wait_records(history, t.queue, t.old_name)
   t.name, t.worker, t.parent = t.old_name, t.old_worker, t.old_parent
   t.state, t.tj = t.old_state, t.old_tj
   return t
@@ -303,7 +381,7 @@ local function apply_task(t, ev)
   if HOSTED[ev.subject] then
     x = ev.hostname
   elseif SCHEDULED[ev.subject] and ev.fields.eta and ev.fields.eta ~= 'null' then
-    x = 'eta'
+    x = 'eta' .. (ev.eta_ts or '')
   end
   local e = new_entry(ev.timestamp_json, ev.clock_json, ev.subject, mask, ev.retries, x)
 
@@ -352,6 +430,8 @@ local function apply_task(t, ev)
         t.name_json = v
       elseif f == 'parent_id' then
         t.parent = nonempty(ev.parent_id)
+      elseif f == 'queue' then
+        t.queue = nonempty(ev.queue)
       end
     end
   end
@@ -406,7 +486,7 @@ local function prefetch_times(t)
   local out = {}
   local received, started, eta = nil, false, false
   for _, h in ipairs(t.history) do
-    if SCHEDULED[h.subject] and h.x == 'eta' then eta = true end
+    if SCHEDULED[h.subject] and string.sub(h.x, 1, 3) == 'eta' then eta = true end
     if h.subject == 'received' then received = h.ts end
     if h.subject == 'started' then started = true end
     if not eta and received and HOSTED[h.subject] and h.x ~= '' then
@@ -568,6 +648,12 @@ local function save_task(t)
     end
   end
   redis.call('HSET', unpack(hset))
+
+  local waits, sig = wait_records(history, t.queue, t.name)
+  if sig ~= t.old_wait_sig then
+    count_waits(t.old_waits, -1)
+    count_waits(waits, 1)
+  end
 
   -- indexes
   local tj = t.tj

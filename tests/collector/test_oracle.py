@@ -7,6 +7,7 @@ collectors or redeliveries produce). Every task field and every worker field mus
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 import msgspec
@@ -17,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.collector.writer import Writer
+from shared import events as ev
 from shared.events import TASK_FIELDS, WORKER_EVENT_FIELDS
-from shared.keys import Keys
+from shared.keys import SEP, WAIT_BUCKETS, Keys
 from shared.settings import Settings
 from tests.support import readback
 from tests.support.lifecycles import BASE_TS, chunks, cluster_stream, with_local_received
@@ -92,8 +94,8 @@ def counters(r: redis.Redis, keys: Keys) -> dict[str, dict[bytes, bytes]]:
                         latest[field].split(b",")[1],
                     ):
                         latest[field] = value
-            elif kind in ("counts", "runtime", "failures") or kind.startswith(
-                ("minute:", "failminute:", "rtminute:")
+            elif kind in ("counts", "runtime", "failures", "wait") or kind.startswith(
+                ("minute:", "failminute:", "rtminute:", "wtminute:")
             ):
                 merged = out.setdefault(kind, {})
                 for field, value in raw_hash(r.hgetall(key)).items():
@@ -107,6 +109,58 @@ def counters(r: redis.Redis, keys: Keys) -> dict[str, dict[bytes, bytes]]:
                     old = merged.get(member)
                     merged[member] = repr(pick(score, float(old)) if old else score).encode()
     return out
+
+
+def celery_waits(events: list[dict[str, Any]]) -> dict[str, dict[bytes, bytes]]:
+    """The wait histograms as celery's State gives them, replayed in order: a task-received's
+    queue wait from the task-sent of its retries (celery's ``sent``, ``received``, ``eta``), a
+    task-started's prefetch wait from the received before it; each from the due time (or the
+    eta when later), at least 0, labelled by the task's final queue (routing key) and name."""
+    state = State()
+    sent: dict[tuple[str, int], float] = {}
+    pending: dict[str, tuple[float, float | None]] = {}
+    found: list[tuple[str, str, float, float]] = []
+    for event in with_local_received(events):
+        state.event(dict(event))
+        kind, uuid = event["type"], event.get("uuid")
+        if uuid is None:
+            continue
+        task = state.tasks[uuid]
+        eta = ev.eta_timestamp(task.eta)
+        if kind == "task-sent":
+            sent.setdefault((uuid, event["retries"]), task.sent)
+        elif kind == "task-received":
+            pending[uuid] = (task.received, eta)
+            if (uuid, event["retries"]) in sent:
+                due = max(sent[(uuid, event["retries"])], eta or 0)
+                found.append((uuid, "queue", task.received - due, task.received))
+        elif kind == "task-started" and uuid in pending:
+            received, eta = pending.pop(uuid)
+            found.append((uuid, "prefetch", task.started - max(received, eta or 0), task.started))
+    out: dict[str, dict[bytes, float]] = {}
+    for uuid, stage, seconds, ts in found:
+        task = state.tasks[uuid]
+        seconds = max(0.0, seconds)
+        i = bisect.bisect_left(WAIT_BUCKETS, seconds)
+        bucket = repr(WAIT_BUCKETS[i]) if i < len(WAIT_BUCKETS) else "+Inf"
+        field = SEP.join([stage, task.routing_key or "", task.name or "", ""])
+        for kind, name, value in [
+            ("wait", bucket, 1.0),
+            ("wait", "count", 1.0),
+            ("wait", "sum", seconds),
+            (f"wtminute:{int(ts // 60)}", bucket, 1.0),
+        ]:
+            fields = out.setdefault(kind, {})
+            key = (field + name).encode()
+            fields[key] = fields.get(key, 0.0) + value
+    return {
+        kind: {k: repr(round(v, 6)).encode() for k, v in fields.items() if round(v, 6)}
+        for kind, fields in out.items()
+    }
+
+
+def waits(r: redis.Redis, keys: Keys) -> dict[str, dict[bytes, bytes]]:
+    return {k: v for k, v in counters(r, keys).items() if k == "wait" or k.startswith("wtminute:")}
 
 
 COMMON = settings(
@@ -126,6 +180,7 @@ def test_in_order_matches_celery(
     for chunk in chunks(with_local_received(events), sizes):
         readback.apply(writer, chunk)
     assert_same(r, writer.keys, celery_answer(events), "in order")
+    assert waits(r, writer.keys) == celery_waits(events)
 
 
 @COMMON

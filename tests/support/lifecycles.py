@@ -7,6 +7,7 @@ as celery's EventDispatcher produces them.
 from __future__ import annotations
 
 import itertools
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import strategies as st
@@ -14,9 +15,18 @@ from hypothesis import strategies as st
 WORKERS = ("celery@alpha", "celery@beta", "celery@gamma")
 CLIENT = "client@app"
 NAMES = ("tasks.add", "tasks.mul", "proj.reports.build")
+QUEUES = ("celery", "reports")
 BASE_TS = 1_790_000_000.0
 
 Event = dict[str, Any]
+
+
+def etas() -> st.SearchStrategy[str | None]:
+    """No eta, or one in the minute after BASE_TS as celery sends it (isoformat, UTC)."""
+    iso = st.floats(0, 60, allow_nan=False).map(
+        lambda s: datetime.fromtimestamp(BASE_TS + round(s, 3), UTC).isoformat()
+    )
+    return st.one_of(st.none(), st.none(), iso)
 
 
 @st.composite
@@ -25,6 +35,10 @@ def task_events(draw: st.DrawFn, uuid: str, parent: str | None, root: str) -> li
     name = draw(st.sampled_from(NAMES))
     args = draw(st.sampled_from(["()", "(1, 2)", "('x',)", "[" + "9" * 40 + "]"]))
     kwargs = draw(st.sampled_from(["{}", "{'a': 1}", "{'user': 'bob'}"]))
+    queue = draw(st.sampled_from(QUEUES))
+    # one eta for every attempt: with an eta on some attempts only, Flower's prefetch time
+    # (flower_task_prefetch_time_seconds, latest value wins) depends on the arrival order
+    eta = draw(etas())
     common = {
         "name": name,
         "args": args,
@@ -41,17 +55,20 @@ def task_events(draw: st.DrawFn, uuid: str, parent: str | None, root: str) -> li
                 "type": "task-sent",
                 "hostname": CLIENT,
                 "retries": 0,
-                "queue": "celery",
+                "queue": queue,
                 "exchange": "",
-                "routing_key": "celery",
+                "routing_key": queue,
                 **common,
+                "eta": eta,
             }
         )
     attempts = draw(st.integers(1, 3))
     for attempt in range(attempts):
         worker = draw(st.sampled_from(WORKERS))
         last = attempt == attempts - 1
-        out.append({"type": "task-received", "hostname": worker, "retries": attempt, **common})
+        out.append(
+            {"type": "task-received", "hostname": worker, "retries": attempt, **common, "eta": eta}
+        )
         if draw(st.integers(0, 9)) == 0:
             out.append({"type": "task-rejected", "hostname": worker, "requeue": False})
             if last:
