@@ -13,7 +13,11 @@ task-failed (Flower's ``observe_task``, latest by sender time);
 task name, for every worker and name that ever had a task received (0 when none waits now,
 as Flower's gauge goes back to 0). Plus ``pollen_*``: worker events by type, failed and
 retried events by exception class, tasks lost by worker and name, collector lag, rate and
-heartbeat age, malformed events by reason, tasks stored, queue lengths and consumers.
+heartbeat age, malformed events by reason, tasks stored, queue lengths and consumers, the
+age of a queue's oldest waiting message (where the broker can tell) and the wait histograms
+``pollen_task_queue_wait_seconds`` (task-sent, or its eta when later, to task-received) and
+``pollen_task_prefetch_wait_seconds`` (task-received, or its eta when later, to task-started)
+by queue and task name (the collector's ``wait`` hashes).
 """
 
 from __future__ import annotations
@@ -28,13 +32,20 @@ from aiohttp import web
 from services.api import failures
 from services.api.context import Context, ctx
 from services.api.openapi import Spec, operation
-from shared.keys import HIDDEN, RUNTIME_BUCKETS, SEP
+from shared.keys import HIDDEN, RUNTIME_BUCKETS, SEP, WAIT_BUCKETS, WAIT_STAGES
 from shared.readers import heartbeat_active, worker_alive
 from shared.workers import event_state, known_workers, lost_counts
 
 #: Most RECEIVED tasks per worker read to label prefetched tasks by name.
 PREFETCH_SCAN = 10_000
 _BUCKETS = [repr(b) for b in RUNTIME_BUCKETS]
+_WAIT_BUCKETS = [repr(b) for b in WAIT_BUCKETS]
+_WAIT_HELP = {
+    "queue": "Time a task waited in the broker: task-sent (or its eta, when later) to "
+    "task-received",
+    "prefetch": "Time a task waited at the worker: task-received (or its eta, when later) to "
+    "task-started",
+}
 
 
 def _escape(value: str) -> str:
@@ -115,6 +126,7 @@ async def render(c: Context) -> str:
         pipe.hgetall(shard.runtime)
         pipe.zcard(shard.by_timestamp)
         pipe.hgetall(shard.prefetch)
+        pipe.hgetall(shard.wait)
     pipe.zrange(c.keys.collectors, 0, -1, withscores=True)
     pipe.hgetall(c.keys.malformed)
     pipe.hgetall(c.keys.queues)
@@ -124,8 +136,13 @@ async def render(c: Context) -> str:
     tasks_stored = 0
     # (worker, name) -> (timestamp, seconds) of the latest event over the shards
     prefetch_time: dict[tuple[str, str], tuple[float, float]] = {}
+    # (stage, queue, name, bucket) -> count (and sum, count)
+    waits: defaultdict[tuple[str, str, str, str], float] = defaultdict(float)
     for i in range(len(shards)):
-        counts, runtimes, stored, prefetches = replies[4 * i : 4 * i + 4]
+        counts, runtimes, stored, prefetches, wait = replies[5 * i : 5 * i + 5]
+        for field, value in wait.items():
+            stage, queue, name, bucket = field.decode().split(SEP, 3)
+            waits[(stage, queue, name, bucket)] += float(value)
         for field, count in counts.items():
             worker, kind, name = field.decode().split(SEP, 2)
             events[(worker, kind, name)] += int(count)
@@ -139,7 +156,7 @@ async def render(c: Context) -> str:
             ts, seconds = float(stamp), float(seconds_text)
             if (worker, name) not in prefetch_time or ts > prefetch_time[(worker, name)][0]:
                 prefetch_time[(worker, name)] = (ts, seconds)
-    collectors, malformed, queues = replies[4 * len(shards) :]
+    collectors, malformed, queues = replies[5 * len(shards) :]
     now = time.time()
     out = Exposition(c.settings.metrics_max_samples)
 
@@ -165,6 +182,20 @@ async def render(c: Context) -> str:
         out.sample("flower_task_runtime_seconds_bucket", [*labels, ("le", "+Inf")], total)
         out.sample("flower_task_runtime_seconds_count", labels, total)
         out.sample("flower_task_runtime_seconds_sum", labels, runtime[(worker, name, "sum")])
+
+    for stage in WAIT_STAGES:
+        metric = f"pollen_task_{stage}_wait_seconds"
+        out.family(metric, "histogram", _WAIT_HELP[stage])
+        for queue, name in sorted({(q, n) for s, q, n, _ in waits if s == stage}):
+            labels = [("queue", queue), ("task", name)]
+            cumulative = 0.0
+            for bucket in _WAIT_BUCKETS:
+                cumulative += waits[(stage, queue, name, bucket)]
+                out.sample(f"{metric}_bucket", [*labels, ("le", bucket)], cumulative)
+            total = waits[(stage, queue, name, "count")]
+            out.sample(f"{metric}_bucket", [*labels, ("le", "+Inf")], total)
+            out.sample(f"{metric}_count", labels, total)
+            out.sample(f"{metric}_sum", labels, waits[(stage, queue, name, "sum")])
 
     hosts = await known_workers(c.redis, c.keys)
     states = await event_state(c.redis, c.keys, hosts)
@@ -285,6 +316,20 @@ async def render(c: Context) -> str:
         if isinstance(sample.get("consumers"), int):
             out.sample(
                 "pollen_queue_consumers", [("queue", str(sample.get("name")))], sample["consumers"]
+            )
+    out.family(
+        "pollen_queue_oldest_message_age_seconds",
+        "gauge",
+        "Age of the oldest message waiting in a queue at the enabler's sample (Redis broker: "
+        "from its task-sent event; RabbitMQ: its timestamp property, management API)",
+    )
+    for sample in samples:
+        oldest = sample.get("oldest")
+        if isinstance(oldest, dict) and isinstance(oldest.get("age"), int | float):
+            out.sample(
+                "pollen_queue_oldest_message_age_seconds",
+                [("queue", str(sample.get("name")))],
+                oldest["age"],
             )
     return out.text()
 

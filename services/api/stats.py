@@ -10,6 +10,8 @@ collector already keeps; nothing here loads tasks.
   one worker) with percentiles estimated as Prometheus' ``histogram_quantile`` does; with
   ``minutes``, over the tasks that succeeded in that window (``rtminute:<m>``), and with
   ``compare``, the same window a day earlier.
+- ``GET /api/stats/wait``: the ``wait`` histograms (queue health) per stage, queue and task
+  name, with percentiles; ``minutes`` and ``compare`` as for runtime (``wtminute:<m>``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -26,20 +29,19 @@ from services.api import params
 from services.api.context import Context, ctx
 from services.api.errors import bad_param
 from services.api.openapi import Spec, json_body, operation, param
-from shared.keys import RUNTIME_BUCKETS, SEP
+from shared.keys import RUNTIME_BUCKETS, SEP, WAIT_BUCKETS, WAIT_STAGES, Shard
 from shared.readers import heartbeat_active, worker_from_hash
 from shared.workers import event_state, known_workers, lost_counts
 
 _encode = msgspec.json.encode
 JSON = "application/json"
-_BUCKET_LABELS = [repr(b) for b in RUNTIME_BUCKETS]
 #: Most (task name, state) series one ``/api/stats/tasks-per-minute`` answer holds: those
 #: with the most events; ``series_total`` says how many there were.
 MAX_SERIES = 200
 #: Minutes of counters read from Redis in one pipeline.
 MINUTES_PER_READ = 60
-#: Percentiles given per task name by ``/api/stats/runtime``.
-QUANTILES = (0.5, 0.9, 0.99)
+#: Percentiles given per histogram by ``/api/stats/runtime`` and ``/api/stats/wait``.
+QUANTILES = (0.5, 0.9, 0.95, 0.99)
 
 
 def _json(body: Any) -> web.Response:
@@ -84,32 +86,45 @@ async def worker_rows(c: Context, now: float) -> list[dict[str, Any]]:
     return out
 
 
-async def tasks_per_minute(request: web.Request) -> web.Response:
-    c = ctx(request)
-    most = c.settings.chart_retention_days * 1440
-    minutes = params.integer(request.query, "minutes", 60, minimum=1)
-    assert minutes is not None
-    if minutes > most:
-        raise bad_param("minutes", f"at most {most} (POLLEN_CHART_RETENTION_DAYS)")
-    now = time.time()
-    last = int(now // 60)
-    first = last - minutes + 1
+async def per_minute(
+    c: Context, first: int, last: int, key: Callable[[Shard, int], str]
+) -> AsyncIterator[tuple[int, dict[bytes, bytes]]]:
+    """``(minute, hash)`` of every shard's per-minute hash ``key(shard, minute)`` for minutes
+    first..last, read a few minutes at a time: memory follows what is stored, not the window."""
     shards = c.keys.all_shards
-    # sparse rows read a few minutes at a time: memory follows what is stored, not
-    # minutes x names; only the largest MAX_SERIES rows are made dense
-    rows: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
     for chunk in range(first, last + 1, MINUTES_PER_READ):
         pipe = c.redis.pipeline(transaction=False)
         span = range(chunk, min(chunk + MINUTES_PER_READ, last + 1))
         for m in span:
             for shard in shards:
-                pipe.hgetall(shard.minute(m))
+                pipe.hgetall(key(shard, m))
         for i, counts in enumerate(await pipe.execute()):
-            slot = chunk - first + i // len(shards)
-            for field, count in counts.items():
-                name, _, state = field.decode().rpartition(SEP)
-                row = rows[(name, state)]
-                row[slot] = row.get(slot, 0) + int(count)
+            yield chunk + i // len(shards), counts
+
+
+def _window_param(c: Context, request: web.Request, default: int | None) -> int | None:
+    most = c.settings.chart_retention_days * 1440
+    minutes = params.integer(request.query, "minutes", default, minimum=1)
+    if minutes is not None and minutes > most:
+        raise bad_param("minutes", f"at most {most} (POLLEN_CHART_RETENTION_DAYS)")
+    return minutes
+
+
+async def tasks_per_minute(request: web.Request) -> web.Response:
+    c = ctx(request)
+    minutes = _window_param(c, request, 60)
+    assert minutes is not None
+    now = time.time()
+    last = int(now // 60)
+    first = last - minutes + 1
+    # sparse rows: only the largest MAX_SERIES rows are made dense
+    rows: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
+    async for m, counts in per_minute(c, first, last, Shard.minute):
+        slot = m - first
+        for field, value in counts.items():
+            name, _, state = field.decode().rpartition(SEP)
+            row = rows[(name, state)]
+            row[slot] = row.get(slot, 0) + int(value)
     top = sorted(rows, key=lambda k: (-sum(rows[k].values()), k))[:MAX_SERIES]
     series = []
     for key in sorted(top):
@@ -129,10 +144,12 @@ async def tasks_per_minute(request: web.Request) -> web.Response:
     return _json(body)
 
 
-def quantile(q: float, counts: list[float]) -> float | None:
+def quantile(
+    q: float, counts: list[float], buckets: tuple[float, ...] = RUNTIME_BUCKETS
+) -> float | None:
     """Prometheus' ``histogram_quantile`` over per-bucket (not cumulative) ``counts`` of
-    ``RUNTIME_BUCKETS`` plus a last ``+Inf`` bucket: linear inside the bucket holding the
-    rank, the first bucket starting at 0; a rank in ``+Inf`` gives the highest finite bound."""
+    ``buckets`` plus a last ``+Inf`` bucket: linear inside the bucket holding the rank, the
+    first bucket starting at 0; a rank in ``+Inf`` gives the highest finite bound."""
     total = sum(counts)
     if total <= 0:
         return None
@@ -140,30 +157,37 @@ def quantile(q: float, counts: list[float]) -> float | None:
     cumulative = 0.0
     for i, count in enumerate(counts):
         if cumulative + count >= rank and count > 0:
-            if i >= len(RUNTIME_BUCKETS):
-                return RUNTIME_BUCKETS[-1]
-            lower = RUNTIME_BUCKETS[i - 1] if i > 0 else 0.0
-            upper = RUNTIME_BUCKETS[i]
+            if i >= len(buckets):
+                return buckets[-1]
+            lower = buckets[i - 1] if i > 0 else 0.0
+            upper = buckets[i]
             return lower + (upper - lower) * (rank - cumulative) / count
         cumulative += count
-    return RUNTIME_BUCKETS[-1]
+    return buckets[-1]
 
 
-_LABELS = {label: i for i, label in enumerate([*_BUCKET_LABELS, "+Inf"])}
+def _labels(buckets: tuple[float, ...]) -> dict[str, int]:
+    """Bucket label (as the collector writes it: ``repr`` of the bound) -> position."""
+    return {label: i for i, label in enumerate([*(repr(b) for b in buckets), "+Inf"])}
 
 
-def _entry(name: str, row: list[float], total: float | None) -> dict[str, Any]:
-    """A task name's histogram and percentiles (``total``: its runtimes' sum, when kept)."""
+_RUNTIME = _labels(RUNTIME_BUCKETS)
+_WAIT = _labels(WAIT_BUCKETS)
+
+
+def _entry(
+    row: list[float], total: float | None, buckets: tuple[float, ...] = RUNTIME_BUCKETS
+) -> dict[str, Any]:
+    """A histogram's counts and percentiles (``total``: its values' sum, when kept)."""
     count = sum(row)
     entry: dict[str, Any] = {
-        "task": name,
         "count": int(count),
         "sum": total,
         "mean": total / count if total is not None and count else None,
         "counts": [int(n) for n in row],
     }
     for q in QUANTILES:
-        value = quantile(q, row)
+        value = quantile(q, row, buckets)
         entry[f"p{round(q * 100)}"] = None if value is None or math.isnan(value) else value
     return entry
 
@@ -174,26 +198,24 @@ async def _window(
     """Per task name, the runtime buckets of the tasks that succeeded in minutes first..last
     (``rtminute:<m>``), summed over the shards."""
     rows: dict[str, list[float]] = {}
-    for chunk in range(first, last + 1, MINUTES_PER_READ):
-        pipe = c.redis.pipeline(transaction=False)
-        for m in range(chunk, min(chunk + MINUTES_PER_READ, last + 1)):
-            for shard in c.keys.all_shards:
-                pipe.hgetall(shard.runtime_minute(m))
-        for counts in await pipe.execute():
-            for field, value in counts.items():
-                name, _, bucket = field.decode().rpartition(SEP)
-                if (only_task and name != only_task) or bucket not in _LABELS:
-                    continue
-                rows.setdefault(name, [0.0] * len(_LABELS))[_LABELS[bucket]] += float(value)
+    async for _, counts in per_minute(c, first, last, Shard.runtime_minute):
+        for field, value in counts.items():
+            name, _, bucket = field.decode().rpartition(SEP)
+            if (only_task and name != only_task) or bucket not in _RUNTIME:
+                continue
+            rows.setdefault(name, [0.0] * len(_RUNTIME))[_RUNTIME[bucket]] += float(value)
     return rows
+
+
+def _task(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    return {"task": name, **entry}
 
 
 async def runtime_stats(request: web.Request) -> web.Response:
     c = ctx(request)
     only_worker = params.text(request.query, "workername")
     only_task = params.text(request.query, "taskname")
-    most = c.settings.chart_retention_days * 1440
-    minutes = params.integer(request.query, "minutes", None, minimum=1)
+    minutes = _window_param(c, request, None)
     compare = params.boolean(request.query, "compare", False)
     if minutes is None:
         if compare:
@@ -201,8 +223,6 @@ async def runtime_stats(request: web.Request) -> web.Response:
         return _json(
             {"buckets": list(RUNTIME_BUCKETS), "tasks": await _all_time(c, only_worker, only_task)}
         )
-    if minutes > most:
-        raise bad_param("minutes", f"at most {most} (POLLEN_CHART_RETENTION_DAYS)")
     if only_worker:
         raise bad_param("workername", "not with minutes (the per-minute runtimes are by name)")
     now = time.time()
@@ -213,14 +233,14 @@ async def runtime_stats(request: web.Request) -> web.Response:
         "buckets": list(RUNTIME_BUCKETS),
         "start": first * 60,
         "minutes": minutes,
-        "tasks": [_entry(name, row, None) for name, row in sorted(rows.items())],
+        "tasks": [_task(name, _entry(row, None)) for name, row in sorted(rows.items())],
     }
     if compare:
         # the same minutes a day earlier (kept while POLLEN_CHART_RETENTION_DAYS >= 2)
         before = await _window(c, first - 1440, last - 1440, only_task)
         body["day_before"] = {
             "start": (first - 1440) * 60,
-            "tasks": [_entry(name, row, None) for name, row in sorted(before.items())],
+            "tasks": [_task(name, _entry(row, None)) for name, row in sorted(before.items())],
         }
     return _json(body)
 
@@ -238,18 +258,114 @@ async def _all_time(
             worker, name, bucket = field.decode().split(SEP, 2)
             if (only_worker and worker != only_worker) or (only_task and name != only_task):
                 continue
-            row = buckets.setdefault(name, [0.0] * len(_LABELS))
-            if bucket in _LABELS:
-                row[_LABELS[bucket]] += float(value)
+            row = buckets.setdefault(name, [0.0] * len(_RUNTIME))
+            if bucket in _RUNTIME:
+                row[_RUNTIME[bucket]] += float(value)
             elif bucket == "sum":
                 sums[name] += float(value)
-    return [_entry(name, row, sums[name]) for name, row in sorted(buckets.items())]
+    return [_task(name, _entry(row, sums[name])) for name, row in sorted(buckets.items())]
+
+
+WaitKey = tuple[str, str, str]
+
+
+class _WaitFilter:
+    """``/api/stats/wait``'s filters: stage, queue and task name (each optional)."""
+
+    def __init__(self, request: web.Request) -> None:
+        query = request.query
+        stage = params.text(query, "stage")
+        if stage is not None and stage not in WAIT_STAGES:
+            raise bad_param("stage", f"one of {', '.join(WAIT_STAGES)}")
+        self.stage = stage
+        self.queue = params.text(query, "queue")
+        self.task = params.text(query, "taskname")
+
+    def split(self, field: bytes) -> tuple[WaitKey, str] | None:
+        """``((stage, queue, task), bucket)`` of a ``wait``/``wtminute`` field it lets through."""
+        parts = field.decode().split(SEP)
+        if len(parts) != 4:
+            return None
+        stage, queue, task, bucket = parts
+        if (
+            (self.stage and stage != self.stage)
+            or (self.queue is not None and queue != self.queue)
+            or (self.task and task != self.task)
+        ):
+            return None
+        return (stage, queue, task), bucket
+
+
+def _waits(rows: dict[WaitKey, list[float]], sums: dict[WaitKey, float] | None) -> list[Any]:
+    return [
+        {
+            "stage": stage,
+            "queue": queue,
+            "task": task,
+            **_entry(row, sums.get((stage, queue, task), 0.0) if sums else None, WAIT_BUCKETS),
+        }
+        for (stage, queue, task), row in sorted(rows.items())
+    ]
+
+
+async def _wait_window(
+    c: Context, first: int, last: int, only: _WaitFilter
+) -> dict[WaitKey, list[float]]:
+    rows: dict[WaitKey, list[float]] = {}
+    async for _, counts in per_minute(c, first, last, Shard.wait_minute):
+        for field, value in counts.items():
+            split = only.split(field)
+            if split is None or split[1] not in _WAIT:
+                continue
+            rows.setdefault(split[0], [0.0] * len(_WAIT))[_WAIT[split[1]]] += float(value)
+    return rows
+
+
+async def wait_stats(request: web.Request) -> web.Response:
+    c = ctx(request)
+    only = _WaitFilter(request)
+    minutes = _window_param(c, request, None)
+    compare = params.boolean(request.query, "compare", False)
+    body: dict[str, Any] = {"buckets": list(WAIT_BUCKETS)}
+    if minutes is None:
+        if compare:
+            raise bad_param("compare", "needs minutes (the window compared)")
+        pipe = c.redis.pipeline(transaction=False)
+        for shard in c.keys.all_shards:
+            pipe.hgetall(shard.wait)
+        rows: dict[WaitKey, list[float]] = {}
+        sums: defaultdict[WaitKey, float] = defaultdict(float)
+        for wait in await pipe.execute():
+            for field, value in wait.items():
+                split = only.split(field)
+                if split is None:
+                    continue
+                key, bucket = split
+                row = rows.setdefault(key, [0.0] * len(_WAIT))
+                if bucket in _WAIT:
+                    row[_WAIT[bucket]] += float(value)
+                elif bucket == "sum":
+                    sums[key] += float(value)
+        body["waits"] = _waits(rows, sums)
+        return _json(body)
+    last = int(time.time() // 60)
+    first = last - minutes + 1
+    body.update(
+        start=first * 60,
+        minutes=minutes,
+        waits=_waits(await _wait_window(c, first, last, only), None),
+    )
+    if compare:
+        before = await _wait_window(c, first - 1440, last - 1440, only)
+        body["day_before"] = {"start": (first - 1440) * 60, "waits": _waits(before, None)}
+    return _json(body)
 
 
 routes: list[Any] = [
     web.get("/api/stats/workers", workers_stats),
     web.get("/api/stats/tasks-per-minute", tasks_per_minute),
     web.get("/api/stats/runtime", runtime_stats),
+    web.get("/api/stats/wait", wait_stats),
 ]
 
 
@@ -316,13 +432,48 @@ openapi_paths: Spec = {
         ],
         _ok(
             "per task name: count, sum and mean (all time only, else null), counts per "
-            "bucket (buckets' upper bounds in seconds, then +Inf), p50/p90/p99 estimated "
+            "bucket (buckets' upper bounds in seconds, then +Inf), p50/p90/p95/p99 estimated "
             "like Prometheus' histogram_quantile (a rank in +Inf gives the highest finite "
             "bound); with minutes, start (epoch seconds) and, with compare, day_before "
             "({start, tasks})",
             {
                 "buckets": {"type": "array"},
                 "tasks": {"type": "array"},
+                "start": {"type": "number"},
+                "minutes": {"type": "integer"},
+                "day_before": {"type": "object"},
+            },
+        ),
+    ),
+    "/api/stats/wait": operation(
+        "get",
+        "Wait-time histograms and percentiles per stage, queue and task name (queue health)",
+        [
+            param("stage", "only this stage: queue or prefetch", {"enum": list(WAIT_STAGES)}),
+            param("queue", "only this queue (empty: tasks whose task-sent was not seen)"),
+            param("taskname", "only this task name"),
+            param(
+                "minutes",
+                "only waits that ended in the last minutes (default: all time; at most "
+                "POLLEN_CHART_RETENTION_DAYS days)",
+                {"type": "integer", "minimum": 1},
+            ),
+            param(
+                "compare",
+                "with minutes: also the same minutes a day earlier (day_before)",
+                {"type": "boolean"},
+            ),
+        ],
+        _ok(
+            "waits[]: stage (queue: from task-sent, or its eta when later, to task-received; "
+            "prefetch: from task-received, or its eta when later, to task-started), queue "
+            "(task-sent's; empty when not seen), task, count, sum and mean (all time only, "
+            "else null), counts per bucket (buckets' upper bounds in seconds, then +Inf), "
+            "p50/p90/p95/p99 like Prometheus' histogram_quantile; with minutes, start and, "
+            "with compare, day_before ({start, waits})",
+            {
+                "buckets": {"type": "array"},
+                "waits": {"type": "array"},
                 "start": {"type": "number"},
                 "minutes": {"type": "integer"},
                 "day_before": {"type": "object"},

@@ -37,7 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from services.enabler import deaths, retention, writes
-from services.enabler.queues import QueueSampler
+from services.enabler.queues import UNRESOLVED, QueueSampler, oldest
 from shared import apply_events, scripts
 from shared.backoff import Backoff
 from shared.broker import broker_errors, load_app, shown_url
@@ -364,7 +364,24 @@ class Enabler:
         except self.sample_errors as exc:
             self.broker_backoff.failed(exc)
             raise
+        await self.resolve_oldest(samples)
         await writes.store_queues(self.redis, self.keys, samples, self.settings.queue_history)
+
+    async def resolve_oldest(self, samples: list[dict[str, Any]]) -> None:
+        """The oldest message of Redis queues whose messages carry no timestamp: the one whose
+        task-sent Pollen saw first (null when it saw none: clients without task-sent events)."""
+        ids = [i for s in samples for i in s.get(UNRESOLVED, ())]
+        sent = await writes.sent_times(self.redis, self.keys, ids) if ids else {}
+        for sample in samples:
+            heads = sample.pop(UNRESOLVED, None)
+            if not heads:
+                continue
+            known = [(sent[i], i) for i in heads if i in sent]
+            if known:
+                since, task_id = min(known)
+                sample["oldest"] = oldest(task_id, since, sample["time"])
+            else:
+                sample["oldest"] = oldest(heads[-1], None, sample["time"])
 
     async def queue_loop(self) -> None:
         if not self.sampler.supported:

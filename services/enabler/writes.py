@@ -113,3 +113,16 @@ async def store_queues(
             raise
         return False
     return True
+
+
+async def sent_times(client: Any, keys: Keys, task_ids: list[str]) -> dict[str, float]:
+    """The task-sent time Pollen holds for each of ``task_ids`` that has one."""
+    pipe = client.pipeline(transaction=False)
+    for task_id in task_ids:
+        pipe.hget(keys.shard_for(task_id).task(task_id), "sent")
+    out: dict[str, float] = {}
+    for task_id, raw in zip(task_ids, await pipe.execute() if task_ids else [], strict=True):
+        value = _decode(raw) if raw else None
+        if isinstance(value, int | float):
+            out[task_id] = float(value)
+    return out

@@ -171,6 +171,10 @@ def test_failover(broker_url: str, state_url: str, state: redis.Redis, logs: Pat
         assert "is active" in standby.output()
 
 
+#: the timestamp property of the messages of test_rabbitmq_queue_lengths
+STAMP = 1_700_000_000
+
+
 def test_rabbitmq_queue_lengths(
     amqp_url: str, state_url: str, state: redis.Redis, logs: Path
 ) -> None:
@@ -180,7 +184,8 @@ def test_rabbitmq_queue_lengths(
     )
     app.conf.task_queues = [backlog]
     for priority in (0, 5, 9):
-        app.send_task("demo.app.add", (1, 2), queue=backlog, priority=priority)
+        # a timestamp property: what RabbitMQ's management API ages the head message by
+        app.send_task("demo.app.add", (1, 2), queue=backlog, priority=priority, timestamp=STAMP)
     app.close()
     # passive declare; 'missing' does not exist and must not be reported
     passive = enabler(
@@ -198,6 +203,7 @@ def test_rabbitmq_queue_lengths(
 
         sample = msgspec.json.decode(state.hget(keys.queues, "backlog") or b"null")
         assert sample["messages"] == 3 and sample["consumers"] == 0
+        assert sample["oldest"] is None  # a passive declare cannot tell
         assert state.hget(keys.queues, "missing") is None
         # and in /metrics: the length and the consumer count RabbitMQ answered
         reader = Api({"POLLEN_REDIS_URL": state_url, "POLLEN_NAMESPACE": "amqp1"}, logs / "api.log")
@@ -230,6 +236,8 @@ def test_rabbitmq_queue_lengths(
             timeout=30,
             message="backlog counted through the management API",
         )
+        sample = msgspec.json.decode(state.hget(keys.queues, "backlog") or b"null")
+        assert sample["oldest"]["since"] == STAMP and sample["oldest"]["age"] > 0
     assert "Traceback" not in managed.output(), managed.output()
 
 
