@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 import uuid
 from datetime import datetime
@@ -305,6 +306,12 @@ def test_charts(page: Any, stack: Stack) -> None:
     expect(page.locator("#chart-failure-rate svg path.line")).to_be_attached()
     expect(page.locator("#chart-runtime svg")).to_contain_text("demo.app.slow")
     expect(page.locator("#chart-queues .legend")).to_contain_text(IDLE_QUEUE)
+    # waits by task name and queue: the demo traffic's tasks waited in the celery queue
+    expect(page.locator("#chart-wait svg")).to_contain_text("in queue (celery)")
+    expect(page.locator("#chart-wait .legend")).to_contain_text("p95 a day before")
+    # the queue nobody consumes: its messages wait, the oldest one aged from its task-sent
+    idle = page.locator(f'#chart-queues-now tr[data-queue="{IDLE_QUEUE}"]')
+    expect(idle.locator(".oldest")).to_have_text(re.compile(r"^\d+(\.\d+)? (s|ms|m \d+ s)$"))
     expect(page.locator("#chart-totals")).to_contain_text("failure rate")
     screenshot(page, "charts")
     no_errors(page)

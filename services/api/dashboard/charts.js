@@ -131,14 +131,14 @@ export function lines(el, { title, times, series, fmt = (v) => String(v), max: f
 
 /**
  * Horizontal bars on a log scale (runtimes): one group per row, one bar per measure.
- * opts: {title, rows: [{label, values: [..], note}], measures: [{label, color}]}
+ * opts: {title, rows: [{label, values: [..], note}], measures: [{label, color}], empty}
  */
-export function runtimeBars(el, { title, rows, measures }) {
+export function runtimeBars(el, { title, rows, measures, empty = 'No finished tasks yet.' }) {
   const all = rows.flatMap((r) => r.values).filter((v) => v > 0);
   clear(el);
   el.append(h('h3', null, title));
   if (!all.length) {
-    el.append(h('p', { class: 'muted chart-empty' }, 'No finished tasks yet.'));
+    el.append(h('p', { class: 'muted chart-empty' }, empty));
     return;
   }
   el.append(legend(measures.map((m) => ({ label: m.label, color: m.color }))));

@@ -1,10 +1,10 @@
-// Charts: tasks per minute by state and by task name, failure rate, runtime percentiles per
-// task name (in the range, beside a day before) and queue lengths over time, from
-// /api/stats/* and /api/queues/*, kept live by counting the stream's task events into the
-// current minute between refreshes.
+// Charts: tasks per minute by state and by task name, failure rate, runtime and wait
+// percentiles per task name (in the range, beside a day before), queue lengths over time and
+// each queue now (waiting, consumers, oldest message), from /api/stats/* and /api/queues/*,
+// kept live by counting the stream's task events into the current minute between refreshes.
 import { getJson } from './api.js';
 import { PALETTE, lines, runtimeBars, stackedBars } from './charts.js';
-import { h, toHash } from './util.js';
+import { fmtDuration, fmtNumber, h, toHash } from './util.js';
 
 const REFRESH_MS = 15000;
 const RANGES = [[15, 'last 15 minutes'], [60, 'last hour'], [360, 'last 6 hours'],
@@ -20,13 +20,19 @@ const SUBJECT_STATE = {
   'task-revoked': 'REVOKED', 'task-rejected': 'REJECTED',
 };
 const TOP_NAMES = 8;
+const TOP_WAITS = 12;
+const STAGES = { queue: 'in queue', prefetch: 'at worker' };
+const PERCENTILES = [{ label: 'p50', color: '#93c5fd' }, { label: 'p95', color: '#3b82f6' },
+  { label: 'p99', color: '#1e3a8a' }, { label: 'p95 a day before', color: '#d1d5db' }];
 
 export function chartsView(el, { params, app }) {
   let minutes = Number(params.get('minutes')) || 60;
   if (!RANGES.some(([m]) => m === minutes)) minutes = 60;
   let perMinute = null; // {start, step, minutes, series: [{task, state, counts}]}
   let runtime = null;
+  let waits = null;
   let queues = { times: [], names: [], values: {} };
+  let queuesNow = [];
   let dirty = false;
 
   const range = h('select', { id: 'chart-range', onchange: (e) => {
@@ -41,7 +47,9 @@ export function chartsView(el, { params, app }) {
     byName: h('div', { class: 'card chart-box', id: 'chart-by-name' }),
     failure: h('div', { class: 'card chart-box', id: 'chart-failure-rate' }),
     runtime: h('div', { class: 'card chart-box', id: 'chart-runtime' }),
+    wait: h('div', { class: 'card chart-box', id: 'chart-wait' }),
     queues: h('div', { class: 'card chart-box', id: 'chart-queues' }),
+    queuesNow: h('div', { class: 'card chart-box', id: 'chart-queues-now' }),
   };
   const error = h('p', { class: 'error', hidden: true });
   el.append(
@@ -106,21 +114,55 @@ export function chartsView(el, { params, app }) {
       h('span', null, h('b', null, okTotal + failTotal
         ? `${((100 * failTotal) / (okTotal + failTotal)).toFixed(1)}%` : '–'), ' failure rate'),
     );
+    const rangeText = RANGES.find(([m]) => m === minutes)[1];
     if (runtime) {
-      // the same minutes a day earlier, for comparison (p90: the one that moves first)
+      // the same minutes a day earlier, for comparison
       const before = new Map(((runtime.day_before || {}).tasks || []).map((t) => [t.task, t]));
       const rows = runtime.tasks.filter((t) => t.count > 0)
         .sort((a, b) => (b.p50 || 0) - (a.p50 || 0))
-        .map((t) => ({ label: t.task, values: [t.p50, t.p90, t.p99, before.get(t.task)?.p90],
+        .map((t) => ({ label: t.task, values: [t.p50, t.p95, t.p99, before.get(t.task)?.p95],
           note: `(${t.count.toLocaleString()} runs)` }));
-      const range = RANGES.find(([m]) => m === minutes)[1];
-      runtimeBars(boxes.runtime, { title: `Runtime by task name (succeeded, ${range})`,
-        rows, measures: [{ label: 'p50', color: '#93c5fd' }, { label: 'p90', color: '#3b82f6' },
-          { label: 'p99', color: '#1e3a8a' }, { label: 'p90 a day before', color: '#d1d5db' }] });
+      runtimeBars(boxes.runtime, { title: `Runtime by task name (succeeded, ${rangeText})`,
+        rows, measures: PERCENTILES });
+    }
+    if (waits) {
+      // the longest waits first: where the queues back up
+      const key = (w) => `${w.stage}\u001f${w.queue}\u001f${w.task}`;
+      const before = new Map(((waits.day_before || {}).waits || []).map((w) => [key(w), w]));
+      const rows = waits.waits.filter((w) => w.count > 0)
+        .sort((a, b) => (b.p95 || 0) - (a.p95 || 0)).slice(0, TOP_WAITS)
+        .map((w) => ({ label: `${w.task} ${STAGES[w.stage] || w.stage} (${w.queue || '?'})`,
+          values: [w.p50, w.p95, w.p99, before.get(key(w))?.p95],
+          note: `(${w.count.toLocaleString()})` }));
+      runtimeBars(boxes.wait, { title: `Wait by task name and queue (${rangeText})`, rows,
+        measures: PERCENTILES, empty: 'No task has waited yet.' });
     }
     lines(boxes.queues, { title: 'Queue lengths (messages waiting)', times: queues.times,
       series: queues.names.map((q, i) => ({ label: q, color: PALETTE[i % PALETTE.length],
         values: queues.values[q] })) });
+    const now = Date.now() / 1000;
+    const rows = queuesNow.map((q) => h('tr', { 'data-queue': q.name },
+      h('td', null, q.name),
+      h('td', { class: 'num' }, fmtNumber(q.messages)),
+      h('td', { class: 'num' }, q.consumers === null ? '–' : fmtNumber(q.consumers)),
+      h('td', { class: 'num oldest' }, oldestText(q.oldest, q.time, now))));
+    const head = h('tr', null, ['queue', 'waiting', 'consumers', 'oldest message']
+      .map((t) => h('th', null, t)));
+    boxes.queuesNow.replaceChildren(
+      h('h3', null, 'Queues now'),
+      rows.length
+        ? h('div', { class: 'table-wrap' }, h('table', { class: 'grid-table' },
+          h('thead', null, head), h('tbody', null, rows)))
+        : h('p', { class: 'muted chart-empty' }, 'No queue sampled yet.'),
+    );
+  }
+
+  // the oldest message's age now (the sample's age plus the time since); '?' when the broker
+  // cannot tell (RabbitMQ without timestamps, Redis without task-sent events)
+  function oldestText(oldest, sampled, now) {
+    if (!oldest) return '–';
+    if (!Number.isFinite(oldest.age)) return '?';
+    return fmtDuration(oldest.age + Math.max(0, now - (sampled || now)));
   }
 
   const redraw = () => { if (!dirty) { dirty = true; setTimeout(draw, 1000); } };
@@ -130,14 +172,17 @@ export function chartsView(el, { params, app }) {
     if (loading) return;
     loading = true;
     try {
-      const [pm, rt, qh, ql] = await Promise.all([
+      const [pm, rt, wt, qh, ql] = await Promise.all([
         getJson('/api/stats/tasks-per-minute', { minutes }),
         getJson('/api/stats/runtime', { minutes, compare: 1 }),
+        getJson('/api/stats/wait', { minutes, compare: 1 }),
         getJson('/api/queues/history', { minutes }).catch(() => ({ history: [] })),
         getJson('/api/queues/length').catch(() => ({ active_queues: [] })),
       ]);
       perMinute = pm;
       runtime = rt;
+      waits = wt;
+      queuesNow = ql.active_queues;
       const points = [...qh.history];
       const now = ql.active_queues.filter((q) => Number.isFinite(q.messages));
       if (now.length) {
