@@ -40,9 +40,14 @@ routes = [
 openapi_paths: Spec = {
     "/api/queues/length": operation(
         "get",
-        "Queue lengths sampled by the enabler",
+        "Queue lengths sampled by the enabler, with each queue's oldest waiting message",
         [],
-        json_body("queues", {"type": "object", "properties": {"active_queues": {"type": "array"}}}),
+        json_body(
+            "active_queues: [{name, messages, consumers (RabbitMQ only), time (of the sample), "
+            "oldest: {task_id, since, age} of the oldest waiting message, or null when the queue "
+            "is empty or the broker cannot tell}]",
+            {"type": "object", "properties": {"active_queues": {"type": "array"}}},
+        ),
     ),
     "/api/queues/history": operation(
         "get",
