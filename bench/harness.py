@@ -25,8 +25,8 @@ from typing import Any
 import redis
 
 from bench import http, lua_profile, micro
-from bench.catalog import MIXED, SCENARIOS
-from bench.generator import GenConfig, GenResult, events_per_task, generate
+from bench.catalog import BEYOND_FLOWER, MIXED, SCENARIOS
+from bench.generator import EXCEPTION, GenConfig, GenResult, events_per_task, generate
 from bench.systems import (
     ROOT,
     Broker,
@@ -40,6 +40,7 @@ from bench.systems import (
     scratch,
     wait_drained,
 )
+from shared.events import exception_class
 from shared.keys import Keys
 from tests.support.replies import raw_list
 from tests.support.servers import RedisServer, rabbitmq_available
@@ -472,6 +473,9 @@ def scenario_scale(run: Run, sizes: Sizes) -> None:
                     base, query_paths(uuids, tasks), sizes.query_repeats
                 )
                 row["api_rss_after_queries"] = rss([proc.pid])
+                exc = exception_class(EXCEPTION)
+                beyond = {k: [p.format(exc=exc)] for k, p in BEYOND_FLOWER.items()}
+                row["beyond_flower"] = http.time_paths(base, beyond, sizes.query_repeats)
             finally:
                 proc.stop()
                 failed = any(set(q["status"]) != {"200"} for q in row.get("queries", {}).values())

@@ -40,7 +40,8 @@ def bodies(tasks: int, batched: bool, workers: int = 4, seed: int = 1) -> Iterat
     """Message bodies of ``tasks`` tasks, as the generator would publish them."""
     rng = random.Random(seed)
     clock = 0
-    ts = 1_790_000_000.0
+    # an hour ago (to the minute): the windowed stats (the last N minutes) hold the stream
+    ts = float(int(time.time() // 60) * 60 - 3600)
     per_worker = tasks // workers
     schedules = [
         schedule(rng, per_worker + (tasks % workers if w == workers - 1 else 0), f"m{w}")
@@ -147,10 +148,19 @@ def memory_breakdown(client: redis.Redis, namespace: str, tasks: int) -> dict[st
                 task_keys.append(k)
             continue
         kind = k.split(b"}:", 1)[-1].decode(errors="replace")
-        for prefix in ("idx:state:", "idx:name:", "idx:worker:", "idx:sn:", "idx:sw:"):
+        for prefix in (
+            "idx:state:",
+            "idx:name:",
+            "idx:worker:",
+            "idx:sn:",
+            "idx:sw:",
+            "idx:exc:",
+        ):
             if kind.startswith(prefix):
                 kind = prefix + "*"
-        if kind.startswith(("children:", "minute:", "worker:", "wdedup:")):
+        if kind.startswith(
+            ("children:", "minute:", "worker:", "wdedup:", "rtminute:", "failminute:", "wtminute:")
+        ):
             kind = kind.split(":")[0] + ":*"
         usage = client.memory_usage(k, samples=0 if not kind.startswith("stream") else 50)
         out[kind] = out.get(kind, 0.0) + float(usage or 0) / tasks

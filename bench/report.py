@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bench.catalog import MIXED, SCENARIOS
+from bench.catalog import BEYOND_FLOWER_KEYS, MIXED, SCENARIOS
 from bench.systems import ROOT
 
 OUT = ROOT / "bench" / "out"
@@ -122,6 +122,38 @@ def chart_sustained(rows: list[Row], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def beyond_flower(scale: Row, meta: dict[str, Any]) -> list[str]:
+    """Issue #17's features at the scale scenario's size: their keys' bytes and their reads."""
+    reads = scale.get("beyond_flower")
+    if not reads:
+        return []
+    breakdown = scale["fill"].get("memory_breakdown", {})
+    L = [
+        f"Beyond Flower at {scale['tasks']:,} tasks (failures by cause, windowed percentiles, "
+        "queue health, export): Redis bytes per task of their keys (the task hash's `_x` and "
+        "`queue` fields are in its figure above):",
+        "",
+        "| feature | keys | bytes per task |",
+        "|---|---|---|",
+    ]
+    for feature, kinds in BEYOND_FLOWER_KEYS.items():
+        total = sum(breakdown.get(k, 0.0) for k in kinds)
+        L.append(f"| {feature} | {', '.join(f'`{k}`' for k in kinds)} | {total:,.1f} |")
+    L += [
+        "",
+        f"Their reads at that size, {meta['sizes']['query_repeats']} sequential requests on one "
+        "kept-alive connection (ms, p50 / p99):",
+        "",
+        "| read | p50 / p99 |",
+        "|---|---|",
+    ]
+    for v in reads.values():
+        status = "" if set(v["status"]) == {"200"} else f" {v['status']}"
+        L.append(f"| `{v['example']}` | {ms(v['p50'])} / {ms(v['p99'])}{status} |")
+    L.append("")
+    return L
 
 
 def chart_queries(memory: list[Row], scale: Row | None, path: Path) -> None:
@@ -530,6 +562,7 @@ def render(doc: dict[str, Any]) -> None:
                 if v >= 1:
                     L.append(f"| `{k}` | {v:,.0f} |")
             L.append("")
+            L += beyond_flower(scale, meta)
             targets.append(
                 (
                     "≤ 1 KB of Redis per typical task",
