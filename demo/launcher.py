@@ -322,6 +322,8 @@ def summary(ports: tuple[int, int], ready: bool, run_dir: Path) -> str:
         f"  one task       curl '{base}/api/task/info/<uuid>'",
         f"  workers        curl '{base}/api/workers?status=1'",
         f"  queues         curl '{base}/api/queues/length'",
+        f"  by cause       curl '{base}/api/failures'",
+        f"  waits          curl '{base}/api/stats/wait?minutes=15'",
         f"  metrics        curl '{base}/metrics'",
         f"  readiness      curl 'http://127.0.0.1:{ports[1]}/readyz'",
         f"  API reference  curl '{base}/api/openapi.json'",

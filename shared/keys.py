@@ -40,11 +40,11 @@ S rtminute:<epoch minute>        hash    ``<task name>\\x1f<bucket>`` -> task-su
                                          minute, buckets of ``RUNTIME_BUCKETS`` (windowed
                                          percentiles)
 S wait                           hash    ``<stage>\\x1f<queue>\\x1f<task name>\\x1f<bucket>``
-                                         -> count, buckets of ``WAIT_BUCKETS`` plus ``sum`` and
-                                         ``count``;
+                                         -> count, buckets of ``WAIT_BUCKETS`` (and ``+Inf``)
+                                         plus ``sum``;
                                          stage ``queue`` (due -> received) or ``prefetch``
                                          (received or eta -> started), ``apply_events.lua``
-S wtminute:<epoch minute>        hash    the same fields but sum/count, by the minute of the
+S wtminute:<epoch minute>        hash    the same fields but sum, by the minute of the
                                          received (queue) or started (prefetch) event
 S prefetch                       hash    ``<worker>\\x1f<task name>`` -> ``<timestamp>,<uuid>,
                                          <seconds>``: Flower's prefetch time, from the latest

@@ -192,7 +192,7 @@ async def render(c: Context) -> str:
             for bucket in _WAIT_BUCKETS:
                 cumulative += waits[(stage, queue, name, bucket)]
                 out.sample(f"{metric}_bucket", [*labels, ("le", bucket)], cumulative)
-            total = waits[(stage, queue, name, "count")]
+            total = cumulative + waits[(stage, queue, name, "+Inf")]
             out.sample(f"{metric}_bucket", [*labels, ("le", "+Inf")], total)
             out.sample(f"{metric}_count", labels, total)
             out.sample(f"{metric}_sum", labels, waits[(stage, queue, name, "sum")])

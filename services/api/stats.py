@@ -450,7 +450,7 @@ openapi_paths: Spec = {
         "Wait-time histograms and percentiles per stage, queue and task name (queue health)",
         [
             param("stage", "only this stage: queue or prefetch", {"enum": list(WAIT_STAGES)}),
-            param("queue", "only this queue (empty: tasks whose task-sent was not seen)"),
+            param("queue", "only this queue"),
             param("taskname", "only this task name"),
             param(
                 "minutes",

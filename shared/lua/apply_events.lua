@@ -39,7 +39,7 @@
 --   P worker:<host>        hash    P workers  zset  P seen  zset  P wdedup:<host>  zset
 --   P counts  hash         P minute:<m>  hash       P runtime  hash
 --   P rtminute:<m>  hash: '<name>\31<bucket>' -> task-succeeded events that minute
---   P wait  hash: '<stage>\31<queue>\31<name>\31<bucket|sum|count>'  (wait rule below)
+--   P wait  hash: '<stage>\31<queue>\31<name>\31<bucket|sum>'  (wait rule below)
 --   P wtminute:<m>  hash: '<stage>\31<queue>\31<name>\31<bucket>' -> waits ending that minute
 --   P prefetch  hash: '<worker>\31<name>' -> 'timestamp,uuid,seconds' (Flower's prefetch time)
 --   P deaths  hash: host -> 'ts,ts,...' ascending     P idx:lost  zset of uuids by timestamp
@@ -258,6 +258,7 @@ end
 -- Waits (the wait rule in the header): {stage, seconds, timestamp} per wait in the history.
 local WAIT_BOUNDS = {}
 for i, label in ipairs(WAIT_BUCKETS) do WAIT_BOUNDS[i] = tonumber(label) end
+local WAIT_SUBJECT = { sent = true, received = true, started = true }
 
 -- a sent/received's eta: nil without one, false when stored before its time was kept
 local function eta_of(h)
@@ -265,28 +266,37 @@ local function eta_of(h)
   return tonumber(string.sub(h.x, 4)) or false
 end
 
-local function waits_of(history)
+-- The waits of the history's entries (those stored before this call only, with old_only):
+-- a function of the set of entries, whatever the positions of task-sent entries (the only
+-- ones sort_history moves), so that the waits before a call can be read from after it.
+local function waits_of(history, old_only)
   local out = {}
   local sent = {}
   for _, h in ipairs(history) do
-    if h.subject == 'sent' and h.r ~= '' and not sent[h.r] then sent[h.r] = h end
+    if h.subject == 'sent' and h.r ~= '' and not (old_only and h.new) then
+      local s = sent[h.r]
+      if not s or h.ts < s.ts or (h.ts == s.ts and h.clock < s.clock) then sent[h.r] = h end
+    end
   end
   local received = nil
   for _, h in ipairs(history) do
-    if h.subject == 'received' then
+    if old_only and h.new then
+      -- skipped: not stored before this call
+    elseif h.subject == 'received' then
       received = h
       local s = h.r ~= '' and sent[h.r]
       if s then
         local eta = eta_of(h)
         if eta == nil then eta = eta_of(s) end
         if eta ~= false then
-          out[#out + 1] = { WAIT_STAGE.queue, h.ts - math.max(s.ts, eta or s.ts), h.ts }
+          out[#out + 1] = { WAIT_STAGE.queue, math.max(0, h.ts - math.max(s.ts, eta or s.ts)), h.ts }
         end
       end
     elseif h.subject == 'started' and received then
       local eta = eta_of(received)
       if eta ~= false then
-        out[#out + 1] = { WAIT_STAGE.prefetch, h.ts - math.max(received.ts, eta or received.ts), h.ts }
+        out[#out + 1] = { WAIT_STAGE.prefetch,
+                          math.max(0, h.ts - math.max(received.ts, eta or received.ts)), h.ts }
       end
       received = nil
     end
@@ -294,32 +304,38 @@ local function waits_of(history)
   return out
 end
 
--- The waits as counted: labelled records and their signature (equal signatures: no change).
-local function wait_records(history, queue, name)
-  local records, parts = {}, {}
-  for i, w in ipairs(waits_of(history)) do
-    local seconds = math.max(0, w[2])
-    local bucket = '+Inf'
+local function same_waits(a, b)
+  if #a ~= #b then return false end
+  for i, w in ipairs(a) do
+    local v = b[i]
+    if w[1] ~= v[1] or w[2] ~= v[2] or w[3] ~= v[3] then return false end
+  end
+  return true
+end
+
+local function count_waits(waits, queue, name, sign)
+  local prefix = SEP .. (queue or '') .. SEP .. (name or '') .. SEP
+  for _, w in ipairs(waits) do
+    local seconds, bucket = w[2], '+Inf'
     for j, bound in ipairs(WAIT_BOUNDS) do
       if seconds <= bound then bucket = WAIT_BUCKETS[j]; break end
     end
-    local field = w[1] .. SEP .. (queue or '') .. SEP .. (name or '') .. SEP
-    records[i] = { field = field, bucket = bucket, seconds = seconds,
-                   minute = tostring(math.floor(w[3] / 60)) }
-    parts[i] = field .. bucket .. SEP .. records[i].minute .. SEP .. string.format('%.17g', seconds)
-  end
-  return records, table.concat(parts, '\30')
-end
-
-local function count_waits(records, sign)
-  for _, w in ipairs(records) do
-    add(sums, P .. KEY.wait, w.field .. w.bucket, sign)
-    add(sums, P .. KEY.wait, w.field .. 'count', sign)
-    add(fsums, P .. KEY.wait, w.field .. 'sum', sign * w.seconds)
-    local key = P .. KEY.wtminute .. w.minute
-    add(sums, key, w.field .. w.bucket, sign)
+    local field = w[1] .. prefix
+    add(sums, P .. KEY.wait, field .. bucket, sign)
+    add(fsums, P .. KEY.wait, field .. 'sum', sign * seconds)
+    local key = P .. KEY.wtminute .. math.floor(w[3] / 60)
+    add(sums, key, field .. bucket, sign)
     expiring[key] = true
   end
+end
+
+-- Count the difference a call made to the task's waits (new events, or a new name or queue).
+local function settle_waits(t)
+  if not t.waits_touched and t.queue == t.old_queue and t.name == t.old_name then return end
+  local before, after = waits_of(t.history, true), waits_of(t.history, false)
+  if t.queue == t.old_queue and t.name == t.old_name and same_waits(before, after) then return end
+  count_waits(before, t.old_queue, t.old_name, -1)
+  count_waits(after, t.queue, t.name, 1)
 end
 
 local RECORD_END, FIELD_SEP = '\30', '\31'
@@ -364,7 +380,7 @@ local function load_task(u)
   }
   for c in string.gmatch(f[11] or '', '([^\31]+)') do t.classes[#t.classes + 1] = c end
   if f[12] then t.queue = nonempty(cjson.decode(f[12])) end
-  t.old_waits, t.old_wait_sig = wait_records(history, t.queue, t.old_name)
+  t.old_queue = t.queue
   t.name, t.worker, t.parent = t.old_name, t.old_worker, t.old_parent
   t.state, t.tj = t.old_state, t.old_tj
   return t
@@ -384,6 +400,7 @@ local function apply_task(t, ev)
     x = 'eta' .. (ev.eta_ts or '')
   end
   local e = new_entry(ev.timestamp_json, ev.clock_json, ev.subject, mask, ev.retries, x)
+  e.new = true
 
   -- duplicate (the same event delivered twice), then the new sorted order
   local before = {}
@@ -393,6 +410,7 @@ local function apply_task(t, ev)
     end
     before[i] = h
   end
+  if WAIT_SUBJECT[e.subject] then t.waits_touched = true end
   local pos, changed
   if in_order(history, e) then
     -- the common case: the event comes after all the others, so the order stands
@@ -649,11 +667,7 @@ local function save_task(t)
   end
   redis.call('HSET', unpack(hset))
 
-  local waits, sig = wait_records(history, t.queue, t.name)
-  if sig ~= t.old_wait_sig then
-    count_waits(t.old_waits, -1)
-    count_waits(waits, 1)
-  end
+  settle_waits(t)
 
   -- indexes
   local tj = t.tj

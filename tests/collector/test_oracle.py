@@ -146,7 +146,6 @@ def celery_waits(events: list[dict[str, Any]]) -> dict[str, dict[bytes, bytes]]:
         field = SEP.join([stage, task.routing_key or "", task.name or "", ""])
         for kind, name, value in [
             ("wait", bucket, 1.0),
-            ("wait", "count", 1.0),
             ("wait", "sum", seconds),
             (f"wtminute:{int(ts // 60)}", bucket, 1.0),
         ]:

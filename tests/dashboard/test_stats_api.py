@@ -263,6 +263,11 @@ def test_no_third_party_code() -> None:
 
 def test_openapi_lists_the_new_endpoints(api: Api) -> None:
     spec = json.loads(api.get("/api/openapi.json")[2])
-    for path in ("/api/stats/workers", "/api/stats/tasks-per-minute", "/api/stats/runtime"):
+    for path in (
+        "/api/stats/workers",
+        "/api/stats/tasks-per-minute",
+        "/api/stats/runtime",
+        "/api/stats/wait",
+    ):
         assert "get" in spec["paths"][path]
     assert "/api/whoami" in spec["paths"] and "/" in spec["paths"]
