@@ -212,7 +212,7 @@ def snapshot(r: redis.Redis, namespace: str) -> dict[str, Any]:
         if kind == "hash":
             h = {k.decode(): v.decode() for k, v in raw_hash(r.hgetall(key)).items()}
             h.pop("_hb", None)
-            if rel == "S:runtime":
+            if rel in ("S:runtime", "S:wait"):
                 # float sums added in a different order differ in their last bits
                 h = {k: (_rounded(v) if k.endswith("\x1fsum") else v) for k, v in h.items()}
             value = h
