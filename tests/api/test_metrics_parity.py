@@ -14,33 +14,27 @@ crashed worker goes offline in Pollen and stays online in Flower (no worker dies
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import shutil
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.api.test_flower_process import Flower
 from tests.support.api import Api
 from tests.support.cluster import client, stop_all, wait_worker_up
+from tests.support.prometheus import Prometheus, require
 from tests.support.servers import (
     Process,
     RedisServer,
     celery_worker,
-    free_port,
     pollen_env,
     service,
     wait_for,
 )
 
-PROMETHEUS = "/usr/bin/prometheus"
 SCRAPE = 0.5  # seconds
 #: Relative difference allowed where Prometheus extrapolates (increase, rate), plus one.
 RATE_TOLERANCE = 0.15
@@ -130,80 +124,9 @@ def for_job(query: str, job: str, window: float, rate_window: float) -> str:
     return re.sub(r"\b(flower_[a-z_]+)\{", rf'\1{{job="{job}", ', out)
 
 
-class Prometheus:
-    """Debian's prometheus scraping Flower and Pollen every ``SCRAPE`` seconds."""
-
-    def __init__(self, workdir: Path, flower_port: int, pollen_port: int) -> None:
-        self.port = free_port()
-        config = workdir / "prometheus.yml"
-        jobs = {"flower": flower_port, "pollen": pollen_port}
-        scrape = {
-            # Prometheus durations are integers with a unit
-            "global": {
-                "scrape_interval": f"{SCRAPE * 1000:.0f}ms",
-                "scrape_timeout": f"{SCRAPE * 1000:.0f}ms",
-            },
-            "scrape_configs": [
-                {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
-                for job, port in jobs.items()
-            ],
-        }
-        config.write_text(json.dumps(scrape))  # YAML is a superset of JSON
-        self.process = Process(
-            [
-                PROMETHEUS,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            workdir / "prometheus.log",
-            {},
-            cwd=workdir,
-        )
-        wait_for(self._up, timeout=60, interval=0.2, message="prometheus scraping both")
-
-    def api(self, path: str, **params: str) -> Any:
-        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?" + urllib.parse.urlencode(params)
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            body = json.loads(resp.read())
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def _up(self) -> bool:
-        if not self.process.alive():
-            raise RuntimeError(f"prometheus exited:\n{self.process.output()[-3000:]}")
-        try:
-            targets = self.api("targets")["activeTargets"]
-        except OSError:
-            return False
-        return len(targets) == 2 and all(t["health"] == "up" for t in targets)
-
-    def settled_since(self, moment: float) -> float | None:
-        """A time at which both targets' newest samples were taken after ``moment`` by scrapes
-        that all succeeded since then; None while there is none."""
-        now = time.time()
-        span = f"{max(1, round(now - moment))}s"
-        found = self.api("query", query=f"min_over_time(up[{span}])", time=repr(now))["result"]
-        taken = self.api("query", query="timestamp(up)", time=repr(now))["result"]
-        if len(found) != 2 or any(float(r["value"][1]) != 1 for r in found):
-            return None
-        if len(taken) != 2 or not all(float(r["value"][1]) > moment for r in taken):
-            return None
-        return now
-
-    def query(self, expr: str, at: float) -> dict[tuple[tuple[str, str], ...], float]:
-        result = self.api("query", query=expr, time=repr(at))["result"]
-        return {
-            tuple(sorted((k, v) for k, v in r["metric"].items() if k not in ("job", "instance"))):
-            float(r["value"][1])
-            for r in result
-        }  # fmt: skip
-
-
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[str, Flower, Api, Prometheus]]:
-    if not shutil.which(PROMETHEUS):
-        pytest.fail(f"{PROMETHEUS} is not installed: run .ci/services (Debian's prometheus)")
+    require()
     server = RedisServer(tmp_path / "redis").start()
     broker = f"redis://127.0.0.1:{server.port}/0"
     env = pollen_env(broker, f"redis://127.0.0.1:{server.port}/1", "parity")
@@ -215,7 +138,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, Flower, Api, Prometheus]]:
         processes.append(service("collector", env, tmp_path / "collector.log"))
         api = Api(env, tmp_path / "api.log")
         flower = Flower(broker, tmp_path / "flower.log")
-        prometheus = Prometheus(tmp_path, flower.port, api.port)
+        prometheus = Prometheus(tmp_path, {"flower": flower.port, "pollen": api.port}, SCRAPE)
         for name in WORKERS:
             processes.append(celery_worker(broker, tmp_path / f"{name}.log", name, pool="threads"))
         for name in WORKERS:
