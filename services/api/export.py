@@ -1,10 +1,9 @@
 """``/api/tasks/export``: any ``/api/tasks`` query streamed whole, as NDJSON or CSV.
 
-The query is walked page after page through the cursor engine (``Page.resume``, which also goes
-on past a page the scan budget cut short), so memory stays one page whatever the size, and the
-walk stops as soon as the client is gone: before each page, inside a scan, and when a write
-fails (the server also cancels a handler whose client is gone). Each page is one bounded
-engine run, so no Redis call is longer than a listing's.
+The query is walked page after page (``tasks.walk``), so memory stays one page whatever the
+size, and the walk stops as soon as the client is gone: before each page, inside a scan, and
+when a write fails (the server also cancels a handler whose client is gone). Each page is one
+bounded engine run, so no Redis call is longer than a listing's.
 An NDJSON line is ``/api/task/info/{uuid}``'s object; a CSV row has the same fields as columns.
 """
 
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import dataclasses
 import io
 import logging
 from typing import Any
@@ -24,8 +22,8 @@ from services.api import params
 from services.api.context import ctx
 from services.api.errors import bad_param
 from services.api.openapi import Spec, operation, param
-from services.api.query import CursorError, Position
-from services.api.tasks import client_gone, fetch, parse_task_query, task_query_params
+from services.api.query import CursorError
+from services.api.tasks import client_gone, parse_task_query, task_query_params, walk
 from shared.events import TASK_FIELDS
 from shared.readers import LOST_FIELDS
 
@@ -64,17 +62,17 @@ async def export_tasks(request: web.Request) -> web.StreamResponse:
     # the page size is the engine's; limit caps the whole export (none by default)
     total = params.integer(request.query, "limit", None)
     query, _ = parse_task_query(request, c.settings.max_page)
-    query = dataclasses.replace(query, limit=c.settings.max_page)
-    if total is not None and total < query.limit:
-        query = dataclasses.replace(query, limit=total)
 
     def wanted() -> bool:
         return not client_gone(request)
 
+    pages = walk(c, query, wanted, total)
     try:
-        page = await c.engine.run(query, wanted)
+        first = await anext(pages)
     except CursorError as exc:
         raise bad_param("cursor", str(exc)) from None
+    except StopAsyncIteration:
+        first = []
     response = web.StreamResponse(
         headers={
             "Content-Type": f"{FORMATS[fmt]}; charset=utf-8",
@@ -84,26 +82,16 @@ async def export_tasks(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     sent, header = 0, fmt == "csv"
-    query = dataclasses.replace(query, offset=0, cursor=None)
     try:
-        while True:
-            tasks = [task for _, task in await fetch(c, page.uuids, listing=False)]
+        tasks: list[bytes] | None = first
+        while tasks is not None:
             if fmt == "csv":
                 await response.write(csv_rows(tasks, header).encode())
                 header = False
             elif tasks:
                 await response.write(b"\n".join(tasks) + b"\n")
             sent += len(tasks)
-            at: Position | None = page.resume
-            if at is None or (total is not None and sent >= total):
-                break
-            if not wanted():
-                raise ConnectionResetError
-            if total is not None:
-                query = dataclasses.replace(query, limit=min(query.limit, total - sent))
-            page = await c.engine.run(query, wanted, at)
-            if not wanted():
-                raise ConnectionResetError
+            tasks = await anext(pages, None)
     except ConnectionError:
         log.info("export stopped after %d tasks: the client left", sent)
         return response
@@ -111,6 +99,8 @@ async def export_tasks(request: web.Request) -> web.StreamResponse:
         # the client left while the handler waited (the server cancels its handlers then)
         log.info("export stopped after %d tasks: the client left", sent)
         raise
+    finally:
+        await pages.aclose()
     await response.write_eof()
     log.info("export done: %d tasks", sent)
     return response

@@ -9,6 +9,8 @@ is ``as_dict()`` with ``worker`` (the hostname) in place.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import msgspec
@@ -18,7 +20,7 @@ from services.api import params
 from services.api.context import Context, ctx
 from services.api.errors import bad_param, not_found
 from services.api.openapi import ERROR, ERRORS, Spec, json_body, operation, param
-from services.api.query import SORT_KEYS, CursorError, TaskQuery
+from services.api.query import SORT_KEYS, CursorError, Position, TaskQuery
 from services.api.query.search import QuerySyntaxError, parse_query
 from shared.events import TASK_FIELDS
 from shared.readers import LOST_FIELDS, TASK_JSON_SOURCES
@@ -123,6 +125,36 @@ def parse_task_query(request: web.Request, max_page: int) -> tuple[TaskQuery, bo
         cursor=params.text(request.query, "cursor"),
     )
     return query, capped
+
+
+async def walk(
+    c: Context, query: TaskQuery, wanted: Callable[[], bool], total: int | None = None
+) -> AsyncGenerator[list[bytes], None]:
+    """Every task of ``query`` (``total`` at most), page after page of ``/api/task/info``
+    objects: the query's own first page (offset, cursor), then on through the cursor engine
+    (``Page.resume`` also goes on past a page the scan budget cut short). One page in memory
+    and one bounded engine run at a time; ``ConnectionResetError`` once ``wanted()`` is false.
+    A bad cursor raises ``CursorError`` before the first page."""
+    query = dataclasses.replace(query, limit=c.settings.max_page)
+    if total is not None and total < query.limit:
+        query = dataclasses.replace(query, limit=total)
+    page = await c.engine.run(query, wanted)
+    query = dataclasses.replace(query, offset=0, cursor=None)
+    sent = 0
+    while True:
+        tasks = [task for _, task in await fetch(c, page.uuids, listing=False)]
+        yield tasks
+        sent += len(tasks)
+        at: Position | None = page.resume
+        if at is None or (total is not None and sent >= total):
+            return
+        if not wanted():
+            raise ConnectionResetError
+        if total is not None:
+            query = dataclasses.replace(query, limit=min(query.limit, total - sent))
+        page = await c.engine.run(query, wanted, at)
+        if not wanted():
+            raise ConnectionResetError
 
 
 def client_gone(request: web.Request) -> bool:
