@@ -95,7 +95,8 @@ Global (no hash tag):
 <ns>:enabler:lease               string  id of the active enabler, PX expiry 1.5 enable intervals
 <ns>:audit                       stream  control calls, field ``e`` -> JSON ``{"time", "who",
                                          "role", "action", "target", "params", "status",
-                                         "sent", "reply"}`` (``services/api/audit.py``)
+                                         "sent", "reply"}``, a bulk action's ``task_ids`` (and
+                                         ``new_task_ids``) too (``services/api/control/audit.py``)
 ===============================  ======  ==========================================================
 """
 

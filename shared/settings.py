@@ -246,6 +246,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     result_timeout: Positive = 60.0
     #: Approximate number of control calls kept in the audit stream.
     audit_maxlen: PositiveInt = 10000
+    #: Most tasks one bulk action (``/api/tasks/bulk/revoke``, ``.../resend``) touches.
+    bulk_max: PositiveInt = 1000
 
     @property
     def redis_sentinel(self) -> Sentinel | None:

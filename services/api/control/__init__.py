@@ -11,13 +11,18 @@ no inspect cache has to hold it. Blocking Celery calls run in a bounded thread p
 
 Modules: ``resource`` (the Celery app, thread pool and lanes; app key ``CONTROL``), ``audit``
 (the decorator, the trail, ``/api/audit``), ``workers`` (the worker commands, one table),
-``tasks`` (task commands and publishing).
+``tasks`` (task commands and publishing), ``bulk`` (revoke or re-send the tasks of a query).
 """
 
-from services.api.control import audit, tasks, workers
+from services.api.control import audit, bulk, tasks, workers
 from services.api.control.resource import CONTROL, control_ctx
 
-routes = [*workers.routes, *tasks.routes, *audit.routes]
-openapi_paths = {**workers.openapi_paths, **tasks.openapi_paths, **audit.openapi_paths}
+routes = [*workers.routes, *tasks.routes, *bulk.routes, *audit.routes]
+openapi_paths = {
+    **workers.openapi_paths,
+    **tasks.openapi_paths,
+    **bulk.openapi_paths,
+    **audit.openapi_paths,
+}
 
 __all__ = ["CONTROL", "control_ctx", "openapi_paths", "routes"]

@@ -1,5 +1,6 @@
 """The control audit trail: ``<ns>:audit`` (stream), field ``e`` -> JSON ``{"time", "who",
-"role", "remote", "action", "target", "params", "status", "sent", "reply"}`` per control call,
+"role", "remote", "action", "target", "params", "status", "sent", "reply"}`` per control call
+(a bulk action's also ``task_ids`` and, for a re-send, ``new_task_ids``: every id, unclipped),
 written by ``audited`` endpoints whatever their outcome and read by ``/api/audit``."""
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def _clip(value: Any) -> Any:
 BODY_KEY = web.RequestKey("pollen.control.body", object)
 #: The message a publishing call really sent: task name, id, args, kwargs and options.
 SENT_KEY = web.RequestKey("pollen.control.sent", object)
+#: The ids a bulk action touched (``{"task_ids": [...], "new_task_ids": [...]}``): recorded
+#: whole, as they are bounded by ``POLLEN_BULK_MAX``.
+IDS_KEY = web.RequestKey("pollen.control.ids", dict)
 
 Body = dict[str, Any]
 Action = Callable[[web.Request, Control, MultiDict[str]], Awaitable[Body]]
@@ -95,6 +99,7 @@ def audited(
                 }
                 if sent is not None:
                     entry["sent"] = _clip(sent)
+                entry.update(request.get(IDS_KEY) or {})
                 await _record(ctl, entry)
 
         handler.__name__ = fn.__name__
