@@ -100,6 +100,9 @@ def test_cross_site_control_is_refused(stack: Stack, headers: dict[str, str]) ->
         assert status == 403 and "cross-site" in error(body), (status, body)
     status, _, body = call(stack.basic_api, "POST", GROW, {**headers, **basic(USER, PASSWORD)})
     assert status == 403 and "cross-site" in error(body)
+    for path in ("/api/tasks/bulk/revoke?dry_run=false", "/api/tasks/bulk/resend?dry_run=false"):
+        status, _, body = call(stack.open_api, "POST", path, headers, b"")
+        assert status == 403 and "cross-site" in error(body), (path, status, body)
     assert len(stack.audit()) == before  # refused before any control code ran
 
 
