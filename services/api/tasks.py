@@ -86,14 +86,18 @@ async def fetch(c: Context, uuids: list[str], listing: bool) -> list[tuple[str, 
     return out
 
 
-def parse_task_query(request: web.Request, max_page: int) -> tuple[TaskQuery, bool]:
-    """The query and whether its page size was capped at ``max_page``."""
-    limit = params.integer(request.query, "limit", None)
+def parse_task_query(
+    request: web.Request, max_page: int, args: params.Args | None = None
+) -> tuple[TaskQuery, bool]:
+    """The query and whether its page size was capped at ``max_page``; from ``args`` when
+    given (a POST's query string and form together), else the query string."""
+    given: params.Args = request.query if args is None else args
+    limit = params.integer(given, "limit", None)
     capped = limit is None or limit > max_page
     limit = max_page if limit is None or limit > max_page else limit
-    offset = params.integer(request.query, "offset", 0)
+    offset = params.integer(given, "offset", 0)
     assert offset is not None
-    sort_by = params.text(request.query, "sort_by")
+    sort_by = params.text(given, "sort_by")
     sort, desc = "", True
     if sort_by:
         sort = sort_by.lstrip("-")
@@ -104,25 +108,25 @@ def parse_task_query(request: web.Request, max_page: int) -> tuple[TaskQuery, bo
                 f"invalid sort_by {sort_by!r}, expected one of {', '.join(sorted(SORT_KEYS))}"
                 " (a leading '-' sorts descending)",
             )
-    search = request.query.get("search") or ""
+    search = given.get("search") or ""
     try:
         parse_query(search)
     except QuerySyntaxError as exc:
         raise bad_param("search", str(exc)) from None
     query = TaskQuery(
-        state=params.text(request.query, "state", all_is_none=True),
-        name=params.text(request.query, "taskname", all_is_none=True),
-        worker=params.text(request.query, "workername", all_is_none=True),
-        received=params.time_range(request.query, "received_start", "received_end"),
-        started=params.time_range(request.query, "started_start", "started_end"),
+        state=params.text(given, "state", all_is_none=True),
+        name=params.text(given, "taskname", all_is_none=True),
+        worker=params.text(given, "workername", all_is_none=True),
+        received=params.time_range(given, "received_start", "received_end"),
+        started=params.time_range(given, "started_start", "started_end"),
         search=search.strip(),
-        lost=params.boolean(request.query, "lost", False),
-        exception=params.text(request.query, "exception"),
+        lost=params.boolean(given, "lost", False),
+        exception=params.text(given, "exception"),
         sort=sort,
         desc=desc,
         offset=offset,
         limit=limit,
-        cursor=params.text(request.query, "cursor"),
+        cursor=params.text(given, "cursor"),
     )
     return query, capped
 

@@ -84,6 +84,9 @@ async def test_bulk_revoke(stack: Stack, api: ApiFactory, state: redis.Redis) ->
     assert (body["matched"], body["capped"]) == (4, False)
     assert {t["uuid"] for t in body["tasks"]} == ids
     assert all(t["name"] == "demo.app.mul" and t["state"] == "PENDING" for t in body["tasks"])
+    # the filters may come in a form body too (the dashboard posts them so)
+    response = await http.post("/api/tasks/bulk/revoke", data=query)
+    assert {t["uuid"] for t in (await response.json())["tasks"]} == ids
     # capped: the first ones in the query's order, and it says more matched
     response = await http.post("/api/tasks/bulk/revoke", params={**query, "limit": "3"})
     body = await response.json()
@@ -93,7 +96,7 @@ async def test_bulk_revoke(stack: Stack, api: ApiFactory, state: redis.Redis) ->
         response = await http.post("/api/tasks/bulk/revoke", params={**query, **bad})
         assert response.status == 400, bad
         assert "error" in await response.json()
-    assert state.xlen(KEYS.audit) == before + 6  # dry runs and refusals are recorded too
+    assert state.xlen(KEYS.audit) == before + 7  # dry runs and refusals are recorded too
 
     response = await http.post("/api/tasks/bulk/revoke", params={**query, "dry_run": "false"})
     body = await response.json()

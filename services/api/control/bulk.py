@@ -78,10 +78,12 @@ def _cut(value: Any, long: bool) -> bool:
     return False
 
 
-async def selected(request: web.Request, c: Context, cap: int) -> tuple[list[Any], bool]:
-    """The first ``cap`` tasks of the request's query (``/api/task/info`` objects), and whether
-    more matched."""
-    query, _ = parse_task_query(request, c.settings.max_page)
+async def selected(
+    request: web.Request, c: Context, args: MultiDict[str], cap: int
+) -> tuple[list[Any], bool]:
+    """The first ``cap`` tasks of the query ``args`` give (query string and form alike), as
+    ``/api/task/info`` objects, and whether more matched."""
+    query, _ = parse_task_query(request, c.settings.max_page, args)
     out: list[Any] = []
     try:
         async for page in walk(c, query, lambda: not client_gone(request), cap + 1):
@@ -111,7 +113,7 @@ async def bulk_revoke(request: web.Request, ctl: Control, args: MultiDict[str]) 
     dry_run = params.boolean(args, "dry_run", True)
     terminate = params.boolean(args, "terminate", False)
     sig = signal(args)
-    tasks, capped = await selected(request, c, _cap(c, args))
+    tasks, capped = await selected(request, c, args, _cap(c, args))
     ids = [t["uuid"] for t in tasks]
     if not dry_run and ids:
         # one broadcast for them all: every worker adds them to its revoked set
@@ -148,7 +150,7 @@ async def _queues(c: Context, ids: list[str]) -> list[str | None]:
 async def bulk_resend(request: web.Request, ctl: Control, args: MultiDict[str]) -> Body:
     c = ctx(request)
     dry_run = params.boolean(args, "dry_run", True)
-    tasks, capped = await selected(request, c, _cap(c, args))
+    tasks, capped = await selected(request, c, args, _cap(c, args))
     queues = await _queues(c, [t["uuid"] for t in tasks])
     rows: list[dict[str, Any]] = []
     old: list[str] = []
