@@ -614,3 +614,38 @@ def test_failures_view(page: Any, stack: Stack) -> None:
     expect(page.locator("#f-exception")).to_be_hidden()
     assert "exception=" not in page.url
     no_errors(page)
+
+
+def test_bulk_revoke_from_the_tasks_view(page: Any, stack: Stack) -> None:
+    # tasks that cannot run yet (their queue has no consumer), told apart by their arguments
+    ids = {stack.send("demo.app.mul", "bulkdash", i, queue=IDLE_QUEUE) for i in range(3)}
+    wait_for(
+        lambda: {u for u in ids if stack.api.data(f"/api/task/info/{u}")} == ids,
+        timeout=20,
+        message="the sent tasks in Pollen",
+    )
+    filters = "taskname=demo.app.mul&state=PENDING&search=args:bulkdash"
+    assert set(stack.api.data(f"/api/tasks?{filters}")) == ids
+    open_view(page, stack.api.url, f"#/tasks?{filters}")
+    expect(page.locator(ROW)).to_have_count(3)
+    page.locator("#bulk-button").click()
+    page.locator("#bulk-dry-run").click()
+    expect(page.locator("#bulk-summary")).to_contain_text("3 task(s) selected; 3 would be revoked")
+    for u in ids:
+        expect(page.locator(f'#bulk-tasks li[data-uuid="{u}"]')).to_be_visible()
+    # the dry run touched nothing: no revoke in the audit yet
+    audited = stack.api.data("/api/audit")["entries"]
+    assert not [e for e in audited if e["action"] == "tasks.bulk_revoke" and e.get("task_ids")]
+    page.locator("#bulk-run").click()
+    expect(page.locator("#confirm-text")).to_contain_text("the 3 task(s) listed")
+    page.locator("#confirm-ok").click()
+    expect(page.locator(".toast-ok")).to_contain_text("3 task(s) revoked")
+    entry = next(
+        e for e in stack.api.data("/api/audit")["entries"] if e["action"] == "tasks.bulk_revoke"
+    )
+    assert set(entry["task_ids"]) == ids and entry["status"] == 200
+    # re-send lists why a task cannot go again, or that it can
+    page.select_option("#bulk-action", "resend")
+    page.locator("#bulk-dry-run").click()
+    expect(page.locator("#bulk-summary")).to_contain_text("3 would be re-sent")
+    no_errors(page)

@@ -2,6 +2,7 @@
 // cursor paging. Rows update in place from the event stream; the first page is refetched
 // (throttled) as events arrive, so new and finished tasks show up without a reload.
 import { download, get, getJson } from './api.js';
+import { bulkPanel } from './bulk.js';
 import {
   STATES, batched, clear, fmtDuration, fmtTime, h, lostBadge, paramValues, patchRows, short,
   stateBadge, text, toHash,
@@ -189,15 +190,22 @@ export function tasksView(el, { params, app }) {
       }
     } }, `Export ${format.toUpperCase()}`);
 
+  // the filters without the page's own size and position
+  const bulk = bulkPanel({ app, onDone: () => refresh(),
+    query: () => { const { limit, ...query } = filters; return query; } });
+  const bulkButton = h('button', { class: 'secondary control', type: 'button', id: 'bulk-button',
+    title: 'Revoke or re-send every task of these filters', hidden: !app.canControl || null,
+    onclick: () => { bulk.hidden = !bulk.hidden; } }, 'Bulk…');
+
   el.append(
     h('div', { class: 'toolbar' }, h('h2', null, 'Tasks'), info, banner),
     h('form', { class: 'filters', onsubmit: (e) => { e.preventDefault(); } },
       stateSel, nameSel, workerSel, lostOnly, exceptionChip, search,
       h('label', null, 'received from ', from), h('label', null, 'to ', to), sortSel, limitSel,
-      pickerButton, exportButton('csv'), exportButton('ndjson'),
+      pickerButton, exportButton('csv'), exportButton('ndjson'), bulkButton,
       h('button', { class: 'link', type: 'button', id: 'f-reset',
         onclick: () => { location.hash = '#/tasks'; } }, 'reset')),
-    picker, error,
+    picker, bulk, error,
     h('div', { class: 'table-wrap' }, h('table', { class: 'grid-table', id: 'tasks' }, head, body)),
     h('div', { class: 'pager' }, newer, pageLabel, older),
   );
