@@ -13,6 +13,7 @@ import msgspec
 
 from shared import scripts
 from shared.keys import Keys, Shard
+from shared.redaction import Redactor
 from shared.settings import Settings
 
 _pack = msgspec.msgpack.encode
@@ -32,6 +33,8 @@ def config(settings: Settings, keys: Keys, now: float, age_check: bool) -> bytes
             "minute_ttl": s.chart_retention_days * 86400,
             "evict_batch": max(2 * s.batch_size, 100),
             "age_check": age_check,
+            # task name redaction rules for the fields an event without a name holds back
+            "redact": Redactor.from_settings(s.redact_keys, s.redact_fields).lua_rules(),
         }
     )
 

@@ -18,6 +18,8 @@ from urllib.parse import parse_qs, unquote, urlencode
 
 import msgspec
 
+from shared.redaction import RedactionError, parse_fields
+
 PREFIX = "POLLEN_"
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 URL_PREFIX_RE = re.compile(r"^/?[A-Za-z0-9._~-]+(?:/[A-Za-z0-9._~-]+)*/?$")
@@ -149,6 +151,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_field_bytes: PositiveInt = 32768
     #: Days of per-minute counters kept for charts.
     chart_retention_days: PositiveInt = 2
+    #: Key patterns (comma-separated, ``fnmatch``, case-insensitive) whose values are redacted
+    #: in task args, kwargs and results before anything is stored (``shared/redaction.py``).
+    redact_keys: str = ""
+    #: ``<task name pattern>=<field>+<field>,...``: those fields (args, kwargs, result,
+    #: exception, traceback) of those tasks are redacted whole before anything is stored.
+    redact_fields: str = ""
 
     # --- api -----------------------------------------------------------------------------------
     #: Address the API binds; a non-loopback one needs credentials or ``unauthenticated_api``.
@@ -302,6 +310,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 "must be a path like /flower (letters, digits, '-', '_', '.', '~' between"
                 " slashes) - at `$.url_prefix`"
             )
+        try:
+            parse_fields(self.redact_fields)
+        except RedactionError as exc:
+            raise msgspec.ValidationError(f"{exc} - at `$.redact_fields`") from None
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise msgspec.ValidationError(
                 "must be one of DEBUG, INFO, WARNING, ERROR - at `$.log_level`"

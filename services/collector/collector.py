@@ -26,6 +26,7 @@ from shared.backoff import Backoff
 from shared.broker import load_app, shown_url
 from shared.connections import REDIS_ERRORS, sync_client
 from shared.keys import Keys
+from shared.redaction import Redactor
 from shared.settings import Settings, mask_url
 
 log = logging.getLogger("pollen.collector")
@@ -49,7 +50,10 @@ class Collector:
         self.keys = Keys(settings.namespace, settings.shards)
         self.redis = client if client is not None else sync_client(settings)
         self.writer = Writer(self.redis, settings)
-        self.decoder = Decoder(settings.max_field_bytes)
+        self.decoder = Decoder(
+            settings.max_field_bytes,
+            Redactor.from_settings(settings.redact_keys, settings.redact_fields),
+        )
         self.id = f"{socket.gethostname()}-{os.getpid()}"
         self.stopping = threading.Event()
         self.source: Source | None = None

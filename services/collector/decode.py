@@ -2,6 +2,8 @@
 
 A bad event never raises: it is reported with a reason and a sample, and the rest of the
 message is still decoded. Oversize string fields are truncated (and reported), not dropped.
+Task events are redacted here (``shared/redaction.py``), before the normalized JSON is made:
+what is redacted never reaches Redis, the stream or a subscriber.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from kombu import serialization
 from kombu.exceptions import SerializerNotInstalled
 
 from shared import events as ev
+from shared.redaction import FIELDS, Redactor
 
 JSON_TYPES = frozenset({"application/json", "text/json", ""})
 #: Content types kombu may decode for us; pickle is refused (events come from the network).
@@ -52,6 +55,9 @@ class Decoded:
     event: ev.TaskEvent | ev.WorkerEvent
     open_json: bytes
     local_received: float
+    #: Fields held back for ``apply_events.lua`` to redact by the task's name (an event that
+    #: does not carry it): field -> JSON text; they are in neither ``event`` nor ``open_json``.
+    held: dict[str, bytes] | None = None
 
 
 @dataclass(slots=True)
@@ -77,9 +83,13 @@ def _reason(exc: msgspec.ValidationError) -> str:
     return "invalid_value"
 
 
+_REDACTABLE = tuple(f'"{f}"'.encode() for f in FIELDS)
+
+
 class Decoder:
-    def __init__(self, max_field_bytes: int) -> None:
+    def __init__(self, max_field_bytes: int, redactor: Redactor | None = None) -> None:
         self.max_field_bytes = max_field_bytes
+        self.redactor = redactor if redactor is not None and redactor.active else None
 
     def decode(
         self, body: bytes, content_type: str, content_encoding: str, local_received: float
@@ -156,8 +166,30 @@ class Decoder:
         reserved = _RESERVED_IN_WORKER if isinstance(event, ev.WorkerEvent) else _RESERVED
         if any(key in raw for key in reserved):
             raw = _without(raw, reserved)
+        held = None
+        if (
+            self.redactor is not None
+            and isinstance(event, ev.TaskEvent)
+            and any(key in raw for key in _REDACTABLE)
+        ):
+            obj = _any.decode(raw)
+            changed, kept = self.redactor.event(obj)
+            if changed:
+                raw = _encode(obj)
+                event = self._task(raw)
+                held = {k: _encode(v) for k, v in kept.items()} or None
         open_json = raw[:-1] + b',"local_received":' + _encode(local_received)
-        result.events.append(Decoded(event, open_json, local_received))
+        result.events.append(Decoded(event, open_json, local_received, held))
+
+    @staticmethod
+    def _task(raw: bytes) -> ev.TaskEvent:
+        """A task event decoded again after redaction (its fields changed, not its shape)."""
+        try:
+            event = _known.decode(raw)
+        except msgspec.ValidationError:
+            return _task_custom.decode(raw)
+        assert isinstance(event, ev.TaskEvent)
+        return event
 
     def _custom(self, raw: bytes) -> ev.TaskCustom | ev.WorkerCustom | None:
         """Decode a ``task-<x>`` / ``worker-<x>`` outside the standard types; None when the

@@ -54,7 +54,9 @@ def _text(value: Any) -> str:
     return _json(value).decode()
 
 
-def task_args(event: ev.TaskEvent, open_json: bytes) -> dict[str, Any]:
+def task_args(
+    event: ev.TaskEvent, open_json: bytes, held: dict[str, bytes] | None = None
+) -> dict[str, Any]:
     """The Lua-side description of a task event (see the header of apply_events.lua)."""
     kind = ev.event_type(event)
     subject = kind[5:]
@@ -97,6 +99,8 @@ def task_args(event: ev.TaskEvent, open_json: bytes) -> dict[str, Any]:
         exc_class = ev.exception_class(event.exception)
         if exc_class is not None:
             args["exc_class"] = exc_class
+    if held:
+        args["held"] = {k: v.decode() for k, v in held.items()}
     return args
 
 
@@ -141,7 +145,7 @@ class Writer:
                 newest = event.timestamp
             if isinstance(event, ev.TaskEvent):
                 identity = event.uuid
-                args = task_args(event, item.open_json)
+                args = task_args(event, item.open_json, item.held)
             else:
                 identity = event.hostname
                 args = worker_args(event, item.open_json, item.local_received)

@@ -6,7 +6,8 @@
 -- KEYS[1]  P..'stream' (routes the call to the shard's slot)
 -- ARGV[1]  P, the shard's key prefix, e.g. 'pollen:{pollen}:'
 -- ARGV[2]  msgpack config: now, max_tasks, task_ttl, failed_ttl, stream_maxlen, channel,
---          minute_ttl, evict_batch, age_check (bool)
+--          minute_ttl, evict_batch, age_check (bool), redact ([[Lua pattern of task names,
+--          [field...]]...]: the task name redaction rules)
 -- ARGV[3]  msgpack array of events (services/collector/writer.py: task_args, worker_args), maps
 --          whose *_json values are JSON text:
 --   task:   kind='task', uuid, uuid_json, subject ('succeeded'...), timestamp_json, clock_json,
@@ -14,7 +15,9 @@
 --           open_json (the normalized event JSON without its closing brace); when carried:
 --           name, parent_id and queue (raw), retries and eta_ts (text, epoch seconds of the
 --           eta; task-sent and task-received only), runtime_bucket and runtime_json (task-succeeded), exc_class (task-failed and
---           task-retried whose exception names a class: events.exception_class)
+--           task-retried whose exception names a class: events.exception_class), held (field
+--           -> JSON text: fields a task name redaction rule may replace, held back by the
+--           collector from an event without a name; shared/redaction.py)
 --   worker: kind='worker', hostname, subject ('heartbeat'...), timestamp_json, clock_json,
 --           local_received_json, fields={field=json}, open_json
 --   death:  kind='death', hostname, timestamp_json: the enabler found the worker dead, its
@@ -386,8 +389,35 @@ local function load_task(u)
   return t
 end
 
+-- Redaction of held fields (shared/redaction.py): by the task's name, the marker when a rule
+-- names the field or when the name is not known (it fails closed).
+local REDACTED = cjson.encode("'[redacted]'")
+local function release_held(t, ev)
+  local extra = ''
+  for f, v in pairs(ev.held) do
+    local name = t.name
+    local value = v
+    if not name then
+      value = REDACTED
+    else
+      for _, rule in ipairs(cfg.redact) do
+        if string.find(name, rule[1]) then
+          for _, field in ipairs(rule[2]) do
+            if field == f then value = REDACTED end
+          end
+        end
+      end
+    end
+    ev.fields[f] = value
+    extra = extra .. ',' .. cjson.encode(f) .. ':' .. value
+  end
+  return extra
+end
+
 local function apply_task(t, ev)
   local history = t.history
+  local held = ''
+  if ev.held then held = release_held(t, ev) end
   local mask = 0
   for f, _ in pairs(ev.fields) do
     local bit = FIELD_BIT[f]
@@ -492,7 +522,7 @@ local function apply_task(t, ev)
     seen[ev.hostname] = e.tj
   end
   emit(ev.open_json,
-       ',"task_name":' .. (t.name_json or 'null') .. ',"task_state":"' .. state .. '"')
+       held .. ',"task_name":' .. (t.name_json or 'null') .. ',"task_state":"' .. state .. '"')
   return true
 end
 

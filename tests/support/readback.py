@@ -11,13 +11,16 @@ from services.collector.decode import Decoded, Decoder
 from services.collector.writer import Applied, Writer
 from shared import apply_events, readers
 from shared.keys import Keys
+from shared.redaction import Redactor
 from tests.support.replies import raw_hash, raw_list, raw_set
 
 
-def decode_events(events: list[dict[str, Any]], max_field_bytes: int = 32768) -> list[Decoded]:
+def decode_events(
+    events: list[dict[str, Any]], max_field_bytes: int = 32768, redactor: Redactor | None = None
+) -> list[Decoded]:
     """Decode dict events the way the collector decodes message bodies (one body each); the
     collector's receive time is the event's ``local_received`` when it has one."""
-    decoder = Decoder(max_field_bytes)
+    decoder = Decoder(max_field_bytes, redactor)
     out: list[Decoded] = []
     for event in events:
         body = dict(event)
@@ -31,7 +34,10 @@ def decode_events(events: list[dict[str, Any]], max_field_bytes: int = 32768) ->
 
 
 def apply(writer: Writer, events: list[dict[str, Any]], now: float = 0.0) -> Applied:
-    return writer.apply(decode_events(events), now)
+    """Decode and apply ``events`` as the collector would with ``writer``'s settings."""
+    s = writer.settings
+    redactor = Redactor.from_settings(s.redact_keys, s.redact_fields)
+    return writer.apply(decode_events(events, s.max_field_bytes, redactor), now)
 
 
 def task(r: redis.Redis, keys: Keys, uuid: str) -> dict[str, Any] | None:
