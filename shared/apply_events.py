@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from shared import scripts
+from shared import retention, scripts
 from shared.keys import Keys, Shard
 from shared.redaction import Redactor
 from shared.settings import Settings
@@ -33,6 +33,8 @@ def config(settings: Settings, keys: Keys, now: float, age_check: bool) -> bytes
             "minute_ttl": s.chart_retention_days * 86400,
             "evict_batch": max(2 * s.batch_size, 100),
             "age_check": age_check,
+            # retention by task name (first rule matching name and state wins)
+            "retention": retention.lua_rules(s.task_retention),
             # task name redaction rules for the fields an event without a name holds back
             "redact": Redactor.from_settings(s.redact_keys, s.redact_fields).lua_rules(),
         }

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from shared.scripts import lua_pattern
+
 #: What a redacted value becomes, as celery would show the string.
 MARKER = "'[redacted]'"
 #: The fields a ``POLLEN_REDACT_FIELDS`` rule may name.
@@ -60,21 +62,6 @@ def parse_fields(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
             raise RedactionError(f"{part!r}: unknown field(s) {unknown}, expected {FIELDS}")
         rules.append((pattern.strip(), fields))
     return tuple(rules)
-
-
-def lua_pattern(glob: str) -> str:
-    """An ``fnmatch`` pattern (``*``, ``?``; no brackets) as an anchored Lua pattern."""
-    out = []
-    for char in glob:
-        if char == "*":
-            out.append(".*")
-        elif char == "?":
-            out.append(".")
-        elif char.isalnum() or char in "_ ":
-            out.append(char)
-        else:
-            out.append("%" + char)
-    return "^" + "".join(out) + "$"
 
 
 @dataclass(frozen=True)

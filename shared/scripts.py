@@ -123,3 +123,18 @@ def register(client: Any, name: str) -> Script:
     """A callable script bound to ``client`` (sync, asyncio or cluster; EVALSHA with reload)."""
     script: Script = client.register_script(source(name))
     return script
+
+
+def lua_pattern(glob: str) -> str:
+    """An ``fnmatch`` pattern (``*``, ``?``; no brackets) as an anchored Lua pattern."""
+    out = []
+    for char in glob:
+        if char == "*":
+            out.append(".*")
+        elif char == "?":
+            out.append(".")
+        elif char.isalnum() or char in "_ ":
+            out.append(char)
+        else:
+            out.append("%" + char)
+    return "^" + "".join(out) + "$"

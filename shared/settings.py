@@ -19,6 +19,8 @@ from urllib.parse import parse_qs, unquote, urlencode
 import msgspec
 
 from shared.redaction import RedactionError, parse_fields
+from shared.retention import RetentionError
+from shared.retention import parse as parse_retention
 
 PREFIX = "POLLEN_"
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -145,6 +147,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     task_ttl: NonNegativeInt = 7 * 86400
     #: Seconds a failed task is kept after its last event (0: no age limit).
     failed_task_ttl: NonNegativeInt = 30 * 86400
+    #: Retention by task name: ``<task name pattern>=<success|failure|all|STATE>:<how long>,...``
+    #: (how long: seconds, ``90d``, ``12h``, ``0`` = not kept, ``forever``); the first rule
+    #: that matches a task's name and state wins over the two above (``shared/retention.py``).
+    task_retention: str = ""
     #: Approximate length of the capped stream of normalized events (per shard).
     stream_maxlen: PositiveInt = 100_000
     #: Longer string fields (result, traceback, args...) are truncated to this many bytes.
@@ -310,6 +316,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 "must be a path like /flower (letters, digits, '-', '_', '.', '~' between"
                 " slashes) - at `$.url_prefix`"
             )
+        try:
+            parse_retention(self.task_retention)
+        except RetentionError as exc:
+            raise msgspec.ValidationError(f"{exc} - at `$.task_retention`") from None
         try:
             parse_fields(self.redact_fields)
         except RedactionError as exc:

@@ -7,7 +7,8 @@
 -- ARGV[1]  P, the shard's key prefix, e.g. 'pollen:{pollen}:'
 -- ARGV[2]  msgpack config: now, max_tasks, task_ttl, failed_ttl, stream_maxlen, channel,
 --          minute_ttl, evict_batch, age_check (bool), redact ([[Lua pattern of task names,
---          [field...]]...]: the task name redaction rules)
+--          [field...]]...]: the task name redaction rules), retention ([[Lua pattern of task
+--          names, state or '*', seconds or -1 (forever)]...]: retention by task name)
 -- ARGV[3]  msgpack array of events (services/collector/writer.py: task_args, worker_args), maps
 --          whose *_json values are JSON text:
 --   task:   kind='task', uuid, uuid_json, subject ('succeeded'...), timestamp_json, clock_json,
@@ -932,14 +933,45 @@ if excess > 0 then
   evicted = evicted + #victims
 end
 if cfg.age_check then
-  for _, state in ipairs(redis.call('SMEMBERS', P .. KEY.states)) do
+  -- by state: POLLEN_TASK_TTL, POLLEN_FAILED_TASK_TTL (0: no limit, here -1)
+  local function state_ttl(state)
     local ttl = cfg.task_ttl
     if state == STATE.FAILURE then ttl = cfg.failed_ttl end
-    if ttl > 0 and evicted < cfg.evict_batch then
-      local victims = redis.call('ZRANGEBYSCORE', P .. KEY.idx_state .. state, '-inf',
-        '(' .. (cfg.now - ttl), 'LIMIT', 0, cfg.evict_batch - evicted)
-      for _, u in ipairs(victims) do evict(u) end
-      evicted = evicted + #victims
+    if ttl > 0 then return ttl end
+    return -1
+  end
+  local function evict_older(key, ttl)
+    if ttl < 0 or evicted >= cfg.evict_batch then return end
+    local victims = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. (cfg.now - ttl), 'LIMIT', 0,
+      cfg.evict_batch - evicted)
+    for _, u in ipairs(victims) do evict(u) end
+    evicted = evicted + #victims
+  end
+  -- by task name (POLLEN_TASK_RETENTION): the first rule matching the name and state wins
+  local rules, names = cfg.retention, nil
+  local function rule_ttl(name, state)
+    for _, rule in ipairs(rules) do
+      if (rule[2] == '*' or rule[2] == state) and string.find(name, rule[1]) then
+        return rule[3]
+      end
+    end
+    return nil
+  end
+  for _, state in ipairs(redis.call('SMEMBERS', P .. KEY.states)) do
+    local ttl = state_ttl(state)
+    local ruled = false
+    for _, rule in ipairs(rules) do
+      if rule[2] == '*' or rule[2] == state then ruled = true end
+    end
+    if not ruled then
+      evict_older(P .. KEY.idx_state .. state, ttl)
+    else
+      -- name by name (state and name index), each by its rule or the state's limit; tasks
+      -- whose name is not known yet go by the count cap only
+      names = names or redis.call('SMEMBERS', P .. KEY.names)
+      for _, name in ipairs(names) do
+        evict_older(P .. KEY.idx_sn .. state .. ':' .. name, rule_ttl(name, state) or ttl)
+      end
     end
   end
 end

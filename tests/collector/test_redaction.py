@@ -12,7 +12,8 @@ import pytest
 import redis
 
 from services.collector.writer import Writer
-from shared.redaction import MARKER, RedactionError, Redactor, lua_pattern, parse_fields
+from shared.redaction import MARKER, RedactionError, Redactor, parse_fields
+from shared.scripts import lua_pattern
 from shared.settings import Settings, SettingsError, load
 from tests.support import readback
 from tests.support.replies import entries

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import pytest
 import redis
 
 from services.collector.writer import Writer
 from shared.keys import Keys
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError, load
 from tests.support import readback
 from tests.support.replies import raw_list, raw_set
 
@@ -17,7 +18,12 @@ T0 = 1_790_000_000.0
 
 
 def lifecycle(
-    uuid: str, ts: float, outcome: str = "succeeded", parent: str | None = None, worker: str = "w@h"
+    uuid: str,
+    ts: float,
+    outcome: str = "succeeded",
+    parent: str | None = None,
+    worker: str = "w@h",
+    name: str = "t.x",
 ) -> list[dict[str, Any]]:
     end: dict[str, Any] = {
         "type": f"task-{outcome}",
@@ -35,7 +41,7 @@ def lifecycle(
             "hostname": worker,
             "timestamp": ts,
             "clock": 1,
-            "name": "t.x",
+            "name": name,
             "args": "()",
             "kwargs": "{}",
             "parent_id": parent,
@@ -99,3 +105,37 @@ def test_zero_ttl_keeps_tasks(r: redis.Redis, settings: Settings) -> None:
     readback.apply(writer, lifecycle("ancient", 1000.0))
     assert writer.apply([], now=T0, age_check=True).evicted == 0
     assert readback.task(r, writer.keys, "ancient") is not None
+
+
+def test_retention_by_task_name(r: redis.Redis, settings: Settings) -> None:
+    rules = "chatty.*=success:0,billing.*=failure:forever,reports.?=all:10,*=REVOKED:5"
+    writer = Writer(
+        r,
+        msgspec.structs.replace(settings, task_ttl=100, failed_task_ttl=1000, task_retention=rules),
+    )
+    now = T0 + 50
+    events = (
+        # successes of chatty tasks are not kept, however new; its failures by the defaults
+        lifecycle("chatty-ok", now - 3, name="chatty.ping")
+        + lifecycle("chatty-failed", now - 500, "failed", name="chatty.ping")
+        # billing failures are kept forever, its successes by the default
+        + lifecycle("billing-failed", now - 90_000, "failed", name="billing.charge")
+        + lifecycle("billing-ok", now - 200, name="billing.charge")
+        # reports.a: everything for 10 s; reports.ab does not match reports.?
+        + lifecycle("reports-ok", now - 20, name="reports.a")
+        + lifecycle("reports-long", now - 20, name="reports.ab")
+        # the default for other names and states
+        + lifecycle("other-ok", now - 50, name="other.task")
+        + lifecycle("other-failed", now - 2000, "failed", name="other.task")
+    )
+    readback.apply(writer, events)
+    writer.apply([], now=now, age_check=True)
+    remaining = {k.rsplit(b":", 1)[1].decode() for k in task_keys(r, writer.keys)}
+    assert remaining == {"chatty-failed", "billing-failed", "reports-long", "other-ok"}
+    assert {m.decode() for m in all_members(r, writer.keys)} == remaining
+
+
+def test_bad_retention_rules_stop_the_service() -> None:
+    for bad in ("billing.*", "x=success", "x=later:1d", "x=success:1w", "x=success:-1"):
+        with pytest.raises(SettingsError, match="POLLEN_TASK_RETENTION"):
+            load({"POLLEN_TASK_RETENTION": bad})
