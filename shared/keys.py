@@ -92,6 +92,11 @@ Global (no hash tag):
                                          tell)
 <ns>:queues:history              stream  id ``<minute start ms>-0``, field ``q`` -> JSON
                                          ``{queue: messages}``, first sample of each minute
+<ns>:alerts:rules                hash    rule name -> JSON ``shared.alerts.Rule`` (the API's)
+<ns>:alerts:state                hash    ``<rule>\\x1f<subject>`` -> JSON ``shared.alerts.Alert``,
+                                         pending or firing (the active enabler's)
+<ns>:alerts:log                  stream  field ``e`` -> JSON record: a firing, a resolution or a
+                                         delivery attempt (``LOG_MAXLEN``)
 <ns>:enabler:lease               string  id of the active enabler, PX expiry 1.5 enable intervals
 <ns>:audit                       stream  control calls, field ``e`` -> JSON ``{"time", "who",
                                          "role", "action", "target", "params", "status",
@@ -451,3 +456,15 @@ class Keys:
     @property
     def audit(self) -> str:
         return f"{self.namespace}:audit"
+
+    @property
+    def alert_rules(self) -> str:
+        return f"{self.namespace}:alerts:rules"
+
+    @property
+    def alert_state(self) -> str:
+        return f"{self.namespace}:alerts:state"
+
+    @property
+    def alert_log(self) -> str:
+        return f"{self.namespace}:alerts:log"

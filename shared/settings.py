@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, unquote, urlencode
 
 import msgspec
 
+from shared.alerts import ReceiverError, parse_receivers
 from shared.redaction import RedactionError, parse_fields
 from shared.retention import RetentionError
 from shared.retention import parse as parse_retention
@@ -243,6 +244,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_workers: PositiveInt = 10_000
     #: Seconds between queue length samples.
     queue_interval: Positive = 5.0
+    #: Seconds between evaluations of the alert rules (``shared/alerts.py``).
+    alert_interval: Positive = 15.0
+    #: Where alerts go: ``<name>=<webhook|slack|alertmanager>:<url>,...``; rules name them.
+    alert_receivers: str = ""
     #: Minutes of per-minute queue length history kept for charts.
     queue_history: PositiveInt = 1440
     #: RabbitMQ management API URL (``http://user:pass@host:15672/api/``) for queue lengths.
@@ -317,6 +322,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 " slashes) - at `$.url_prefix`"
             )
         try:
+            parse_receivers(self.alert_receivers)
+        except ReceiverError as exc:
+            raise msgspec.ValidationError(f"{exc} - at `$.alert_receivers`") from None
+        try:
             parse_retention(self.task_retention)
         except RetentionError as exc:
             raise msgspec.ValidationError(f"{exc} - at `$.task_retention`") from None
@@ -331,7 +340,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
 
 #: Settings whose value is a secret: never shown in a message.
-SECRET_FIELDS = frozenset({"api_tokens", "basic_auth", "broker_transport_options"})
+SECRET_FIELDS = frozenset(
+    {"api_tokens", "basic_auth", "broker_transport_options", "alert_receivers"}
+)
 #: What a caller may do, least first: read; control tasks and workers; also shut workers down.
 ROLES = ("viewer", "operator", "admin")
 #: A credential's mode suffix and the role it gives (no suffix: admin, as before roles).

@@ -8,6 +8,7 @@ from typing import Protocol
 from aiohttp import web
 
 from services.api import (
+    alerts,
     auth,
     control,
     events,
@@ -54,6 +55,7 @@ ROUTE_MODULES: tuple[RouteModule, ...] = (
     ui,  # the dashboard at /
     pages,  # Flower's page URLs
     control,  # worker and task control, the audit trail
+    alerts,  # alert rules (admins edit them), alerts and their history
 )
 
 

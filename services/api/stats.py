@@ -29,6 +29,7 @@ from services.api import params
 from services.api.context import Context, ctx
 from services.api.errors import bad_param
 from services.api.openapi import Spec, json_body, operation, param
+from shared.histograms import labels, quantile
 from shared.keys import RUNTIME_BUCKETS, SEP, WAIT_BUCKETS, WAIT_STAGES, Shard
 from shared.readers import heartbeat_active, worker_from_hash
 from shared.workers import event_state, known_workers, lost_counts
@@ -144,35 +145,8 @@ async def tasks_per_minute(request: web.Request) -> web.Response:
     return _json(body)
 
 
-def quantile(
-    q: float, counts: list[float], buckets: tuple[float, ...] = RUNTIME_BUCKETS
-) -> float | None:
-    """Prometheus' ``histogram_quantile`` over per-bucket (not cumulative) ``counts`` of
-    ``buckets`` plus a last ``+Inf`` bucket: linear inside the bucket holding the rank, the
-    first bucket starting at 0; a rank in ``+Inf`` gives the highest finite bound."""
-    total = sum(counts)
-    if total <= 0:
-        return None
-    rank = q * total
-    cumulative = 0.0
-    for i, count in enumerate(counts):
-        if cumulative + count >= rank and count > 0:
-            if i >= len(buckets):
-                return buckets[-1]
-            lower = buckets[i - 1] if i > 0 else 0.0
-            upper = buckets[i]
-            return lower + (upper - lower) * (rank - cumulative) / count
-        cumulative += count
-    return buckets[-1]
-
-
-def _labels(buckets: tuple[float, ...]) -> dict[str, int]:
-    """Bucket label (as the collector writes it: ``repr`` of the bound) -> position."""
-    return {label: i for i, label in enumerate([*(repr(b) for b in buckets), "+Inf"])}
-
-
-_RUNTIME = _labels(RUNTIME_BUCKETS)
-_WAIT = _labels(WAIT_BUCKETS)
+_RUNTIME = labels(RUNTIME_BUCKETS)
+_WAIT = labels(WAIT_BUCKETS)
 
 
 def _entry(

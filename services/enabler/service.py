@@ -10,7 +10,9 @@ the others wait as standbys. The active one:
   ``enable_events`` and an inspect of the new workers;
 - samples queue lengths every ``POLLEN_QUEUE_INTERVAL`` and keeps a per-minute history;
 - forgets offline workers (``retention.py``) and records the deaths of workers, which marks
-  their unfinished tasks lost (``deaths.py``).
+  their unfinished tasks lost (``deaths.py``);
+- evaluates the alert rules every ``POLLEN_ALERT_INTERVAL`` and delivers their alerts
+  (``alerts.py``).
 
 Broker or Redis outages are retried with capped backoff and logged once per outage.
 """
@@ -37,6 +39,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from services.enabler import deaths, retention, writes
+from services.enabler.alerts import Alerts
 from services.enabler.queues import UNRESOLVED, QueueSampler, oldest
 from shared import apply_events, scripts
 from shared.backoff import Backoff
@@ -79,6 +82,7 @@ class Enabler:
         self.purge_script = scripts.register(self.redis, "purge_worker")
         self.apply_script = apply_events.register(self.redis)
         self.sampler = QueueSampler(settings, self.app)
+        self.alerts = Alerts(self.redis, self.keys, settings)
         self.broker_errors = broker_errors(self.app)
         self.sample_errors: tuple[type[BaseException], ...] = (
             *self.broker_errors,
@@ -439,6 +443,13 @@ class Enabler:
                     due = time.time() + self.redis_backoff.delay()
             await self._wait(self.wake_deaths, max(0.0, due - time.time()))
 
+    # --- alerts --------------------------------------------------------------------------------
+
+    async def alert_loop(self) -> None:
+        await self._every(
+            asyncio.Event(), lambda: self.settings.alert_interval, self.alerts.evaluate, ()
+        )
+
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -464,6 +475,7 @@ class Enabler:
                 self.queue_loop,
                 self.retention_loop,
                 self.death_loop,
+                self.alert_loop,
             )
         ]
         stop: asyncio.Task[Any] = asyncio.create_task(self.stopping.wait())
@@ -494,6 +506,7 @@ class Enabler:
         with contextlib.suppress(*REDIS_ERRORS):
             await self.release_lease()
         await self.sampler.close()
+        await self.alerts.close()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from services.api.stats import quantile
 from services.api.ui import FILES
+from shared.histograms import quantile
 from shared.keys import RUNTIME_BUCKETS
 from tests.support.api import Api, api_env, clear_namespace, seed
 from tests.support.servers import RedisServer
