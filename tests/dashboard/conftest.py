@@ -73,6 +73,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         inspect_interval="5",
         queue_interval="2",
         queues=f"celery,{IDLE_QUEUE}",
+        alert_interval="1",
         enable_interval="2",
         # generous: under load a worker answers a control call late, not never (504 is for never)
         inspect_timeout="10",

@@ -328,6 +328,9 @@ def test_read_only_hides_controls(page: Any, stack: Stack) -> None:
     expect(page.locator("#task-fields")).to_contain_text(failed)
     expect(page.locator("#revoke")).to_have_count(0)
     expect(page.locator("#terminate")).to_have_count(0)
+    open_view(page, stack.read_only.url, "#/alerts")
+    expect(page.locator("#alert-rules")).to_be_visible()
+    expect(page.locator("#alert-form")).to_have_count(0)
     no_errors(page)
 
 
@@ -648,4 +651,33 @@ def test_bulk_revoke_from_the_tasks_view(page: Any, stack: Stack) -> None:
     page.select_option("#bulk-action", "resend")
     page.locator("#bulk-dry-run").click()
     expect(page.locator("#bulk-summary")).to_contain_text("3 would be re-sent")
+    no_errors(page)
+
+
+def test_alerts_view(page: Any, stack: Stack) -> None:
+    # an admin adds a rule in the page; the enabler fires it (the idle queue has messages)
+    open_view(page, stack.api.url, "#/alerts")
+    expect(page.locator("#alerts-now")).to_contain_text("Nothing firing")
+    page.fill("#rule-name", "idle-backlog")
+    page.select_option("#rule-kind", "queue_length")
+    page.fill("#rule-match", IDLE_QUEUE)
+    page.fill("#rule-threshold", "1")
+    page.locator("#rule-save").click()
+    expect(page.locator(".toast-ok")).to_contain_text("Rule idle-backlog saved")
+    expect(page.locator('#alert-rules tr[data-rule="idle-backlog"]')).to_contain_text(
+        "queue_length"
+    )
+    firing = page.locator(f'#alerts-now tr[data-rule="idle-backlog"][data-subject="{IDLE_QUEUE}"]')
+    expect(firing).to_have_attribute("data-state", "firing", timeout=20_000)
+    expect(page.locator('#alerts-history tr[data-event="firing"]')).to_contain_text("idle-backlog")
+    rule = stack.api.data("/api/alerts/rules")["rules"]["idle-backlog"]
+    assert (rule["kind"], rule["match"], rule["threshold"]) == ("queue_length", IDLE_QUEUE, 1.0)
+    screenshot(page, "alerts")
+    # deleting it (confirmed) resolves the alert
+    page.locator('#alert-rules button[data-delete="idle-backlog"]').click()
+    page.locator("#confirm-ok").click()
+    expect(page.locator('#alert-rules tr[data-rule="idle-backlog"]')).to_have_count(0)
+    expect(page.locator('#alerts-history tr[data-event="resolved"]')).to_contain_text(
+        "idle-backlog", timeout=20_000
+    )
     no_errors(page)

@@ -92,6 +92,15 @@ export async function post(path, params) {
   return resp.json();
 }
 
+/** A JSON request with another method (PUT, DELETE): the answer's JSON. */
+export async function send(method, path, body) {
+  const resp = await fetch(url(path), { method,
+    headers: headers(body === undefined ? {} : { 'Content-Type': 'application/json' }),
+    body: body === undefined ? undefined : JSON.stringify(body) });
+  if (!resp.ok) throw await failure(resp);
+  return resp.json();
+}
+
 export function eventsUrl(params) {
   const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
   const q = { ...(params || {}) };

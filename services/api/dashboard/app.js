@@ -1,6 +1,7 @@
 // Pollen's dashboard: a hash router over its views, one live event stream shared by all of
 // them, and the little chrome around (connection state, sign-in, confirmations, toasts).
 import { ApiError, EventStream, getJson, setToken, token } from './api.js';
+import { alertsView } from './alerts.js';
 import { chartsView } from './chartsview.js';
 import { failuresView } from './failures.js';
 import { feedView } from './feed.js';
@@ -17,6 +18,7 @@ const ROUTES = [
   { re: /^\/failures$/, view: failuresView, nav: 'failures' },
   { re: /^\/feed$/, view: feedView, nav: 'feed' },
   { re: /^\/charts$/, view: chartsView, nav: 'charts' },
+  { re: /^\/alerts$/, view: alertsView, nav: 'alerts' },
 ];
 /** Recent events of every kind, so the feed has something to show when opened. */
 const RECENT_MAX = 2000;
