@@ -1,6 +1,7 @@
-"""Redaction end to end: a real worker runs tasks whose arguments and results hold secrets; the
-real collector, configured with key patterns and a task name rule, keeps them out of Redis;
-the API and a live WebSocket client show the markers, never the secrets."""
+"""Redaction and retention rules end to end: a real worker runs tasks whose arguments and
+results hold secrets; the real collector, configured with key patterns and a task name rule,
+keeps them out of Redis; the API and a live WebSocket client show the markers, never the
+secrets. A retention rule by task name drops one task's successes at once and keeps the rest."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         "rd",
         redact_keys="password,*token*",
         redact_fields="demo.app.mul=result",
+        task_retention="demo.app.progress=success:0",
     )
     procs: list[Process] = []
     api: Api | None = None
@@ -68,13 +70,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             "result": app.send_task("demo.app.mul", ("result-secret", 2)).id,
             # nothing to redact
             "plain": app.send_task("demo.app.add", (2, 3)).id,
+            # not kept once it succeeds (its events still stream)
+            "dropped": app.send_task("demo.app.progress", (1,)).id,
         }
 
         def finished() -> bool:
             tasks = api.data("/api/tasks?limit=100")
-            return all(
-                tasks.get(u, {}).get("state") in ("SUCCESS", "FAILURE") for u in ids.values()
-            )
+            kept = [u for k, u in ids.items() if k != "dropped"]
+            return all(tasks.get(u, {}).get("state") in ("SUCCESS", "FAILURE") for u in kept)
 
         wait_for(finished, timeout=60, message="every task finished")
         finals = {"task-succeeded", "task-failed"}
@@ -128,3 +131,20 @@ def test_api_and_websocket_show_the_markers(run: Run) -> None:
         if m.get("type") == "task-succeeded" and m["uuid"] == run.ids["result"]
     ]
     assert [m["result"] for m in succeeded] == [MARKER]
+
+
+def test_retention_by_name_drops_successes_at_once(run: Run) -> None:
+    dropped = run.ids["dropped"]
+    # the WebSocket saw it succeed; within the collector's age check (a second) it is gone
+    assert any(
+        m.get("uuid") == dropped and m.get("type") == "task-succeeded" for m in run.ws.messages
+    )
+    wait_for(
+        lambda: dropped not in run.api.data("/api/tasks?limit=100"),
+        timeout=10,
+        message="the dropped task evicted",
+    )
+    status, _, _ = run.api.get(f"/api/task/info/{dropped}")
+    assert status == 404
+    # the other tasks stay
+    assert run.api.data(f"/api/task/info/{run.ids['plain']}")["state"] == "SUCCESS"
