@@ -19,6 +19,7 @@ service) and, for the task name rules, put in ``apply_events.lua``'s configurati
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import io
 import re
@@ -30,7 +31,8 @@ from typing import Any
 from shared.scripts import lua_pattern
 
 #: What a redacted value becomes, as celery would show the string.
-MARKER = "'[redacted]'"
+MARKER_TEXT = "[redacted]"
+MARKER = repr(MARKER_TEXT)
 #: The fields a ``POLLEN_REDACT_FIELDS`` rule may name.
 FIELDS = ("args", "kwargs", "result", "exception", "traceback")
 #: The fields key patterns look into.
@@ -57,6 +59,9 @@ def parse_fields(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
         fields = tuple(f.strip() for f in names.split("+") if f.strip())
         if not sep or not pattern.strip() or not fields:
             raise RedactionError(f"{part!r}: expected <task name pattern>=<field>+<field>")
+        if any(c in pattern for c in "[]"):
+            # apply_events.lua matches these too, with Lua patterns: * and ? only
+            raise RedactionError(f"{part!r}: task name patterns take * and ? only, not [...]")
         unknown = [f for f in fields if f not in FIELDS]
         if unknown:
             raise RedactionError(f"{part!r}: unknown field(s) {unknown}, expected {FIELDS}")
@@ -140,28 +145,38 @@ class Redactor:
             return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
         return value
 
-    def text(self, text: str) -> str:
-        """A Python ``repr`` with the values of matching dict keys replaced by the marker."""
-        if not any(p.strip("*?") in text.lower() for p in self.keys if p.strip("*?")) and not any(
-            not p.strip("*?") for p in self.keys
-        ):
-            return text  # no pattern's literal part appears: nothing to look at
+    def _mentioned(self, text: str) -> bool:
+        """Whether some key pattern may match in ``text``: the longest part of each pattern
+        without wildcards appears in it (a pattern of wildcards only always may)."""
+        low = text.lower()
+        for pattern in self.keys:
+            parts = [p for p in re.split(r"[*?\[\]]+", pattern) if p]
+            if not parts or max(parts, key=len) in low:
+                return True
+        return False
+
+    def text(self, text: str, depth: int = 0) -> str:
+        """A Python ``repr`` (or JSON) with the values of matching keys replaced by the marker:
+        ``'key': value`` in dicts, ``key=value`` in calls, and the same inside string values
+        (JSON or a repr passed as a string)."""
+        if not self._mentioned(text):
+            return text  # no pattern can match: nothing to look at
         try:
-            spans = self._spans(text)
-        except (tokenize.TokenError, SyntaxError, IndentationError):
+            edits = self._edits(text, depth)
+        except (tokenize.TokenError, SyntaxError, IndentationError, ValueError):
             return MARKER  # unreadable, and it mentions a pattern: fail closed
-        if not spans:
+        if not edits:
             return text
         out, last = [], 0
-        for start, end in spans:
+        for start, end, replacement in edits:
             out.append(text[last:start])
-            out.append(MARKER)
+            out.append(replacement)
             last = end
         out.append(text[last:])
         return "".join(out)
 
-    def _spans(self, text: str) -> list[tuple[int, int]]:
-        """Character spans of the values of matching keys (outermost ones)."""
+    def _edits(self, text: str, depth: int) -> list[tuple[int, int, str]]:
+        """``(start, end, replacement)`` of what to redact, in order and not overlapping."""
         lines = text.splitlines(keepends=True)
         starts = [0]
         for line in lines:
@@ -176,30 +191,45 @@ class Redactor:
             if t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT)
             and t.type not in (tokenize.DEDENT, tokenize.ENDMARKER)
         ]
-        spans: list[tuple[int, int]] = []
+        edits: list[tuple[int, int, str]] = []
         i = 0
-        while i < len(tokens) - 2:
-            tok, colon = tokens[i], tokens[i + 1]
-            if tok.type == tokenize.STRING and colon.string == ":" and self._key(tok.string):
+        while i < len(tokens):
+            tok = tokens[i]
+            after = tokens[i + 1].string if i + 1 < len(tokens) else ""
+            keyed = (tok.type == tokenize.STRING and after == ":" and self._key(tok.string)) or (
+                tok.type == tokenize.NAME
+                and after == "="
+                and i > 0
+                and tokens[i - 1].string in ("(", ",")
+                and self.key_matches(tok.string)
+            )
+            if keyed and i + 2 < len(tokens):
                 start = offset(tokens[i + 2].start)
-                depth, j = 0, i + 2
+                depth_, j = 0, i + 2
                 while j < len(tokens):
                     s = tokens[j].string
                     if s in _OPEN:
-                        depth += 1
+                        depth_ += 1
                     elif s in _CLOSE:
-                        if depth == 0:
+                        if depth_ == 0:
                             break
-                        depth -= 1
-                    elif s == "," and depth == 0:
+                        depth_ -= 1
+                    elif s == "," and depth_ == 0:
                         break
                     j += 1
-                end = offset(tokens[j - 1].end) if j > i + 2 else start
-                spans.append((start, end if j < len(tokens) else len(text)))
+                end = offset(tokens[j - 1].end) if j < len(tokens) else len(text)
+                edits.append((start, end, MARKER))
                 i = j
                 continue
+            if tok.type == tokenize.STRING and depth < 3:
+                # a string value holding JSON or a repr of its own: redacted inside
+                inner = ast.literal_eval(tok.string)
+                if isinstance(inner, str):
+                    redacted = self.text(inner, depth + 1)
+                    if redacted != inner:
+                        edits.append((offset(tok.start), offset(tok.end), repr(redacted)))
             i += 1
-        return spans
+        return edits
 
     def _key(self, literal: str) -> bool:
         match = re.fullmatch(r"[rRbBuU]{0,2}(['\"])(.*)\1", literal, re.S)

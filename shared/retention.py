@@ -44,6 +44,8 @@ def parse(text: str) -> tuple[tuple[str, str, int], ...]:
         states, colon, how_long = rest.partition(":")
         if not sep or not colon or not pattern.strip():
             raise RetentionError(f"{part!r}: expected <task name pattern>=<states>:<how long>")
+        if any(c in pattern for c in "[]"):
+            raise RetentionError(f"{part!r}: task name patterns take * and ? only, not [...]")
         state = _STATES.get(states.strip().lower(), states.strip())
         if state != "*" and not _STATE.match(state):
             raise RetentionError(

@@ -126,7 +126,9 @@ def register(client: Any, name: str) -> Script:
 
 
 def lua_pattern(glob: str) -> str:
-    """An ``fnmatch`` pattern (``*``, ``?``; no brackets) as an anchored Lua pattern."""
+    """An ``fnmatch`` pattern (``*``, ``?``; no brackets: the settings refuse them) as an
+    anchored Lua pattern. ``?`` is one byte in Lua, one character in Python: the same for the
+    ASCII names celery tasks have."""
     out = []
     for char in glob:
         if char == "*":

@@ -50,9 +50,15 @@ async def list_rules(request: web.Request) -> web.Response:
     c = ctx(request)
     raw = await c.redis.hgetall(c.keys.alert_rules)
     receivers = parse_receivers(c.settings.alert_receivers)
+    rules: dict[str, Any] = {}
+    for k, v in sorted(raw.items()):
+        try:
+            rules[k.decode()] = msgspec.to_builtins(_decode_rule(v))
+        except msgspec.MsgspecError as exc:  # written past the API: shown, not fatal
+            rules[k.decode()] = {"invalid": str(exc)}
     return _json(
         {
-            "rules": {k.decode(): _decode(v) for k, v in sorted(raw.items())},
+            "rules": rules,
             "receivers": [{"name": r.name, "kind": r.kind} for r in receivers.values()],
             "kinds": list(KINDS),
         }
@@ -69,6 +75,10 @@ async def put_rule(request: web.Request, ctl: Control, args: MultiDict[str]) -> 
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise bad_param("body", str(exc)) from None
     request[BODY_KEY] = msgspec.to_builtins(rule)
+    most = ctl.settings.chart_retention_days * 86400
+    if rule.window > most:
+        # the per-minute counters the windowed kinds read are kept that long
+        raise bad_param("window", f"at most {most} s (POLLEN_CHART_RETENTION_DAYS)")
     known = parse_receivers(ctl.settings.alert_receivers)
     unknown = [r for r in rule.receivers if r not in known]
     if unknown:

@@ -107,10 +107,10 @@ class Decoder:
             elif stripped[:1] == b"{":
                 raws = [_raw_one.decode(body)]
             else:
-                result.bad.append(Bad("not_an_object", body[:512]))
+                result.bad.append(Bad("not_an_object", self._sample(body)))
                 return result
         except (msgspec.DecodeError, msgspec.ValidationError):
-            result.bad.append(Bad("undecodable", body[:512]))
+            result.bad.append(Bad("undecodable", self._sample(body)))
             return result
         for raw in raws:
             self._one(bytes(raw), local_received, result)
@@ -134,7 +134,7 @@ class Decoder:
             result.bad.append(Bad("unsupported_content_type", content_type.encode()[:512]))
             return None
         except Exception:  # any codec error: the body is bad, the collector is fine
-            result.bad.append(Bad("undecodable", body[:512]))
+            result.bad.append(Bad("undecodable", self._sample(body)))
             return None
 
     def _one(self, raw: bytes, local_received: float, result: DecodeResult) -> None:
@@ -149,17 +149,17 @@ class Decoder:
             try:
                 decoded = self._custom(raw)
             except _Bad as bad:
-                result.bad.append(Bad(bad.reason, raw[:512]))
+                result.bad.append(Bad(bad.reason, self._sample(raw)))
                 return
             if decoded is None:
-                result.bad.append(Bad(_reason(exc), raw[:512]))
+                result.bad.append(Bad(_reason(exc), self._sample(raw)))
                 return
             event = decoded
         except msgspec.DecodeError:
-            result.bad.append(Bad("undecodable", raw[:512]))
+            result.bad.append(Bad("undecodable", self._sample(raw)))
             return
         if not raw.endswith(b"}"):
-            result.bad.append(Bad("not_an_object", raw[:512]))
+            result.bad.append(Bad("not_an_object", self._sample(raw)))
             return
         # keys the collector adds, or that readers filter on, must not come from the sender in
         # another shape (a worker event carrying "uuid": 5 would fail readers' StreamEvent)
@@ -180,6 +180,19 @@ class Decoder:
                 held = {k: _encode(v) for k, v in kept.items()} or None
         open_json = raw[:-1] + b',"local_received":' + _encode(local_received)
         result.events.append(Decoded(event, open_json, local_received, held))
+
+    def _sample(self, raw: bytes) -> bytes:
+        """What is kept of a malformed event (in Redis and the log): its start, or, while
+        redaction is on, only its field names (its values may hold what is redacted)."""
+        if self.redactor is None:
+            return raw[:512]
+        try:
+            obj = _any.decode(raw)
+        except msgspec.DecodeError:
+            return b"(not shown: redaction is on)"
+        if not isinstance(obj, dict):
+            return b"(not shown: redaction is on)"
+        return _encode({"fields (values not shown: redaction is on)": sorted(obj)})[:512]
 
     @staticmethod
     def _task(raw: bytes) -> ev.TaskEvent:

@@ -96,7 +96,11 @@ def task_args(
         args["runtime_bucket"] = _BUCKET_LABELS[i] if i < len(RUNTIME_BUCKETS) else "+Inf"
         args["runtime_json"] = _text(runtime)
     if subject in ("failed", "retried"):
-        exc_class = ev.exception_class(event.exception)
+        exception = event.exception
+        if exception is UNSET and held and "exception" in held:
+            # held back for redaction by the task's name: its class is no secret
+            exception = msgspec.json.decode(held["exception"])
+        exc_class = ev.exception_class(exception)
         if exc_class is not None:
             args["exc_class"] = exc_class
     if held:

@@ -35,6 +35,7 @@ from shared.alerts import (
     alert_field,
     parse_receivers,
 )
+from shared.connections import REDIS_ERRORS
 from shared.histograms import labels, quantile
 from shared.keys import RUNTIME_BUCKETS, SEP, Keys, Shard
 from shared.readers import worker_alive
@@ -64,12 +65,15 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
-def payload(receiver: Receiver, status: str, alert: Alert, now: float) -> tuple[str, Any]:
-    """The URL and JSON body of a notification, in the receiver's format."""
+def payload(
+    receiver: Receiver, status: str, alert: Alert, now: float, resend: float = AM_RESEND
+) -> tuple[str, Any]:
+    """The URL and JSON body of a notification, in the receiver's format (``resend``: the
+    longest time before Alertmanager hears of a firing alert again)."""
     subject_label = SUBJECT[alert.kind]
     summary = f"{alert.rule}: {subject_label} {alert.subject} ({alert.kind} {alert.value:g})"
     if receiver.kind == "alertmanager":
-        ends = now if status == "resolved" else now + 3 * AM_RESEND
+        ends = now if status == "resolved" else now + 3 * resend
         body = [
             {
                 "labels": {
@@ -114,6 +118,8 @@ class Alerts:
         self.redis = redis
         self.keys = keys
         self.receivers = parse_receivers(settings.alert_receivers)
+        # a firing alert reaches Alertmanager again at the next evaluation past AM_RESEND
+        self.resend = max(AM_RESEND, settings.alert_interval)
         self.deliveries: set[asyncio.Task[None]] = set()
         self.lane = asyncio.Semaphore(CONCURRENT)
         self._http: aiohttp.ClientSession | None = None
@@ -134,19 +140,30 @@ class Alerts:
         for name, raw in raw_rules.items():
             try:
                 rules[name.decode()] = _decode_rule(raw)
-            except msgspec.ValidationError as exc:  # written by hand past the API
+            except msgspec.MsgspecError as exc:  # written by hand past the API
                 log.warning("alert rule %r skipped: %s", name.decode(), exc)
-        old = {
-            f.decode(): _decode_alert(v)
-            for f, v in (await self.redis.hgetall(self.keys.alert_state)).items()
-        }
+        old: dict[str, Alert] = {}
+        for field, raw in (await self.redis.hgetall(self.keys.alert_state)).items():
+            try:
+                old[field.decode()] = _decode_alert(raw)
+            except msgspec.MsgspecError as exc:
+                log.warning("alert state %r dropped: %s", field.decode(), exc)
         live: dict[str, Alert] = {}
         fired: list[Alert] = []
         resend: list[Alert] = []
         for name, rule in sorted(rules.items()):
             if not rule.enabled:
                 continue
-            for subject, value in sorted((await self.measure(rule, now)).items()):
+            try:
+                measured = await self.measure(rule, now)
+            except REDIS_ERRORS:
+                raise
+            except Exception:
+                # one rule's failure (odd data, a bug) leaves its alerts as they were
+                log.exception("alert rule %r could not be evaluated", name)
+                live.update({f: a for f, a in old.items() if a.rule == name})
+                continue
+            for subject, value in sorted(measured.items()):
                 field = alert_field(name, subject)
                 alert = old.get(field) or Alert(
                     rule=name,
@@ -327,7 +344,7 @@ class Alerts:
             await self._record({**record, "time": time.time(), "attempt": 1, "ok": False,
                                 "error": "no such receiver in POLLEN_ALERT_RECEIVERS"})  # fmt: skip
             return
-        url, body = payload(receiver, status, alert, now)
+        url, body = payload(receiver, status, alert, now, self.resend)
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT))
         for attempt in range(1, ATTEMPTS + 1):

@@ -949,28 +949,42 @@ if cfg.age_check then
   end
   -- by task name (POLLEN_TASK_RETENTION): the first rule matching the name and state wins
   local rules, names = cfg.retention, nil
-  local function rule_ttl(name, state)
-    for _, rule in ipairs(rules) do
-      if (rule[2] == '*' or rule[2] == state) and string.find(name, rule[1]) then
-        return rule[3]
-      end
-    end
-    return nil
-  end
   for _, state in ipairs(redis.call('SMEMBERS', P .. KEY.states)) do
     local ttl = state_ttl(state)
-    local ruled = false
+    local covering = {}
     for _, rule in ipairs(rules) do
-      if rule[2] == '*' or rule[2] == state then ruled = true end
+      if rule[2] == '*' or rule[2] == state then covering[#covering + 1] = rule end
     end
-    if not ruled then
+    if #covering == 0 then
       evict_older(P .. KEY.idx_state .. state, ttl)
     else
-      -- name by name (state and name index), each by its rule or the state's limit; tasks
-      -- whose name is not known yet go by the count cap only
+      -- the names a rule covers, each by its rule (state and name index)
       names = names or redis.call('SMEMBERS', P .. KEY.names)
+      local ruled = {}
       for _, name in ipairs(names) do
-        evict_older(P .. KEY.idx_sn .. state .. ':' .. name, rule_ttl(name, state) or ttl)
+        for _, rule in ipairs(covering) do
+          if string.find(name, rule[1]) then
+            ruled[name] = rule[3]
+            break
+          end
+        end
+      end
+      for name, seconds in pairs(ruled) do
+        evict_older(P .. KEY.idx_sn .. state .. ':' .. name, seconds)
+      end
+      -- the others (tasks whose name is not known yet included) by the state's limit, from
+      -- the state index, passing over ruled tasks: a look at 4 x what may still be evicted
+      if ttl >= 0 and evicted < cfg.evict_batch then
+        local candidates = redis.call('ZRANGEBYSCORE', P .. KEY.idx_state .. state, '-inf',
+          '(' .. (cfg.now - ttl), 'LIMIT', 0, 4 * (cfg.evict_batch - evicted))
+        for _, u in ipairs(candidates) do
+          if evicted >= cfg.evict_batch then break end
+          local name = redis.call('HGET', P .. KEY.task .. u, HIDDEN.name)
+          if not (name and ruled[name]) then
+            evict(u)
+            evicted = evicted + 1
+          end
+        end
       end
     end
   end

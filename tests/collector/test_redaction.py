@@ -43,10 +43,21 @@ FIELDS = "billing.*=result+args,auth.login=kwargs"
         # cut short by celery (or unreadable) and mentioning a pattern: all of it
         ("{'password': 'unterminated", MARKER),
         ("('no secrets here',)", "('no secrets here',)"),
+        # keyword arguments in a repr, JSON or a repr passed as a string
+        ("(Creds(password='x', user='u'),)", "(Creds(password=" + MARKER + ", user='u'),)"),
+        (
+            '(\'{"password": "x", "a": 1}\',)',
+            repr(('{"password": ' + MARKER + ', "a": 1}',)),
+        ),
+        # wildcards inside a pattern
+        (
+            "{'api_key': 's', 'passXword': 1}",
+            "{'api_key': " + MARKER + ", 'passXword': " + MARKER + "}",
+        ),
     ],
 )
 def test_key_patterns_in_repr_text(text: str, expected: str) -> None:
-    assert Redactor.from_settings(KEYS, "").text(text) == expected
+    assert Redactor.from_settings(KEYS + ",api*key,pass?word", "").text(text) == expected
 
 
 def test_json_values_and_name_rules() -> None:
@@ -69,7 +80,7 @@ def test_json_values_and_name_rules() -> None:
     assert lua_pattern("billing.*") == "^billing%..*$" and lua_pattern("a?b") == "^a.b$"
 
 
-@pytest.mark.parametrize("bad", ["billing.*", "x=", "=args", "x=args+password"])
+@pytest.mark.parametrize("bad", ["billing.*", "x=", "=args", "x=args+password", "b[ai]=args"])
 def test_bad_rules_stop_the_service(bad: str) -> None:
     with pytest.raises(RedactionError):
         parse_fields(bad)
@@ -170,3 +181,42 @@ def test_no_secret_reaches_redis_in_any_order(
         assert plain["result"] == "{'session': 'swordfish', 'token': " + MARKER + ", 'ok': True}"
     else:
         assert plain["result"] == MARKER
+
+
+def test_exception_class_kept_when_the_exception_is_held(
+    r: redis.Redis, settings: Settings
+) -> None:
+    """A task-failed carries no name: an exception rule holds the text back for the merge, and
+    the failure still counts under its exception class."""
+    s = msgspec.structs.replace(settings, redact_fields="billing.*=exception+traceback")
+    writer = Writer(r, s)
+    common = {"clock": 1, "pid": 1, "hostname": "w@h", "uuid": "b1"}
+    received = {"type": "task-received", "timestamp": 1.0, "name": "billing.charge", "retries": 0}
+    failed = {
+        "type": "task-failed",
+        "timestamp": 2.0,
+        "exception": "KeyError('card-4242')",
+        "traceback": "Traceback: card-4242",
+    }
+    readback.apply(writer, [{**received, **common}, {**failed, **common}])
+    task = readback.task(r, writer.keys, "b1")
+    assert task is not None and task["exception"] == MARKER and task["traceback"] == MARKER
+    assert b"card-4242" not in everything(r)
+    fields = r.hgetall(writer.keys.all_shards[0].failures)
+    assert any(b"KeyError" in f for f in fields), fields
+
+
+def test_malformed_samples_show_no_values_while_redaction_is_on() -> None:
+    from services.collector.decode import Decoder
+
+    bad = (
+        b'{"type": "task-received", "uuid": 5, "hostname": "h", "timestamp": 1,'
+        b" \"kwargs\": \"{'password': 'hunter2'}\"}"
+    )
+    plain = Decoder(32768).decode(bad, "application/json", "utf-8", 1.0).bad
+    assert plain and b"hunter2" in plain[0].sample  # as before, without redaction
+    redacting = Decoder(32768, Redactor.from_settings(KEYS, "")).decode(
+        bad, "application/json", "utf-8", 1.0
+    )
+    (one,) = redacting.bad
+    assert b"hunter2" not in one.sample and b"kwargs" in one.sample

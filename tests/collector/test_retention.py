@@ -127,15 +127,31 @@ def test_retention_by_task_name(r: redis.Redis, settings: Settings) -> None:
         # the default for other names and states
         + lifecycle("other-ok", now - 50, name="other.task")
         + lifecycle("other-failed", now - 2000, "failed", name="other.task")
+        # no task-received seen: no name; aged by its state's limit all the same
+        + lifecycle("nameless-failed", now - 2000, "failed")[1:]
+        + lifecycle("nameless-new", now - 10, "failed")[1:]
     )
     readback.apply(writer, events)
     writer.apply([], now=now, age_check=True)
     remaining = {k.rsplit(b":", 1)[1].decode() for k in task_keys(r, writer.keys)}
-    assert remaining == {"chatty-failed", "billing-failed", "reports-long", "other-ok"}
+    assert remaining == {
+        "chatty-failed",
+        "billing-failed",
+        "reports-long",
+        "other-ok",
+        "nameless-new",
+    }
     assert {m.decode() for m in all_members(r, writer.keys)} == remaining
 
 
 def test_bad_retention_rules_stop_the_service() -> None:
-    for bad in ("billing.*", "x=success", "x=later:1d", "x=success:1w", "x=success:-1"):
+    for bad in (
+        "billing.*",
+        "x=success",
+        "x=later:1d",
+        "x=success:1w",
+        "x=success:-1",
+        "[ab]=all:1",
+    ):
         with pytest.raises(SettingsError, match="POLLEN_TASK_RETENTION"):
             load({"POLLEN_TASK_RETENTION": bad})

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from services.api.control.bulk import original_call
+from services.api.control.bulk import CUT, REDACTED, original_call
 from tests.control.conftest import ApiFactory, Stack
 from tests.control.test_control import eventually, task_state
 from tests.support.cluster import KEYS, client
@@ -57,6 +57,12 @@ async def audit_entries(http: Any, action: str) -> list[dict[str, Any]]:
             "{}",
             "arguments not recorded in full (cut short, or not Python literals)",
         ),
+        # a long text whose string ends in '...' inside its quotes: saferepr cut it
+        ("('" + "x" * 1030 + "...',)", "{}", CUT),
+        # a short one ending so is the real value
+        ("('wait...',)", "{}", (("wait...",), {})),
+        # redacted by the collector: sent again, the marker would be the argument
+        ("(1,)", "{'password': '[redacted]'}", REDACTED),
         ("1", "{}", "arguments not recorded as a list and a dict"),
         (None, "{}", "no arguments recorded (no task-sent or task-received event seen)"),
     ],

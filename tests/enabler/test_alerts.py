@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 
 from shared.alerts import Rule, parse_receivers
@@ -175,6 +176,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
         wait_for(both_up, timeout=60, message="both workers up")
         yield Stack(
+            state=redis.Redis(port=server.port, db=1),
             api=api,
             tokened=tokened,
             hook=hook,
@@ -214,6 +216,9 @@ def test_rules_are_validated_and_admin_only(stack: Stack) -> None:
     status, body = call(stack.api, "PUT", "/api/alerts/rules/x", {**rule, "receivers": ["nobody"]})
     assert status == 400 and "nobody" in body["error"]
     assert call(stack.api, "PUT", "/api/alerts/rules/x", {**rule, "window": 5})[0] == 400
+    # longer than the per-minute counters are kept (POLLEN_CHART_RETENTION_DAYS, 2 days)
+    status, body = call(stack.api, "PUT", "/api/alerts/rules/x", {**rule, "window": 3 * 86400})
+    assert status == 400 and "POLLEN_CHART_RETENTION_DAYS" in body["error"]
     assert call(stack.api, "PUT", "/api/alerts/rules/bad%20name", rule)[0] in (400, 404)
     tok = stack.tokened  # type: ignore[attr-defined]
     assert call(tok, "PUT", "/api/alerts/rules/x", rule, "ro-secret")[0] == 403
@@ -227,6 +232,15 @@ def test_rules_are_validated_and_admin_only(stack: Stack) -> None:
         "am": "alertmanager",
     }
     assert "127.0.0.1" not in json.dumps(body)
+
+
+def test_a_broken_rule_stops_nothing(stack: Stack) -> None:
+    """A rule written into Redis by hand, not JSON: shown as invalid, skipped by the enabler,
+    while the other rules are evaluated (the next tests fire theirs)."""
+    state: redis.Redis = stack.state  # type: ignore[attr-defined]
+    state.hset("al:alerts:rules", "broken", b"{not json")
+    _, body = call(stack.api, "GET", "/api/alerts/rules")
+    assert "invalid" in body["rules"]["broken"]
 
 
 def firing(stack: Stack, rule: str) -> dict[str, dict[str, Any]]:

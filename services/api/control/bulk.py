@@ -12,8 +12,8 @@ re-send every task the query selects.
   ``args``/``kwargs`` the task-sent or task-received event carried (celery's ``repr`` of them):
   only when that text is the whole value (Python literals, not cut at celery's
   ``argsrepr_maxsize`` nor at ``POLLEN_MAX_FIELD_BYTES``); otherwise the task is left alone
-  and its ``reason`` says why. It goes to the queue its task-sent named, else where the app
-  routes the name.
+  and its ``reason`` says why; so is a task whose arguments were redacted. It goes to the
+  queue its task-sent named, else where the app routes the name.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from services.api.errors import bad_param
 from services.api.openapi import CONTROL_ERRORS, Spec, json_body, operation, param
 from services.api.query import CursorError
 from services.api.tasks import client_gone, parse_task_query, task_query_params, walk
+from shared.redaction import MARKER_TEXT
 
 _decode = msgspec.json.decode
 _routes = web.RouteTableDef()
@@ -42,6 +43,7 @@ _routes = web.RouteTableDef()
 #: quotes, a container with an ``...`` element: both still literals).
 CELERY_REPR_MAXSIZE = 1024
 CUT = "arguments not recorded in full (cut short, or not Python literals)"
+REDACTED = "arguments redacted (POLLEN_REDACT_KEYS or POLLEN_REDACT_FIELDS)"
 
 
 def original_call(
@@ -51,6 +53,9 @@ def original_call(
     texts = task.get("args"), task.get("kwargs")
     if not all(isinstance(t, str) for t in texts):
         return "no arguments recorded (no task-sent or task-received event seen)"
+    if any(MARKER_TEXT in t for t in texts):  # type: ignore[operator]
+        # published again, the marker would be the argument
+        return REDACTED
     try:
         args, kwargs = (ast.literal_eval(t) for t in texts)  # type: ignore[arg-type]
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
