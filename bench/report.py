@@ -140,7 +140,7 @@ def beyond_flower(scale: Row, meta: dict[str, Any]) -> list[str]:
     ]
     for feature, kinds in BEYOND_FLOWER_KEYS.items():
         total = sum(breakdown.get(k, 0.0) for k in kinds)
-        L.append(f"| {feature} | {', '.join(f'`{k}`' for k in kinds)} | {total:,.1f} |")
+        L.append(f"| {feature} | {', '.join(f'`{k}`' for k in kinds)} | {total:,.2f} |")
     L += [
         "",
         f"Their reads at that size, {meta['sizes']['query_repeats']} sequential requests on one "
