@@ -29,20 +29,10 @@ their URLs, which often hold a token, stay in the deployment's settings, never i
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 
-KINDS = (
-    "failure_count",
-    "failure_rate",
-    "new_exception",
-    "queue_length",
-    "oldest_message",
-    "worker_down",
-    "lost_tasks",
-    "runtime",
-)
 Kind = Literal[
     "failure_count",
     "failure_rate",
@@ -53,6 +43,7 @@ Kind = Literal[
     "lost_tasks",
     "runtime",
 ]
+KINDS: tuple[str, ...] = get_args(Kind)
 #: What each kind's ``match`` selects.
 SUBJECT = {
     "failure_count": "task",
