@@ -407,13 +407,37 @@ def test_search_stops_when_the_client_leaves(stack: Stack, tmp_path: Path) -> No
 
 
 def test_query_time_is_bounded(stack: Stack) -> None:
-    """``POLLEN_QUERY_TIME_LIMIT`` cuts a long scan short and says so."""
-    api = Api(stack.env, stack.workdir / "api-short.log", POLLEN_QUERY_TIME_LIMIT="0.001")
+    """``POLLEN_QUERY_TIME_LIMIT`` cuts a long scan short and says so. More tasks than one scan
+    chunk reads (``CHUNK``): the search cannot end within its first read, and the limit is
+    checked before the next one (a small namespace could be scanned whole within 1 ms)."""
+    from services.api.query.walk import CHUNK
+
+    client = redis.Redis(port=stack.redis.port, db=1)
+    settings = stack.state_settings("slow")
+    now = time.time()
+    events = [
+        {
+            "type": "task-received",
+            "uuid": f"slow-{i}",
+            "name": "t",
+            "hostname": "w@h",
+            "timestamp": now + i * 1e-4,
+            "clock": i,
+            "kwargs": "{}",
+        }
+        for i in range(CHUNK + 5000)
+    ]
+    writer = Writer(client, settings)
+    for i in range(0, len(events), 1000):
+        readback.apply(writer, events[i : i + 1000], now)
+    env = {**stack.env, "POLLEN_NAMESPACE": "slow"}
+    api = Api(env, stack.workdir / "api-short.log", POLLEN_QUERY_TIME_LIMIT="0.001")
     try:
         status, headers, _ = call(api, "GET", "/api/tasks?search=kwargs:nothing=here&limit=5")
         assert status == 200 and headers["X-Pollen-Scan-Capped"] == "true"
     finally:
         api.stop()
+        client.close()
 
 
 # --- bounded answers -------------------------------------------------------------------------
