@@ -227,14 +227,16 @@ def test_rabbitmq_queue_lengths(
     )
     with running(managed):
         keys = KEYS.__class__("amqp2")
-        # the management API refreshes its counts every few seconds
+        # the management API refreshes its figures every few seconds, the count and the head
+        # message's timestamp not necessarily in the same refresh
         wait_for(
             lambda: (
                 (raw := state.hget(keys.queues, "backlog"))
                 and msgspec.json.decode(raw)["messages"] == 3
+                and msgspec.json.decode(raw)["oldest"] is not None
             ),
             timeout=30,
-            message="backlog counted through the management API",
+            message="backlog counted and aged through the management API",
         )
         sample = msgspec.json.decode(state.hget(keys.queues, "backlog") or b"null")
         assert sample["oldest"]["since"] == STAMP and sample["oldest"]["age"] > 0
