@@ -347,6 +347,20 @@ def _ok(description: str, properties: dict[str, Any]) -> dict[str, Any]:
     return json_body(description, {"type": "object", "properties": properties})
 
 
+_COMPARE = param(
+    "compare", "with minutes: also the same minutes a day earlier (day_before)", {"type": "boolean"}
+)
+
+
+def _window_minutes(what: str) -> Spec:
+    return param(
+        "minutes",
+        f"only {what} in the last minutes (default: all time; at most "
+        "POLLEN_CHART_RETENTION_DAYS days)",
+        {"type": "integer", "minimum": 1},
+    )
+
+
 openapi_paths: Spec = {
     "/api/stats/workers": operation(
         "get",
@@ -392,17 +406,8 @@ openapi_paths: Spec = {
         [
             param("workername", "only this worker's runtimes (all-time only)"),
             param("taskname", "only this task name"),
-            param(
-                "minutes",
-                "only tasks that succeeded in the last minutes (default: all time; at most "
-                "POLLEN_CHART_RETENTION_DAYS days)",
-                {"type": "integer", "minimum": 1},
-            ),
-            param(
-                "compare",
-                "with minutes: also the same minutes a day earlier (day_before)",
-                {"type": "boolean"},
-            ),
+            _window_minutes("tasks that succeeded"),
+            _COMPARE,
         ],
         _ok(
             "per task name: count, sum and mean (all time only, else null), counts per "
@@ -426,17 +431,8 @@ openapi_paths: Spec = {
             param("stage", "only this stage: queue or prefetch", {"enum": list(WAIT_STAGES)}),
             param("queue", "only this queue"),
             param("taskname", "only this task name"),
-            param(
-                "minutes",
-                "only waits that ended in the last minutes (default: all time; at most "
-                "POLLEN_CHART_RETENTION_DAYS days)",
-                {"type": "integer", "minimum": 1},
-            ),
-            param(
-                "compare",
-                "with minutes: also the same minutes a day earlier (day_before)",
-                {"type": "boolean"},
-            ),
+            _window_minutes("waits that ended"),
+            _COMPARE,
         ],
         _ok(
             "waits[]: stage (queue: from task-sent, or its eta when later, to task-received; "
