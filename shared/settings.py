@@ -30,6 +30,7 @@ URL_PREFIX_RE = re.compile(r"^/?[A-Za-z0-9._~-]+(?:/[A-Za-z0-9._~-]+)*/?$")
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 
@@ -224,6 +225,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ws_queue: PositiveInt = 1000
     #: Seconds between WebSocket pings; a client missing a pong is closed.
     ws_heartbeat: Positive = 20.0
+    #: Most seconds the WebSocket relay holds live events to send them together. After each
+    #: relay it rests twice as long as that relay took: many clients get fewer, larger
+    #: writes (and make fewer reads), few clients get each event at once. 0: no rest.
+    ws_max_delay: NonNegative = 0.05
 
     # --- enabler -------------------------------------------------------------------------------
     #: Seconds between enable_events broadcasts. The enablers' lease expires after 1.5 of these

@@ -1,8 +1,9 @@
 """The process's single subscription to the events channel, fanned out to every client.
 
-It takes the messages that arrived together (a collector batch) as one burst, decodes each
-event once, encodes its frame once, and for each distinct filter joins the frames of the
-matching events once. After a lost subscription it fills the gap from the streams.
+It takes the messages that arrived together (collector calls; with many clients, all those of
+its rest after the previous relay) as one burst, decodes each event once, encodes its frame
+once, and for each distinct filter joins the frames of the matching events once. After a lost
+subscription it fills the gap from the streams.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ _decode_event = msgspec.json.Decoder(StreamEvent).decode
 GAP_FILL_MAX = 10_000
 #: Most pub/sub messages the hub takes as one burst.
 MAX_BURST = 1000
+#: After a relay, the hub rests this many times as long as the relay took (at most
+#: ``POLLEN_WS_MAX_DELAY``): fanning out then takes at most a third of its loop's time.
+RELAY_REST = 2.0
 
 
 def _shard_of(ev: StreamEvent, shards: int) -> int:
@@ -161,8 +165,14 @@ class EventHub:
                 await self._gap_fill()
                 self.connected.set()
                 backoff.recovered()
+                loop = asyncio.get_running_loop()
+                max_delay = self.c.settings.ws_max_delay
+                rested = loop.time()  # when the next relay may start
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    wait = rested - loop.time()
+                    if message is not None and wait > 0:
+                        await asyncio.sleep(wait)
                     burst: list[bytes] = []
                     # a message holds a collector call's events; take what is already here
                     # (several collectors, several shards) as one burst
@@ -174,7 +184,13 @@ class EventHub:
                         )
                     if message is not None and message.get("type") == "message":
                         burst.extend(published_events(message["data"]))
-                    self.dispatch(burst)
+                    if burst:
+                        started = loop.time()
+                        self.dispatch(burst)
+                        done = loop.time()
+                        # rest in proportion to the fan-out's cost: with many clients, the
+                        # events of several collector calls go out in each client's one write
+                        rested = done + min(max_delay, RELAY_REST * (done - started))
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
