@@ -35,6 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from kombu.utils.url import maybe_sanitize_url
 
+from shared.connections import redis_server_args
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -239,6 +240,7 @@ def start_redis(stack: Stack, binary: str, port: int) -> None:
             "yes",
             "--save",
             "",
+            *redis_server_args(),
         ],
         {},
     )

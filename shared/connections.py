@@ -43,6 +43,36 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: Redis server settings Pollen's data is sized for (docs/operations.md). A hash holding a value
+#: longer than ``hash-max-listpack-value`` (64 bytes by default: a traceback, a long result)
+#: leaves Redis's compact listpack encoding and takes about three times the memory; 4096 keeps
+#: typical failed tasks compact (a task's fields are few, so its hash stays small to rewrite).
+RECOMMENDED_CONFIG = {"hash-max-listpack-value": 4096}
+
+
+def redis_server_args() -> list[str]:
+    """``RECOMMENDED_CONFIG`` as redis-server command-line options."""
+    return [a for name, value in RECOMMENDED_CONFIG.items() for a in (f"--{name}", str(value))]
+
+
+def config_advice(client: Any) -> list[str]:
+    """What differs from ``RECOMMENDED_CONFIG`` on the server, as ``name is X; Pollen is sized
+    for Y`` lines; none when the server refuses ``CONFIG GET`` (as managed services may)."""
+    out = []
+    for name, wanted in RECOMMENDED_CONFIG.items():
+        try:
+            reply = client.config_get(name)
+        except Exception:  # CONFIG renamed or refused, a cluster or a proxy: nothing to say
+            return []
+        values = list(reply.values()) if isinstance(reply, dict) else []
+        value = values[0] if values else None
+        if isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, str) and value.isdigit() and int(value) < wanted:
+            out.append(f"{name} is {value}; Pollen is sized for {wanted}")
+    return out
+
+
 def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {
         "socket_timeout": SOCKET_TIMEOUT,

@@ -24,7 +24,7 @@ from services.collector.status import Status
 from services.collector.writer import Prepared, Writer
 from shared.backoff import Backoff
 from shared.broker import load_app, shown_url
-from shared.connections import REDIS_ERRORS, sync_client
+from shared.connections import REDIS_ERRORS, config_advice, sync_client
 from shared.keys import Keys
 from shared.redaction import Redactor
 from shared.settings import Settings, mask_url
@@ -84,6 +84,8 @@ class Collector:
             settings.namespace,
             settings.shards,
         )
+        for advice in config_advice(self.redis):
+            log.warning("Redis: %s, so tasks take more memory (docs/operations.md)", advice)
         broker = Backoff("broker", log)
         broker_errors: tuple[type[BaseException], ...] = (OSError, ConnectionError)
         if isinstance(source, AmqpSource):

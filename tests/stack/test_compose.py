@@ -24,6 +24,7 @@ import pytest
 from services.api import events
 from services.api.auth import bind_refusal
 from services.healthcheck import CHECKS
+from shared.connections import redis_server_args
 from shared.settings import load, setting_names
 from tests.stack import compose
 from tests.stack.compose import BASE, REDIS_BROKER, ROOT
@@ -129,6 +130,7 @@ def test_topology(name: str) -> None:
     assert "redis" in services
     redis_command = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis_command
+    assert " ".join(redis_server_args()) in redis_command, "Pollen's recommended Redis config"
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"]), "AOF on a volume"
     assert {"worker", "traffic", "proxy"} <= set(services)
     if name == "rabbitmq":

@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from shared.connections import redis_server_args
+
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
@@ -117,6 +119,7 @@ class RedisServer:
             "no",
             "--logfile",
             str(self.workdir / "redis.log"),
+            *redis_server_args(),
             *self.extra,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
