@@ -82,6 +82,9 @@ def counters(r: redis.Redis, keys: Keys) -> dict[str, dict[bytes, bytes]]:
     shards, Flower's prefetch time per worker and name (the latest over the shards), and the
     exception classes' first and last times and task indexes."""
     out: dict[str, dict[bytes, bytes]] = {}
+    # sums over the shards, rounded once at the end (rounding each partial sum can move the
+    # 6th decimal of the total)
+    sums: dict[str, dict[bytes, float]] = {}
     for shard in keys.all_shards:
         for key in r.scan_iter(match=shard.prefix + "*"):
             kind = key.decode()[len(shard.prefix) :]
@@ -97,10 +100,9 @@ def counters(r: redis.Redis, keys: Keys) -> dict[str, dict[bytes, bytes]]:
             elif kind in ("counts", "runtime", "failures", "wait") or kind.startswith(
                 ("minute:", "failminute:", "rtminute:", "wtminute:")
             ):
-                merged = out.setdefault(kind, {})
+                summed = sums.setdefault(kind, {})
                 for field, value in raw_hash(r.hgetall(key)).items():
-                    total = float(merged.get(field, b"0")) + float(value)
-                    merged[field] = repr(round(total, 6)).encode()
+                    summed[field] = summed.get(field, 0.0) + float(value)
             elif kind in ("failfirst", "faillast") or kind.startswith("idx:exc:"):
                 # first seen: the earliest over the shards; last seen, an index: the latest
                 pick = min if kind == "failfirst" else max
@@ -108,6 +110,8 @@ def counters(r: redis.Redis, keys: Keys) -> dict[str, dict[bytes, bytes]]:
                 for member, score in scored(r.zrange(key, 0, -1, withscores=True)):
                     old = merged.get(member)
                     merged[member] = repr(pick(score, float(old)) if old else score).encode()
+    for kind, summed in sums.items():
+        out[kind] = {field: repr(round(total, 6)).encode() for field, total in summed.items()}
     return out
 
 
