@@ -81,6 +81,11 @@
 
 local P = ARGV[1]
 local cfg = cmsgpack.unpack(ARGV[2])
+-- the keys written per event or per task, spelled once per call
+local STREAM, COUNTS, RUNTIME, WAIT = P .. KEY.stream, P .. KEY.counts, P .. KEY.runtime, P .. KEY.wait
+local IDX_TS, IDX_RECEIVED, IDX_STARTED = P .. KEY.idx_ts, P .. KEY.idx_received, P .. KEY.idx_started
+local MINUTE, FAILMINUTE = P .. KEY.minute, P .. KEY.failminute
+local RTMINUTE, WTMINUTE = P .. KEY.rtminute, P .. KEY.wtminute
 local events = cmsgpack.unpack(ARGV[3])
 -- KEY, HIDDEN, SEP, MAX_DEATHS, SUBJECT_STATE, STATE, PRECEDENCE, UNKNOWN_PRECEDENCE and
 -- FIELD_BIT: the prelude.
@@ -166,24 +171,36 @@ local function in_order(history, e)
   return not last or sorts_before(last, e)
 end
 
--- celery's fold: Task.event over the sorted history.
-local function fold(list)
-  local state, tj, cj = STATE.PENDING, nil, '0'
-  for i = 1, #list do
-    local e = list[i]
-    local s = state_of(e.subject)
-    if s ~= STATE.RETRY and state ~= STATE.RETRY and precedence(s) > precedence(state) then
-      -- logically earlier: merged; RECEIVED keeps only its own fields (no timestamp/clock)
-      if s ~= STATE.RECEIVED then tj, cj = e.tj, e.cj end
-    else
-      state, tj, cj = s, e.tj, e.cj
-    end
+-- celery's fold: Task.event over the sorted history, one event at a time (fold_step), so
+-- that an event appended in order folds onto the state before it.
+local function fold_step(state, tj, cj, e)
+  local s = state_of(e.subject)
+  if s ~= STATE.RETRY and state ~= STATE.RETRY and precedence(s) > precedence(state) then
+    -- logically earlier: merged; RECEIVED keeps only its own fields (no timestamp/clock)
+    if s ~= STATE.RECEIVED then tj, cj = e.tj, e.cj end
+  else
+    state, tj, cj = s, e.tj, e.cj
   end
   return state, tj, cj
 end
 
+local function fold(list)
+  local state, tj, cj = STATE.PENDING, nil, '0'
+  for i = 1, #list do state, tj, cj = fold_step(state, tj, cj, list[i]) end
+  return state, tj, cj
+end
+
+-- the index keys of a task's state, name and worker (memoized: a batch's tasks share few)
+local group_memo = {}
 local function group_keys(state, name, worker)
-  local keys = {}
+  -- '' stands for none: nonempty() never lets it be a state, name or worker
+  local by_name = group_memo[state or '']
+  if not by_name then by_name = {}; group_memo[state or ''] = by_name end
+  local by_worker = by_name[name or '']
+  if not by_worker then by_worker = {}; by_name[name or ''] = by_worker end
+  local keys = by_worker[worker or '']
+  if keys then return keys end
+  keys = {}
   if state then
     keys[#keys + 1] = P .. KEY.idx_state .. state
     if name then keys[#keys + 1] = P .. KEY.idx_sn .. state .. ':' .. name end
@@ -191,7 +208,18 @@ local function group_keys(state, name, worker)
   end
   if name then keys[#keys + 1] = P .. KEY.idx_name .. name end
   if worker then keys[#keys + 1] = P .. KEY.idx_worker .. worker end
+  by_worker[worker or ''] = keys
   return keys
+end
+
+-- per-minute keys (memoized by base and minute)
+local minute_memo = {}
+local function minute_key(base, minute)
+  local keys = minute_memo[base]
+  if not keys then keys = {}; minute_memo[base] = keys end
+  local key = keys[minute]
+  if not key then key = base .. minute; keys[minute] = key end
+  return key
 end
 
 local function nonempty(v)
@@ -225,7 +253,7 @@ end
 local published = {}
 local function emit(open_json, extra)
   local entry = open_json .. extra .. '}'
-  local id = redis.call('XADD', P .. KEY.stream, 'MAXLEN', '~', cfg.stream_maxlen, '*', 'e', entry)
+  local id = redis.call('XADD', STREAM, 'MAXLEN', '~', cfg.stream_maxlen, '*', 'e', entry)
   local n = #published
   published[n + 1] = id
   published[n + 2] = ' '
@@ -237,23 +265,23 @@ end
 -- exception class) under a task name; sign -1 takes it back.
 local function count(record, name, sign)
   local h, subject, minute, state, rb, rj, exc = unpack(record)
-  add(sums, P .. KEY.counts, h .. SEP .. 'task-' .. subject .. SEP .. name, sign)
-  local key = P .. KEY.minute .. minute
+  add(sums, COUNTS, h .. SEP .. 'task-' .. subject .. SEP .. name, sign)
+  local key = minute_key(MINUTE, minute)
   add(sums, key, name .. SEP .. state, sign)
   expiring[key] = true
   if exc and exc ~= '' then
     add(sums, P .. KEY.failures, h .. SEP .. exc .. SEP .. name .. SEP .. subject, sign)
-    local fm = P .. KEY.failminute .. minute
+    local fm = minute_key(FAILMINUTE, minute)
     add(sums, fm, exc, sign)
     expiring[fm] = true
   end
   if rb ~= '' then
     local prefix = h .. SEP .. name .. SEP
-    add(sums, P .. KEY.runtime, prefix .. rb, sign)
-    add(sums, P .. KEY.runtime, prefix .. 'count', sign)
-    add(fsums, P .. KEY.runtime, prefix .. 'sum', sign * tonumber(rj))
+    add(sums, RUNTIME, prefix .. rb, sign)
+    add(sums, RUNTIME, prefix .. 'count', sign)
+    add(fsums, RUNTIME, prefix .. 'sum', sign * tonumber(rj))
     -- the same buckets per minute (windowed percentiles), by the task-succeeded's minute
-    local rm = P .. KEY.rtminute .. minute
+    local rm = minute_key(RTMINUTE, minute)
     add(sums, rm, name .. SEP .. rb, sign)
     expiring[rm] = true
   end
@@ -325,9 +353,9 @@ local function count_waits(waits, queue, name, sign)
       if seconds <= bound then bucket = WAIT_BUCKETS[j]; break end
     end
     local field = w[1] .. prefix
-    add(sums, P .. KEY.wait, field .. bucket, sign)
-    add(fsums, P .. KEY.wait, field .. 'sum', sign * seconds)
-    local key = P .. KEY.wtminute .. math.floor(w[3] / 60)
+    add(sums, WAIT, field .. bucket, sign)
+    add(fsums, WAIT, field .. 'sum', sign * seconds)
+    local key = minute_key(WTMINUTE, math.floor(w[3] / 60))
     add(sums, key, field .. bucket, sign)
     expiring[key] = true
   end
@@ -336,7 +364,9 @@ end
 -- Count the difference a call made to the task's waits (new events, or a new name or queue).
 local function settle_waits(t)
   if not t.waits_touched and t.queue == t.old_queue and t.name == t.old_name then return end
-  local before, after = waits_of(t.history, true), waits_of(t.history, false)
+  local before = {}
+  if t.old_hn > 0 then before = waits_of(t.history, true) end
+  local after = waits_of(t.history, false)
   if t.queue == t.old_queue and t.name == t.old_name and same_waits(before, after) then return end
   count_waits(before, t.old_queue, t.old_name, -1)
   count_waits(after, t.queue, t.name, 1)
@@ -434,20 +464,21 @@ local function apply_task(t, ev)
   e.new = true
 
   -- duplicate (the same event delivered twice), then the new sorted order
-  local before = {}
-  for i, h in ipairs(history) do
+  for _, h in ipairs(history) do
     if h.ts == e.ts and h.clock == e.clock and h.subject == e.subject then
       return false
     end
-    before[i] = h
   end
   if WAIT_SUBJECT[e.subject] then t.waits_touched = true end
   local pos, changed
-  if in_order(history, e) then
+  local appended = in_order(history, e)
+  if appended then
     -- the common case: the event comes after all the others, so the order stands
     history[#history + 1] = e
     pos, changed = #history, #history
   else
+    local before = {}
+    for i, h in ipairs(history) do before[i] = h end
     history[#history + 1] = e
     sort_history(history)
     for i, h in ipairs(history) do
@@ -497,7 +528,13 @@ local function apply_task(t, ev)
   end
   if t.new and not w.uuid then w.uuid = ev.uuid_json end
 
-  local state, tj, cj = fold(history)
+  local state, tj, cj
+  if appended and t.folded then
+    state, tj, cj = fold_step(t.folded[1], t.folded[2], t.folded[3], e)
+  else
+    state, tj, cj = fold(history)
+  end
+  t.folded = { state, tj, cj }
   t.state, t.tj = state, tj
   w.state, w.timestamp, w.clock = '"' .. state .. '"', tj, cj
 
@@ -702,16 +739,16 @@ local function save_task(t)
 
   -- indexes
   local tj = t.tj
-  redis.call('ZADD', P .. KEY.idx_ts, tj, u)
+  redis.call('ZADD', IDX_TS, tj, u)
   if t.received then
-    redis.call('ZADD', P .. KEY.idx_received, t.received, u)
+    redis.call('ZADD', IDX_RECEIVED, t.received, u)
   elseif t.new then
-    redis.call('ZADD', P .. KEY.idx_received, '-inf', u)
+    redis.call('ZADD', IDX_RECEIVED, '-inf', u)
   end
   if t.started then
-    redis.call('ZADD', P .. KEY.idx_started, t.started, u)
+    redis.call('ZADD', IDX_STARTED, t.started, u)
   elseif t.new then
-    redis.call('ZADD', P .. KEY.idx_started, '-inf', u)
+    redis.call('ZADD', IDX_STARTED, '-inf', u)
   end
   local old_keys = group_keys(t.old_state, t.old_name, t.old_worker)
   local new_keys = group_keys(t.state, t.name, t.worker)
