@@ -443,9 +443,48 @@ def scenario_memory(run: Run, sizes: Sizes) -> None:
         _log({k: v for k, v in row.items() if k not in ("queries",)})
 
 
+#: The listing the issue's latency target names, and an indexed filter beside it.
+LISTINGS = {
+    "tasks (default sort)": ["/api/tasks?limit=100"],
+    "tasks taskname=": ["/api/tasks?limit=100&taskname=proj.billing.charge_card"],
+}
+#: Seconds of full-speed ingest the listings are timed under (they take a few).
+INGEST_SECONDS = 30.0
+
+
+def _listings(base: str, redis_url: str, shards: int, repeats: int) -> dict[str, Any]:
+    """``LISTINGS`` timed on a quiet machine, then while one writer applies the batched bench
+    stream (new tasks: the oldest are evicted) as fast as it can, in a process of its own."""
+    out: dict[str, Any] = {"quiet": http.time_paths(base, LISTINGS, repeats)}
+    env = {**os.environ, "POLLEN_SHARDS": str(shards)}
+    args = ["--into", redis_url, "--seconds", str(INGEST_SECONDS), "--seed", str(1 + shards)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.micro", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline().strip()
+        if first != "applying":
+            raise RuntimeError(f"the ingest did not start: {first!r}")
+        started = time.monotonic()
+        out["under_ingest"] = http.time_paths(base, LISTINGS, repeats)
+        out["queries_seconds"] = time.monotonic() - started
+        out["ingest"] = json.loads(proc.stdout.readline())
+        # the queries must have run while the ingest did
+        out["ingest_outlasted_queries"] = out["ingest"]["seconds"] >= out["queries_seconds"]
+    finally:
+        proc.wait(INGEST_SECONDS + 60)
+    return out
+
+
 def scenario_scale(run: Run, sizes: Sizes) -> None:
     """Pollen alone at ``scale_tasks``: Redis filled through the write path (decoder + writer,
-    no broker), then bytes per task, API memory and query latency at that size."""
+    no broker), then bytes per task, API memory and query latency at that size; then the
+    listings quiet and under full-speed ingest, with 1 shard and again with 3."""
     tasks = sizes.scale_tasks
     with scratch() as wd:
         server = RedisServer(wd / "redis").start()
@@ -465,7 +504,6 @@ def scenario_scale(run: Run, sizes: Sizes) -> None:
             client = redis.Redis(port=server.port)
             index = Keys(micro.NAMESPACE).all_shards[0].by_timestamp
             uuids = [u.decode() for u in raw_list(client.zrandmember(index, 50) or [])]
-            client.close()
             proc, base = api_process(env, wd, 0)
             try:
                 row["api_rss_start"] = rss([proc.pid])
@@ -476,13 +514,25 @@ def scenario_scale(run: Run, sizes: Sizes) -> None:
                 exc = exception_class(EXCEPTION)
                 beyond = {k: [p.format(exc=exc)] for k, p in BEYOND_FLOWER.items()}
                 row["beyond_flower"] = http.time_paths(base, beyond, sizes.query_repeats)
+                row["listings"] = {"1": _listings(base, server.url, 1, sizes.query_repeats)}
             finally:
                 proc.stop()
                 failed = any(set(q["status"]) != {"200"} for q in row.get("queries", {}).values())
                 if failed or "queries" not in row:
                     row["api_log_tail"] = proc.output()[-4000:]
                 run.put("scale", row)
-            _log({k: v for k, v in row.items() if k not in ("queries", "fill")})
+            # the same size spread over 3 shards (slot-local, as on a Redis Cluster)
+            client.flushall()
+            fill3 = micro.run(tasks, True, wd, {"POLLEN_SHARDS": "3"}, server=server)
+            row["fill_3_shards"] = {k: v for k, v in fill3.items() if k != "memory_breakdown"}
+            proc, base = api_process({**env, "POLLEN_SHARDS": "3"}, wd, 1)
+            try:
+                row["listings"]["3"] = _listings(base, server.url, 3, sizes.query_repeats)
+            finally:
+                proc.stop()
+                run.put("scale", row)
+            client.close()
+            _log({k: v for k, v in row.items() if k not in ("queries", "fill", "listings")})
         finally:
             server.stop()
     _api_queries(run, min(tasks, 100_000))

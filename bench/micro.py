@@ -5,7 +5,8 @@ of 24), then decoded and applied in batches of ``POLLEN_BATCH_SIZE``, exactly as
 does. Reports events/s, where the time goes (decode, Python encoding of the Lua arguments,
 Redis server time of the script from ``INFO commandstats``) and Redis bytes per task.
 
-``python -m bench.micro --tasks 50000 [--batched] [--profile out.txt]``
+``python -m bench.micro --tasks 50000 [--batched] [--profile out.txt]``; ``--into REDIS_URL
+--seconds S`` applies the batched stream into a running Redis instead (load for queries).
 """
 
 from __future__ import annotations
@@ -297,13 +298,43 @@ def run(
             server.stop()
 
 
+def ingest(redis_url: str, seconds: float, seed: int, settings_env: dict[str, str]) -> None:
+    """Apply the batched bench stream (tasks of ``seed``, new uuids) into ``redis_url`` as fast
+    as one writer can, for ``seconds``: the load under which the scale scenario times queries.
+    Prints ``applying`` once the first batch is in, then the events applied and their rate."""
+    settings = load({"POLLEN_REDIS_URL": redis_url, "POLLEN_NAMESPACE": NAMESPACE, **settings_env})
+    decoder = Decoder(settings.max_field_bytes)
+    writer = Writer(redis.Redis.from_url(redis_url), settings)
+    batch: list[Decoded] = []
+    events = 0
+    started = time.perf_counter()
+    for body in bodies(10_000_000, True, seed=seed):
+        batch.extend(decoder.decode(body, "application/json", "utf-8", time.time()).events)
+        if len(batch) >= settings.batch_size:
+            writer.apply(batch, time.time())
+            if not events:
+                print("applying", flush=True)
+            events += len(batch)
+            batch = []
+            if time.perf_counter() - started >= seconds:
+                break
+    took = time.perf_counter() - started
+    print(json.dumps({"events": events, "seconds": took, "events_per_s": events / took}))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=int, default=50_000)
     p.add_argument("--batched", action="store_true")
     p.add_argument("--profile", type=Path, help="write a pyinstrument profile of the apply loop")
+    p.add_argument("--into", metavar="REDIS_URL", help="ingest into this Redis for --seconds")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--seed", type=int, default=2)
     a = p.parse_args(argv)
     env = {k: v for k, v in os.environ.items() if k.startswith("POLLEN_")}
+    if a.into:
+        ingest(a.into, a.seconds, a.seed, env)
+        return
     with scratch() as wd:
         out = run(a.tasks, a.batched, wd, env, a.profile)
     json.dump(out, sys.stdout, indent=2)
