@@ -13,6 +13,9 @@ batch in alternating order, each call timed by ``INFO commandstats``, so the mac
 ``services/collector/writer.py`` is measured this way:
 
 ``python -m bench.lua_profile --tasks 20000 --batched --against main --rounds 5``
+
+``--sections steps`` (or ``parts``, or function names) instead wraps top-level functions of the
+script in ``TIME`` probes: where the Lua logic's time goes, function by function.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -96,6 +100,94 @@ def instrumented(source: str) -> str:
         raise ValueError("apply_events.lua does not end with a return statement")
     # the prelude goes after the header comment so line numbers in errors stay near
     return _PRELUDE + body[:last] + "\n" + _EPILOGUE + body[last:]
+
+
+#: What ``--sections`` times by default: the per-call steps, then what they call per event.
+SECTIONS = {
+    "steps": ["load_task", "apply_task", "save_task", "settle_lost", "flush_counters"],
+    "parts": [
+        "emit",
+        "count",
+        "new_entry",
+        "fold",
+        "in_order",
+        "settle_waits",
+        "group_keys",
+        "prefetch_times",
+        "format_entry",
+    ],
+}
+
+_SECTION_PRELUDE = """
+local _rc = redis.call
+local _T, _C = {}, {}
+local function _timed(name, f)
+  return function(...)
+    local a = _rc('TIME')
+    local r1, r2, r3 = f(...)
+    local b = _rc('TIME')
+    _T[name] = (_T[name] or 0) + (b[1] - a[1]) * 1000000 + (b[2] - a[2])
+    _C[name] = (_C[name] or 0) + 1
+    return r1, r2, r3
+  end
+end
+"""
+
+
+def sectioned(source: str, names: list[str]) -> str:
+    """The script with each named top-level ``local function`` wrapped in ``TIME`` probes
+    (inclusive of what it calls; Lua closures see the wrapped one through the local)."""
+    for name in names:
+        found = re.search(rf"^local function {name}\(.*?^end\n", source, re.S | re.M)
+        if not found:
+            raise ValueError(f"apply_events.lua has no top-level function {name}")
+        end = found.end()
+        source = source[:end] + f"{name} = _timed('{name}', {name})\n" + source[end:]
+    last = source.rstrip().rfind("\nreturn ")
+    return _SECTION_PRELUDE + source[:last] + "\n" + _EPILOGUE + source[last:]
+
+
+def sections(tasks: int, batched: bool, names: list[str], workdir: Path) -> dict[str, Any]:
+    """Per event: the plain script's time, and each named function's time (inclusive, the
+    probes' cost taken off; nested wrapped calls add their probes to their callers, so time
+    one level at a time)."""
+    server = RedisServer(workdir / "redis-sections").start()
+    client = redis.Redis(port=server.port)
+    try:
+        settings = load({"POLLEN_REDIS_URL": server.url, "POLLEN_NAMESPACE": "prof"})
+        decoded = decoded_stream(tasks, batched, settings)
+        plain = 0.0
+        for variant in ("plain", "sectioned"):
+            client.flushall()
+            writer = Writer(client, settings)
+            if variant == "sectioned":
+                source = sectioned(scripts.source("apply_events"), names)
+                writer.script = client.register_script(source)
+            client.config_resetstat()
+            apply_all(writer, decoded, settings)
+            if variant == "plain":
+                plain = _script_usec(client) / len(decoded)
+        usec = {_s(k): int(v) for k, v in client.hgetall(PROFILE_KEY).items()}
+        calls = {_s(k): int(v) for k, v in client.hgetall(CALLS_KEY).items()}
+        probe = _time_probe_usec(client)
+        events = len(decoded)
+        return {
+            "tasks": tasks,
+            "batched": batched,
+            "events": events,
+            "script_usec_per_event": plain,
+            "probe_usec": probe,
+            "sections": {
+                name: {
+                    "calls_per_event": calls[name] / events,
+                    "usec_per_event": max(0.0, usec[name] - calls[name] * probe) / events,
+                }
+                for name in sorted(usec, key=lambda n: -usec[n])
+            },
+        }
+    finally:
+        client.close()
+        server.stop()
 
 
 def _s(value: bytes | str) -> str:
@@ -319,9 +411,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--subscribers", type=int, default=0, help="with --against: pub/sub clients listening"
     )
+    p.add_argument(
+        "--sections",
+        metavar="NAMES",
+        help="time these top-level Lua functions (comma-separated, or "
+        + " / ".join(SECTIONS)
+        + ")",
+    )
     a = p.parse_args(argv)
     with scratch() as wd:
-        if a.against:
+        if a.sections:
+            names = SECTIONS.get(a.sections) or a.sections.split(",")
+            out = sections(a.tasks, a.batched, names, wd)
+        elif a.against:
             out = compare(a.against, a.tasks, a.batched, a.rounds, wd, a.subscribers)
         else:
             out = run(a.tasks, a.batched, wd)
