@@ -47,7 +47,8 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (
 #: longer than ``hash-max-listpack-value`` (64 bytes by default: a traceback, a long result)
 #: leaves Redis's compact listpack encoding and takes about three times the memory; 4096 keeps
 #: typical failed tasks compact (a task's fields are few, so its hash stays small to rewrite).
-RECOMMENDED_CONFIG = {"hash-max-listpack-value": 4096}
+#: Spelled by its older name, which Redis 7 keeps as an alias and Redis 6 knows.
+RECOMMENDED_CONFIG = {"hash-max-ziplist-value": 4096}
 
 
 def redis_server_args() -> list[str]:

@@ -14,7 +14,7 @@ from shared.settings import load
 from tests.support import readback
 from tests.support.servers import RedisServer, pollen_env, service, wait_for
 
-LISTPACK_VALUE = "hash-max-listpack-value"
+LISTPACK_VALUE = "hash-max-ziplist-value"  # hash-max-listpack-value since Redis 7
 #: a traceback of the length real ones have (a few frames)
 TRACEBACK = "Traceback (most recent call last):\n" + '  File "x.py", line 1, in f\n' * 30
 

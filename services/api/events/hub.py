@@ -189,8 +189,10 @@ class EventHub:
                         self.dispatch(burst)
                         done = loop.time()
                         # rest in proportion to the fan-out's cost: with many clients, the
-                        # events of several collector calls go out in each client's one write
-                        rested = done + min(max_delay, RELAY_REST * (done - started))
+                        # events of several collector calls go out in each client's one write;
+                        # not when more messages are waiting (resting would only add a lag)
+                        rest = min(max_delay, RELAY_REST * (done - started))
+                        rested = done if len(burst) >= MAX_BURST else done + rest
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
