@@ -473,10 +473,13 @@ def _listings(base: str, redis_url: str, shards: int, repeats: int) -> dict[str,
         started = time.monotonic()
         out["under_ingest"] = http.time_paths(base, LISTINGS, repeats)
         out["queries_seconds"] = time.monotonic() - started
+        queries_ended = time.time()
         out["ingest"] = json.loads(proc.stdout.readline())
         # the queries must have run while the ingest did
-        out["ingest_outlasted_queries"] = out["ingest"]["seconds"] >= out["queries_seconds"]
+        out["ingest_outlasted_queries"] = out["ingest"]["ended"] >= queries_ended
     finally:
+        if proc.poll() is None and "ingest" not in out:
+            proc.kill()  # something failed: the ingest is not waited for
         proc.wait(INGEST_SECONDS + 60)
     return out
 

@@ -304,7 +304,7 @@ def ingest(redis_url: str, seconds: float, seed: int, settings_env: dict[str, st
     Prints ``applying`` once the first batch is in, then the events applied and their rate."""
     settings = load({"POLLEN_REDIS_URL": redis_url, "POLLEN_NAMESPACE": NAMESPACE, **settings_env})
     decoder = Decoder(settings.max_field_bytes)
-    writer = Writer(redis.Redis.from_url(redis_url), settings)
+    writer = Writer(redis.Redis.from_url(redis_url, socket_timeout=60), settings)
     batch: list[Decoded] = []
     events = 0
     started = time.perf_counter()
@@ -319,7 +319,12 @@ def ingest(redis_url: str, seconds: float, seed: int, settings_env: dict[str, st
             if time.perf_counter() - started >= seconds:
                 break
     took = time.perf_counter() - started
-    print(json.dumps({"events": events, "seconds": took, "events_per_s": events / took}))
+    # ``ended``: wall-clock time, to compare with the queries' end in the parent
+    print(
+        json.dumps(
+            {"events": events, "seconds": took, "events_per_s": events / took, "ended": time.time()}
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
