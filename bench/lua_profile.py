@@ -166,7 +166,7 @@ def sections(tasks: int, batched: bool, names: list[str], workdir: Path) -> dict
             client.config_resetstat()
             apply_all(writer, decoded, settings)
             if variant == "plain":
-                plain = _script_usec(client) / len(decoded)
+                plain = script_usec(client) / len(decoded)
         usec = {_s(k): int(v) for k, v in client.hgetall(PROFILE_KEY).items()}
         calls = {_s(k): int(v) for k, v in client.hgetall(CALLS_KEY).items()}
         probe = _time_probe_usec(client)
@@ -194,7 +194,8 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _script_usec(client: redis.Redis) -> int:
+def script_usec(client: redis.Redis) -> int:
+    """Microseconds Redis has spent in EVALSHA calls since the last CONFIG RESETSTAT."""
     stats = client.info("commandstats")
     return sum(int(v["usec"]) for k, v in stats.items() if k.startswith("cmdstat_evalsha"))
 
@@ -229,7 +230,7 @@ def run(tasks: int, batched: bool, workdir: Path) -> dict[str, Any]:
             t = time.perf_counter()
             apply_all(writer, decoded, settings)
             wall = time.perf_counter() - t
-            results[variant] = (wall, _script_usec(client))
+            results[variant] = (wall, script_usec(client))
         usec = {_s(k): int(v) for k, v in client.hgetall(PROFILE_KEY).items()}
         calls = {_s(k): int(v) for k, v in client.hgetall(CALLS_KEY).items()}
         probe = _time_probe_usec(client)
@@ -363,10 +364,10 @@ def compare(
                 named = list(zip(dumps, pair, strict=True))
                 took = {}
                 for name, calls in named if i % 2 == 0 else reversed(named):
-                    before = _script_usec(client)
+                    before = script_usec(client)
                     for stream, prefix, config, packed in calls:
                         client.evalsha(shas[name], 1, stream, prefix, config, packed)
-                    took[name] = _script_usec(client) - before
+                    took[name] = script_usec(client) - before
                     total[name] += took[name]
                 ratios.append(took["current"] / max(1, took["against"]))
             for name in dumps:

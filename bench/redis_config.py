@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 import redis
 
+from bench.lua_profile import script_usec
 from bench.micro import decoded_stream
 from bench.systems import scratch
 from services.collector.writer import Writer
@@ -30,11 +31,6 @@ from tests.support.replies import raw_list
 from tests.support.servers import RedisServer
 
 PAGES = 300
-
-
-def _usec(client: redis.Redis) -> int:
-    stats = client.info("commandstats")
-    return sum(int(v["usec"]) for k, v in stats.items() if k.startswith("cmdstat_evalsha"))
 
 
 def _paired(runs: list[list[tuple[str, Callable[[], int]]]]) -> dict[str, Any]:
@@ -64,9 +60,9 @@ def run(tasks: int, workdir: Path) -> dict[str, Any]:
 
         def apply(name: str, chunk: list[Any]) -> Callable[[], int]:
             def call() -> int:
-                before = _usec(clients[name])
+                before = script_usec(clients[name])
                 writers[name].apply(chunk, 1.79e9)
-                return _usec(clients[name]) - before
+                return script_usec(clients[name]) - before
 
             return call
 
@@ -86,9 +82,9 @@ def run(tasks: int, workdir: Path) -> dict[str, Any]:
         def read(name: str, page: list[str]) -> Callable[[], int]:
             def call() -> int:
                 c = clients[name]
-                before = _usec(c)
+                before = script_usec(c)
                 c.evalsha(shas[name], 1, shard.by_timestamp, shard.prefix, fields, *page)
-                return _usec(c) - before
+                return script_usec(c) - before
 
             return call
 

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from services.collector.writer import Writer
-from shared.settings import load
+from shared.settings import Settings, load
 from tests.security.conftest import (
     NAMESPACE,
     PASSWORD,
@@ -340,18 +340,13 @@ def test_result_wait_stops_when_the_client_leaves(stack: Stack, tmp_path: Path) 
         backend.stop()
 
 
-def test_search_stops_when_the_client_leaves(stack: Stack, tmp_path: Path) -> None:
-    """A search that examines many tasks: cut off by its client, it stops calling Redis long
-    before it would have finished. Counted on a Redis of its own, so every script call is this
-    API's search; compared with what the same search costs when its client waits."""
-    server = RedisServer(tmp_path / "redis").start()
-    client = redis.Redis(port=server.port)
-    settings = load({"POLLEN_REDIS_URL": server.url, "POLLEN_NAMESPACE": "big"})
+def _fill(client: redis.Redis, settings: Settings, prefix: str, n: int) -> None:
+    """``n`` received tasks named ``<prefix>-<i>`` through the write path, a batch at a time."""
     now = time.time()
     events = [
         {
             "type": "task-received",
-            "uuid": f"big-{i}",
+            "uuid": f"{prefix}-{i}",
             "name": "t",
             "hostname": "w@h",
             "timestamp": now + i * 1e-4,
@@ -359,11 +354,21 @@ def test_search_stops_when_the_client_leaves(stack: Stack, tmp_path: Path) -> No
             "args": "[]",
             "kwargs": "{}",
         }
-        for i in range(60_000)
+        for i in range(n)
     ]
     writer = Writer(client, settings)
     for i in range(0, len(events), 1000):
         readback.apply(writer, events[i : i + 1000], now)
+
+
+def test_search_stops_when_the_client_leaves(stack: Stack, tmp_path: Path) -> None:
+    """A search that examines many tasks: cut off by its client, it stops calling Redis long
+    before it would have finished. Counted on a Redis of its own, so every script call is this
+    API's search; compared with what the same search costs when its client waits."""
+    server = RedisServer(tmp_path / "redis").start()
+    client = redis.Redis(port=server.port)
+    settings = load({"POLLEN_REDIS_URL": server.url, "POLLEN_NAMESPACE": "big"})
+    _fill(client, settings, "big", 60_000)
     env = {**stack.env, "POLLEN_NAMESPACE": "big", "POLLEN_REDIS_URL": server.url}
     api = Api(
         env, tmp_path / "api.log", POLLEN_QUERY_TIME_LIMIT="120", POLLEN_SEARCH_SCAN_LIMIT="1000000"
@@ -414,22 +419,7 @@ def test_query_time_is_bounded(stack: Stack) -> None:
 
     client = redis.Redis(port=stack.redis.port, db=1)
     settings = stack.state_settings("slow")
-    now = time.time()
-    events = [
-        {
-            "type": "task-received",
-            "uuid": f"slow-{i}",
-            "name": "t",
-            "hostname": "w@h",
-            "timestamp": now + i * 1e-4,
-            "clock": i,
-            "kwargs": "{}",
-        }
-        for i in range(CHUNK + 5000)
-    ]
-    writer = Writer(client, settings)
-    for i in range(0, len(events), 1000):
-        readback.apply(writer, events[i : i + 1000], now)
+    _fill(client, settings, "slow", CHUNK + 5000)
     env = {**stack.env, "POLLEN_NAMESPACE": "slow"}
     api = Api(env, stack.workdir / "api-short.log", POLLEN_QUERY_TIME_LIMIT="0.001")
     try:
